@@ -1,0 +1,100 @@
+//! Node heartbeats and the cluster view. Each node writes its status to the `orderly-nodes` bucket every
+//! heartbeat interval and deletes it on a clean stop; a node that stops writing drops out of the view
+//! after three intervals (and out of the bucket after its max age).
+
+use crate::worker::WorkerStats;
+use async_nats::jetstream::kv;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// What a node says about itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: String,
+    pub name: String,
+    pub version: String,
+    /// `running` or `draining`.
+    pub status: String,
+    pub http_addr: String,
+    pub started_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub workers_busy: usize,
+    pub workers_total: usize,
+    pub orders_completed: u64,
+    pub orders_failed: u64,
+    pub heartbeat_interval_ms: u64,
+}
+
+#[derive(Clone)]
+pub struct Cluster {
+    pub kv: kv::Store,
+    pub node_id: String,
+    pub http_addr: String,
+    pub started_at: DateTime<Utc>,
+    pub workers: usize,
+    pub interval: Duration,
+    pub stats: Arc<WorkerStats>,
+    pub draining: CancellationToken,
+}
+
+impl Cluster {
+    /// This node's status now.
+    pub fn status(&self) -> NodeStatus {
+        NodeStatus {
+            node_id: self.node_id.clone(),
+            name: "orderly".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            status: if self.draining.is_cancelled() { "draining" } else { "running" }.into(),
+            http_addr: self.http_addr.clone(),
+            started_at: self.started_at,
+            last_seen: crate::pipeline::now(),
+            workers_busy: self.stats.busy.load(Ordering::Relaxed),
+            workers_total: self.workers,
+            orders_completed: self.stats.completed.load(Ordering::Relaxed),
+            orders_failed: self.stats.failed.load(Ordering::Relaxed),
+            heartbeat_interval_ms: self.interval.as_millis() as u64,
+        }
+    }
+
+    /// Writes the heartbeat every interval until `stop` fires, then removes this node from the view.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let body = serde_json::to_vec(&self.status()).expect("a status always serializes");
+            if let Err(e) = self.kv.put(&self.node_id, body.into()).await {
+                tracing::warn!(error = %e, "cannot write the node heartbeat");
+            }
+        }
+        if let Err(e) = self.kv.delete(&self.node_id).await {
+            tracing::warn!(error = %e, "cannot remove this node from the cluster view");
+        }
+    }
+
+    /// Every node that wrote a heartbeat within three of its intervals.
+    pub async fn live_nodes(&self) -> Result<Vec<NodeStatus>, String> {
+        let mut keys = self.kv.keys().await.map_err(|e| e.to_string())?;
+        let mut nodes = Vec::new();
+        let now = Utc::now();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| e.to_string())?;
+            let Ok(Some(value)) = self.kv.get(&key).await else { continue };
+            let Ok(node) = serde_json::from_slice::<NodeStatus>(&value) else { continue };
+            let age = (now - node.last_seen).to_std().unwrap_or_default();
+            if age <= Duration::from_millis(node.heartbeat_interval_ms.max(1) * 3) {
+                nodes.push(node);
+            }
+        }
+        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        Ok(nodes)
+    }
+}

@@ -1,0 +1,233 @@
+//! Node configuration: every setting is a command-line flag backed by an environment variable, parsed
+//! once at start into typed values. A bad value stops the node before anything starts, with clap's
+//! message naming the setting.
+
+use crate::order::Step;
+use clap::{Parser, ValueEnum};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "orderly", version, about = "Order processing on NATS JetStream", long_about = None)]
+pub struct Config {
+    /// NATS server URL(s), comma-separated. Unset: start an embedded nats-server (or use the one already
+    /// listening on --embedded-nats-addr).
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// The nats-server binary for the embedded server.
+    #[arg(long, env = "ORDERLY_NATS_SERVER", default_value = "nats-server")]
+    pub nats_server: PathBuf,
+
+    /// Address of the embedded nats-server.
+    #[arg(long, env = "ORDERLY_EMBEDDED_NATS_ADDR", default_value = "127.0.0.1:4222")]
+    pub embedded_nats_addr: SocketAddr,
+
+    /// Where the embedded nats-server keeps its JetStream store.
+    #[arg(long, env = "ORDERLY_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// HTTP API address.
+    #[arg(long, env = "ORDERLY_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Concurrent workers (orders in progress) on this node.
+    #[arg(long, env = "ORDERLY_WORKERS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub workers: u32,
+
+    /// How long each step takes.
+    #[arg(long, env = "ORDERLY_STEP_DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub step_duration: Duration,
+
+    /// How long undoing a step takes (default: the step duration).
+    #[arg(long, env = "ORDERLY_ROLLBACK_DURATION", value_parser = parse_duration)]
+    pub rollback_duration: Option<Duration>,
+
+    /// Probability that a step fails: one number for every step, and/or STEP=P per step, for example
+    /// `0.05` or `Processing=1.0,Scheduling=0` or `0,Processing=1`.
+    #[arg(long, env = "ORDERLY_FAILURE_RATE", default_value = "0.05")]
+    pub failure_rate: FailureRates,
+
+    /// Makes every failure draw a function of (seed, order id, step, attempt), so runs are reproducible.
+    #[arg(long, env = "ORDERLY_SEED")]
+    pub seed: Option<u64>,
+
+    /// This node's id (letters, digits, '-' and '_'). Default: the host name and a random suffix.
+    #[arg(long, env = "ORDERLY_NODE_ID", value_parser = parse_node_id)]
+    pub node_id: Option<String>,
+
+    /// The shared consumer's ack wait: how long the server waits for a sign of life before it hands an
+    /// order to another node. Heartbeats and self-fencing derive from it.
+    #[arg(long, env = "ORDERLY_ACK_WAIT", default_value = "30s", value_parser = parse_ack_wait)]
+    pub ack_wait: Duration,
+
+    /// How many times an order's message is delivered before Orderly gives up on it.
+    #[arg(long, env = "ORDERLY_MAX_DELIVER", default_value_t = 10, value_parser = clap::value_parser!(i64).range(2..=1000))]
+    pub max_deliver: i64,
+
+    /// Replicas of the ORDERS stream and the orders bucket (1, or 3 on a cluster).
+    #[arg(long, env = "ORDERLY_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: u8,
+
+    /// How long a node waits for in-flight orders to reach a step boundary when it shuts down.
+    #[arg(long, env = "ORDERLY_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// How often the node records itself in the cluster view.
+    #[arg(long, env = "ORDERLY_NODE_HEARTBEAT", default_value = "2s", value_parser = parse_duration)]
+    pub node_heartbeat: Duration,
+
+    /// Log format.
+    #[arg(long, env = "ORDERLY_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax (for example `info,orderly=debug`).
+    #[arg(long, env = "ORDERLY_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    pub fn rollback_duration(&self) -> Duration {
+        self.rollback_duration.unwrap_or(self.step_duration)
+    }
+
+    /// Checks that do not fit a single flag's parser.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_heartbeat.is_zero() {
+            return Err("--node-heartbeat (ORDERLY_NODE_HEARTBEAT) must be more than 0".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use a duration like 5s, 200ms or 1m)"))
+}
+
+fn parse_ack_wait(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
+}
+
+fn parse_node_id(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("use 1 to 64 letters, digits, '-' or '_'".into())
+    }
+}
+
+/// The failure probability of each step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FailureRates([f64; 4]);
+
+impl FailureRates {
+    pub fn uniform(p: f64) -> FailureRates {
+        FailureRates([p; 4])
+    }
+
+    pub fn get(&self, step: Step) -> f64 {
+        self.0[step.index()]
+    }
+}
+
+impl Default for FailureRates {
+    fn default() -> Self {
+        FailureRates::uniform(0.05)
+    }
+}
+
+impl FromStr for FailureRates {
+    type Err = String;
+
+    /// `P` sets every step; `STEP=P` sets one; later entries win, so `0,Processing=1` makes only
+    /// Processing fail. Steps not named keep the default 0.05.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut rates = FailureRates::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                None => rates = FailureRates::uniform(parse_probability(part)?),
+                Some((step, p)) => {
+                    let step: Step = step.trim().parse()?;
+                    rates.0[step.index()] = parse_probability(p.trim())?;
+                }
+            }
+        }
+        Ok(rates)
+    }
+}
+
+impl fmt::Display for FailureRates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = Step::ALL
+            .iter()
+            .map(|step| format!("{step}={}", self.get(*step)))
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+fn parse_probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a probability between 0 and 1")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_rates_accept_a_number_and_per_step_values() {
+        assert_eq!("0.2".parse::<FailureRates>().unwrap(), FailureRates::uniform(0.2));
+        let rates: FailureRates = "Processing=1.0,Scheduling=0".parse().unwrap();
+        assert_eq!(rates.get(Step::Processing), 1.0);
+        assert_eq!(rates.get(Step::Scheduling), 0.0);
+        assert_eq!(rates.get(Step::PreProcessing), 0.05);
+        let rates: FailureRates = "0, Pre-Processing=0.5".parse().unwrap();
+        assert_eq!(rates.get(Step::PreProcessing), 0.5);
+        assert_eq!(rates.get(Step::PostProcessing), 0.0);
+        assert!("1.5".parse::<FailureRates>().is_err());
+        assert!("Shipping=0.1".parse::<FailureRates>().is_err());
+        assert!("x".parse::<FailureRates>().is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let config = Config::try_parse_from(["orderly"]).unwrap();
+        assert_eq!(config.workers, 50);
+        assert_eq!(config.step_duration, Duration::from_secs(5));
+        assert_eq!(config.failure_rate, FailureRates::uniform(0.05));
+        assert_eq!(config.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.replicas, 1);
+        assert_eq!(config.rollback_duration(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let err = Config::try_parse_from(["orderly", "--step-duration", "fast"]).unwrap_err();
+        assert!(err.to_string().contains("--step-duration"), "{err}");
+        let err = Config::try_parse_from(["orderly", "--workers", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--workers"), "{err}");
+        let err = Config::try_parse_from(["orderly", "--node-id", "a b"]).unwrap_err();
+        assert!(err.to_string().contains("--node-id"), "{err}");
+        let err = Config::try_parse_from(["orderly", "--ack-wait", "100ms"]).unwrap_err();
+        assert!(err.to_string().contains("--ack-wait"), "{err}");
+    }
+}

@@ -1,0 +1,187 @@
+//! The HTTP API: submit and query orders, node diagnostics, health and metrics. Every error is a JSON
+//! body `{"error": ..., "code": ...}` with a fitting status.
+
+use crate::cluster::Cluster;
+use crate::intake::{Intake, IntakeError};
+use crate::metrics as m;
+use crate::order::Interface;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub intake: Intake,
+    pub cluster: Cluster,
+    pub client: async_nats::Client,
+    pub metrics: PrometheusHandle,
+    pub draining: CancellationToken,
+}
+
+/// An HTTP error with a JSON body.
+pub struct ApiError {
+    status: StatusCode,
+    body: serde_json::Value,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            body: json!({ "error": message.into(), "code": code }),
+        }
+    }
+}
+
+impl From<IntakeError> for ApiError {
+    fn from(e: IntakeError) -> Self {
+        ApiError {
+            status: StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            body: e.body(),
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_request" };
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("request body is larger than {} bytes", crate::worker::MAX_PAYLOAD)
+        } else {
+            rejection.body_text()
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/orders",
+            post(create_order).layer(DefaultBodyLimit::max(crate::worker::MAX_PAYLOAD)),
+        )
+        .route("/orders/{id}", get(get_order))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/diagnostic/heartbeat", get(heartbeat))
+        .route("/diagnostic/cluster", get(cluster))
+        .route("/metrics", get(metrics_scrape))
+        .fallback(not_found)
+        .layer(middleware::from_fn(track))
+        .with_state(state)
+}
+
+async fn create_order(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    let submitted = state.intake.submit(&body, Interface::Http).await?;
+    let location = format!("/orders/{}", submitted.order_id);
+    let mut response = (StatusCode::ACCEPTED, Json(submitted)).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    Ok(response)
+}
+
+async fn get_order(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let document = state.intake.get(&id).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], document).into_response())
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let connected = state.client.connection_state() == async_nats::connection::State::Connected;
+    let draining = state.draining.is_cancelled();
+    let ready = connected && !draining;
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = json!({
+        "status": if ready { "ready" } else { "not ready" },
+        "nats_connected": connected,
+        "draining": draining,
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn heartbeat(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let status = state.cluster.status();
+    let uptime = (status.last_seen - status.started_at).num_milliseconds() as f64 / 1000.0;
+    Json(json!({
+        "node_id": status.node_id,
+        "name": status.name,
+        "version": status.version,
+        "status": status.status,
+        "generated_at": status.last_seen,
+        "started_at": status.started_at,
+        "uptime_seconds": uptime,
+        "http_addr": status.http_addr,
+        "nats_connected": state.client.connection_state() == async_nats::connection::State::Connected,
+        "workers_busy": status.workers_busy,
+        "workers_total": status.workers_total,
+        "orders_completed": status.orders_completed,
+        "orders_failed": status.orders_failed,
+    }))
+}
+
+async fn cluster(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let nodes = state
+        .cluster
+        .live_nodes()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("cannot read the cluster view: {e}")))?;
+    let busy: usize = nodes.iter().map(|n| n.workers_busy).sum();
+    let total: usize = nodes.iter().map(|n| n.workers_total).sum();
+    Ok(Json(json!({
+        "generated_at": crate::pipeline::now(),
+        "node_count": nodes.len(),
+        "workers_busy": busy,
+        "workers_total": total,
+        "nodes": nodes,
+    })))
+}
+
+async fn metrics_scrape(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {} {}", request.method(), request.uri().path()))
+}
+
+/// Counts requests by route and status, and records their latency.
+async fn track(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |path| path.as_str())
+        .to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(m::HTTP_REQUESTS, "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!(m::HTTP_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
+    response
+}

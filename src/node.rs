@@ -1,0 +1,217 @@
+//! One Orderly node: connects to NATS (starting an embedded server when no URL is given), sets up the
+//! JetStream objects, and runs the workers, the HTTP API, the NATS service and the node heartbeat
+//! until it is told to stop. If any of them dies, the node stops instead of limping on.
+
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::events::Events;
+use crate::http::{self, AppState};
+use crate::intake::Intake;
+use crate::nats::{self, EmbeddedServer, Layout};
+use crate::pipeline::{FailureDraw, Pipeline, Stop};
+use crate::store::OrderStore;
+use crate::worker::{Worker, WorkerStats};
+use anyhow::Context as _;
+use futures::FutureExt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// A readable, unique default node id: the host name and a random suffix.
+pub fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .take(40)
+        .collect();
+    let host = if host.is_empty() { "node".to_owned() } else { host };
+    format!("{host}-{:04x}", rand::random::<u16>())
+}
+
+/// Runs a node until `shutdown` completes, then drains it: stops fetching, hands in-flight orders back
+/// at a step boundary within the grace period, and exits.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let node_id = config.node_id.clone().unwrap_or_else(default_node_id);
+    let metrics = crate::metrics::install(&node_id);
+    tokio::pin!(shutdown);
+
+    let (url, embedded) = match &config.nats_url {
+        Some(url) => (url.clone(), None),
+        None => {
+            let server = EmbeddedServer::start(&config.nats_server, config.embedded_nats_addr, &config.data_dir).await?;
+            (format!("nats://{}", config.embedded_nats_addr), server)
+        }
+    };
+    let result = run_connected(&config, node_id, &url, metrics, &mut shutdown).await;
+    if let Some(server) = embedded {
+        server.stop().await;
+    }
+    result
+}
+
+async fn run_connected(
+    config: &Config,
+    node_id: String,
+    url: &str,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<()> {
+    let drain = CancellationToken::new();
+    let client = tokio::select! {
+        client = nats::connect(url, &node_id, &drain) => client,
+        _ = shutdown.as_mut() => None,
+    };
+    let Some(client) = client else {
+        tracing::info!("stopped before connecting to NATS");
+        return Ok(());
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    let layout = Layout {
+        replicas: config.replicas,
+        ack_wait: config.ack_wait,
+        max_deliver: config.max_deliver,
+    };
+    let setup = nats::setup(&js, layout).await?;
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (ORDERLY_HTTP_ADDR)", config.http_addr))?;
+    let http_addr = listener.local_addr()?.to_string();
+
+    let store = OrderStore::new(setup.orders.clone());
+    let events = Events::new(client.clone(), node_id.clone());
+    let stats = Arc::new(WorkerStats::default());
+    let stop = Stop {
+        drain: drain.clone(),
+        abort: CancellationToken::new(),
+    };
+    let pipeline = Arc::new(Pipeline {
+        node_id: node_id.clone(),
+        step_duration: config.step_duration,
+        rollback_duration: config.rollback_duration(),
+        failures: FailureDraw {
+            rates: config.failure_rate,
+            seed: config.seed,
+        },
+        store: store.clone(),
+        events: events.clone(),
+    });
+    let worker = Worker {
+        consumer: setup.consumer.clone(),
+        store: store.clone(),
+        pipeline,
+        workers: config.workers as usize,
+        stats: stats.clone(),
+    };
+    let cluster = Cluster {
+        kv: setup.nodes.clone(),
+        node_id: node_id.clone(),
+        http_addr: http_addr.clone(),
+        started_at: crate::pipeline::now(),
+        workers: config.workers as usize,
+        interval: config.node_heartbeat,
+        stats,
+        draining: drain.clone(),
+    };
+    let intake = Intake {
+        js,
+        store,
+        events,
+    };
+    let app = http::router(AppState {
+        intake: intake.clone(),
+        cluster: cluster.clone(),
+        client: client.clone(),
+        metrics,
+        draining: drain.clone(),
+    });
+
+    let heartbeat_stop = CancellationToken::new();
+    let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+    let worker_stop = stop.clone();
+    tasks.spawn(async move {
+        worker.run(worker_stop).await;
+        ("workers", Ok(()))
+    });
+    let heartbeat = heartbeat_stop.clone();
+    tasks.spawn(async move {
+        cluster.run(heartbeat).await;
+        (HEARTBEAT_TASK, Ok(()))
+    });
+    let http_drain = drain.clone();
+    tasks.spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(http_drain.cancelled_owned())
+            .await;
+        ("http server", served.map_err(anyhow::Error::from))
+    });
+    tasks.spawn(intake.serve_nats(client.clone(), node_id.clone(), drain.clone()).map(|r| ("nats service", r)));
+    tracing::info!(
+        node.id = %node_id,
+        http = %http_addr,
+        nats = url,
+        workers = config.workers,
+        step_duration = %humantime::format_duration(config.step_duration),
+        failure_rate = %config.failure_rate,
+        ack_wait = %humantime::format_duration(config.ack_wait),
+        "node started"
+    );
+
+    let mut failure = None;
+    let mut heartbeat_running = true;
+    tokio::select! {
+        _ = shutdown.as_mut() => tracing::info!("shutdown requested: draining"),
+        Some(joined) = tasks.join_next() => {
+            let (name, result) = joined.unwrap_or_else(|e| ("a task", Err(anyhow::anyhow!("panicked: {e}"))));
+            heartbeat_running = name != HEARTBEAT_TASK;
+            let error = result.err().map_or_else(|| "it returned".to_owned(), |e| format!("{e:#}"));
+            tracing::error!(task = name, %error, "a task of the node stopped; stopping the node");
+            failure = Some(anyhow::anyhow!("{name} stopped: {error}"));
+        }
+    }
+
+    // Drain: stop fetching and accepting; orders stop at their next step boundary, or when the grace
+    // period ends, and are handed back.
+    drain.cancel();
+    let abort = stop.abort.clone();
+    let grace = config.shutdown_grace;
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        tracing::warn!("shutdown grace period over: interrupting the orders still running");
+        abort.cancel();
+    });
+    let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(5);
+    while tasks.len() > usize::from(heartbeat_running) {
+        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            Ok(Some(Ok((name, Err(e))))) => tracing::warn!(task = name, error = %format!("{e:#}"), "task ended with an error"),
+            Ok(Some(Ok((name, Ok(()))))) => heartbeat_running &= name != HEARTBEAT_TASK,
+            Ok(Some(Err(e))) => tracing::error!(error = %e, "task panicked"),
+            Ok(None) => break,
+            Err(_) => {
+                tracing::warn!("tasks did not stop in time");
+                break;
+            }
+        }
+    }
+    heartbeat_stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(3), async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        tasks.abort_all();
+    }
+    if let Err(e) = client.flush().await {
+        tracing::warn!(error = %e, "cannot flush the NATS connection");
+    }
+    tracing::info!("node stopped");
+    failure.map_or(Ok(()), Err)
+}
+
+const HEARTBEAT_TASK: &str = "node heartbeat";

@@ -1,0 +1,704 @@
+//! The order domain, free of I/O: steps, states, the JSON document stored in the `orders` bucket, and
+//! the transitions between states.
+//!
+//! The document is the single authority on how far an order got. [`Order::next_action`] derives what
+//! has to happen next purely from it, so a node that takes an order over resumes exactly where the
+//! previous owner's last recorded transition left it.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::fmt;
+use std::str::FromStr;
+use uuid::Uuid;
+
+/// The four processing steps, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Step {
+    Scheduling,
+    #[serde(rename = "Pre-Processing")]
+    PreProcessing,
+    Processing,
+    #[serde(rename = "Post-Processing")]
+    PostProcessing,
+}
+
+impl Step {
+    pub const ALL: [Step; 4] = [
+        Step::Scheduling,
+        Step::PreProcessing,
+        Step::Processing,
+        Step::PostProcessing,
+    ];
+
+    /// The step's name on the wire and in logs ("Pre-Processing").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Scheduling => "Scheduling",
+            Step::PreProcessing => "Pre-Processing",
+            Step::Processing => "Processing",
+            Step::PostProcessing => "Post-Processing",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The step after this one, or `None` after the last.
+    pub fn next(self) -> Option<Step> {
+        Step::ALL.get(self.index() + 1).copied()
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Step {
+    type Err = String;
+
+    /// Accepts the wire name ("Pre-Processing") and, for convenience in config, the name without the
+    /// dash or in any case ("preprocessing").
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let folded: String = s
+            .chars()
+            .filter(|c| *c != '-' && *c != '_')
+            .flat_map(char::to_lowercase)
+            .collect();
+        Step::ALL
+            .into_iter()
+            .find(|step| step.as_str().replace('-', "").to_lowercase() == folded)
+            .ok_or_else(|| {
+                format!("unknown step {s:?} (expected Scheduling, Pre-Processing, Processing or Post-Processing)")
+            })
+    }
+}
+
+/// Where the order is as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum State {
+    /// Accepted, waiting for a worker.
+    Queued,
+    /// A worker is running its steps.
+    Running,
+    /// A step failed; the steps done so far are being undone in reverse order.
+    RollingBack,
+    Completed,
+    Failed,
+}
+
+impl State {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, State::Completed | State::Failed)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "Queued",
+            State::Running => "Running",
+            State::RollingBack => "RollingBack",
+            State::Completed => "Completed",
+            State::Failed => "Failed",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The value of `current_step`: one of the four steps, then a terminal marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CurrentStep {
+    Step(Step),
+    Terminal(Terminal),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Terminal {
+    Completed,
+    Failed,
+}
+
+/// How one step's record stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepStatus {
+    Running,
+    Completed,
+    Failed,
+    RollingBack,
+    RolledBack,
+}
+
+/// How the order came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interface {
+    /// `POST /orders`.
+    Http,
+    /// A request on `orders.create`.
+    Nats,
+    /// Published straight into the `ORDERS` stream.
+    Stream,
+}
+
+impl Interface {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interface::Http => "http",
+            Interface::Nats => "nats",
+            Interface::Stream => "stream",
+        }
+    }
+}
+
+/// One step's record in `steps[]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step_name: Step,
+    pub status: StepStatus,
+    pub step_start_time: DateTime<Utc>,
+    pub step_complete_time: Option<DateTime<Utc>>,
+    /// The node that ran (or is running) the step.
+    pub node: String,
+    /// The delivery attempt of the order's message when the step (last) started.
+    pub attempt: u32,
+    /// How many times the step was started: more than 1 when its node stopped in the middle of it.
+    pub runs: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_start_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_complete_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_node: Option<String>,
+}
+
+/// Who works on the order right now: the node and the message delivery it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub node: String,
+    /// The delivery count of the message the node holds (1 = first delivery).
+    pub delivery: u32,
+    pub claimed_at: DateTime<Utc>,
+}
+
+/// The order's document: the value of key `<order_id>` in the `orders` bucket, and the reply to a query.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Order {
+    pub order_id: Uuid,
+    pub state: State,
+    pub current_step: CurrentStep,
+    /// When the order was accepted.
+    pub start_time: DateTime<Utc>,
+    /// When it reached `Completed` or `Failed`.
+    pub complete_time: Option<DateTime<Utc>>,
+    pub steps: Vec<StepRecord>,
+    /// The step that failed, on a failed order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<Step>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    /// The delivery attempt of the order's message that is (or was last) working on it; 0 while queued.
+    pub attempt: u32,
+    #[serde(default)]
+    pub owner: Option<Owner>,
+    pub submitted_via: Interface,
+    pub updated_at: DateTime<Utc>,
+    /// The order's payload, exactly as submitted.
+    pub payload: Box<RawValue>,
+}
+
+/// What has to happen next to an order, derived from its document alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Run this step (from its start, also when a previous run was interrupted).
+    Run(Step),
+    /// Undo this step.
+    RollBack(Step),
+    /// All four steps are done: mark the order `Completed`.
+    Complete,
+    /// Every step that needed undoing is rolled back: mark the order `Failed`.
+    Fail,
+    /// The order is terminal; nothing is left to do.
+    Done,
+}
+
+/// A transition that does not fit the document's current state. Seeing one means a bug or a document
+/// written by something else; the caller must not write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {attempted} an order in state {state} (next action: {next:?})")]
+pub struct TransitionError {
+    pub attempted: &'static str,
+    pub state: State,
+    pub next: Action,
+}
+
+impl Order {
+    /// A new order, accepted at `now` and waiting for a worker.
+    pub fn queued(
+        order_id: Uuid,
+        payload: Box<RawValue>,
+        via: Interface,
+        now: DateTime<Utc>,
+    ) -> Order {
+        Order {
+            order_id,
+            state: State::Queued,
+            current_step: CurrentStep::Step(Step::Scheduling),
+            start_time: now,
+            complete_time: None,
+            steps: Vec::new(),
+            failed_step: None,
+            failure_reason: None,
+            attempt: 0,
+            owner: None,
+            submitted_via: via,
+            updated_at: now,
+            payload,
+        }
+    }
+
+    /// An order whose submission can never be processed (for example a payload that is not a JSON
+    /// object): it is recorded as failed without running any step.
+    pub fn rejected(
+        order_id: Uuid,
+        payload: Box<RawValue>,
+        reason: String,
+        now: DateTime<Utc>,
+    ) -> Order {
+        let mut order = Order::queued(order_id, payload, Interface::Stream, now);
+        order.state = State::Failed;
+        order.current_step = CurrentStep::Terminal(Terminal::Failed);
+        order.complete_time = Some(now);
+        order.failure_reason = Some(reason);
+        order
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        self.state.is_terminal()
+    }
+
+    pub fn next_action(&self) -> Action {
+        match self.state {
+            State::Completed | State::Failed => Action::Done,
+            State::Queued | State::Running => match self.steps.last() {
+                None => Action::Run(Step::Scheduling),
+                Some(last) => match last.status {
+                    StepStatus::Running => Action::Run(last.step_name),
+                    StepStatus::Completed => {
+                        last.step_name.next().map_or(Action::Complete, Action::Run)
+                    }
+                    // A failed step always moves the order to RollingBack; treat a stray one the same.
+                    StepStatus::Failed | StepStatus::RollingBack | StepStatus::RolledBack => {
+                        self.next_rollback()
+                    }
+                },
+            },
+            State::RollingBack => self.next_rollback(),
+        }
+    }
+
+    fn next_rollback(&self) -> Action {
+        self.steps
+            .iter()
+            .rev()
+            .find(|record| record.status != StepStatus::RolledBack)
+            .map_or(Action::Fail, |record| Action::RollBack(record.step_name))
+    }
+
+    fn expect(&self, attempted: &'static str, wanted: impl Fn(Action) -> bool) -> Result<(), TransitionError> {
+        let next = self.next_action();
+        if wanted(next) {
+            Ok(())
+        } else {
+            Err(TransitionError {
+                attempted,
+                state: self.state,
+                next,
+            })
+        }
+    }
+
+    /// Takes the order for `owner`: from now on its writes are the order's writes.
+    pub fn claim(&mut self, owner: Owner) -> Result<(), TransitionError> {
+        self.expect("claim", |next| next != Action::Done)?;
+        self.attempt = owner.delivery;
+        self.updated_at = owner.claimed_at;
+        if self.state == State::Queued {
+            self.state = State::Running;
+        }
+        self.owner = Some(owner);
+        Ok(())
+    }
+
+    /// Gives the order back (for another node to continue) without changing its progress.
+    pub fn release(&mut self, now: DateTime<Utc>) {
+        self.owner = None;
+        self.updated_at = now;
+    }
+
+    /// Starts `step` on `node`. A step whose previous run was interrupted starts over.
+    pub fn start_step(&mut self, step: Step, node: &str, now: DateTime<Utc>) -> Result<(), TransitionError> {
+        self.expect("start step", |next| next == Action::Run(step))?;
+        let record = StepRecord {
+            step_name: step,
+            status: StepStatus::Running,
+            step_start_time: now,
+            step_complete_time: None,
+            node: node.to_owned(),
+            attempt: self.attempt,
+            runs: 1,
+            rollback_start_time: None,
+            rollback_complete_time: None,
+            rollback_node: None,
+        };
+        match self.steps.last_mut() {
+            Some(last) if last.step_name == step && last.status == StepStatus::Running => {
+                let runs = last.runs + 1;
+                *last = StepRecord { runs, ..record };
+            }
+            _ => self.steps.push(record),
+        }
+        self.state = State::Running;
+        self.current_step = CurrentStep::Step(step);
+        self.updated_at = now;
+        Ok(())
+    }
+
+    fn running_record(&mut self, attempted: &'static str) -> Result<&mut StepRecord, TransitionError> {
+        let state = self.state;
+        let next = self.next_action();
+        match self.steps.last_mut() {
+            Some(last) if state == State::Running && last.status == StepStatus::Running => Ok(last),
+            _ => Err(TransitionError {
+                attempted,
+                state,
+                next,
+            }),
+        }
+    }
+
+    /// The running step finished successfully.
+    pub fn complete_step(&mut self, now: DateTime<Utc>) -> Result<Step, TransitionError> {
+        let record = self.running_record("complete step")?;
+        record.status = StepStatus::Completed;
+        record.step_complete_time = Some(now);
+        let step = record.step_name;
+        self.updated_at = now;
+        Ok(step)
+    }
+
+    /// The running step failed: the order starts rolling back.
+    pub fn fail_step(&mut self, reason: String, now: DateTime<Utc>) -> Result<Step, TransitionError> {
+        let record = self.running_record("fail step")?;
+        record.status = StepStatus::Failed;
+        record.step_complete_time = Some(now);
+        let step = record.step_name;
+        self.state = State::RollingBack;
+        self.failed_step = Some(step);
+        self.failure_reason = Some(reason);
+        self.updated_at = now;
+        Ok(step)
+    }
+
+    /// Starts undoing `step` on `node`.
+    pub fn start_rollback(&mut self, step: Step, node: &str, now: DateTime<Utc>) -> Result<(), TransitionError> {
+        self.expect("start rollback", |next| next == Action::RollBack(step))?;
+        let record = self
+            .steps
+            .iter_mut()
+            .rev()
+            .find(|record| record.step_name == step)
+            .expect("next_action names a recorded step");
+        record.status = StepStatus::RollingBack;
+        record.rollback_start_time = Some(now);
+        record.rollback_node = Some(node.to_owned());
+        self.current_step = CurrentStep::Step(step);
+        self.updated_at = now;
+        Ok(())
+    }
+
+    /// The rollback of `step` finished.
+    pub fn complete_rollback(&mut self, step: Step, now: DateTime<Utc>) -> Result<(), TransitionError> {
+        let state = self.state;
+        let next = self.next_action();
+        let record = self
+            .steps
+            .iter_mut()
+            .rev()
+            .find(|record| record.step_name == step && record.status == StepStatus::RollingBack)
+            .ok_or(TransitionError {
+                attempted: "complete rollback",
+                state,
+                next,
+            })?;
+        record.status = StepStatus::RolledBack;
+        record.rollback_complete_time = Some(now);
+        self.updated_at = now;
+        Ok(())
+    }
+
+    /// Marks the order terminal: `Completed` after the last step, `Failed` after the last rollback.
+    pub fn finish(&mut self, now: DateTime<Utc>) -> Result<State, TransitionError> {
+        let (state, marker) = match self.next_action() {
+            Action::Complete => (State::Completed, Terminal::Completed),
+            Action::Fail => (State::Failed, Terminal::Failed),
+            next => {
+                return Err(TransitionError {
+                    attempted: "finish",
+                    state: self.state,
+                    next,
+                })
+            }
+        };
+        self.state = state;
+        self.current_step = CurrentStep::Terminal(marker);
+        self.complete_time = Some(now);
+        self.owner = None;
+        self.updated_at = now;
+        Ok(state)
+    }
+
+    /// Ends the order as failed without running what is left, for an order that cannot go on (for
+    /// example one whose deliveries are exhausted). A step left running is marked failed.
+    pub fn abandon(&mut self, reason: String, now: DateTime<Utc>) -> Result<(), TransitionError> {
+        self.expect("abandon", |next| next != Action::Done)?;
+        if let Some(last) = self.steps.last_mut() {
+            if matches!(last.status, StepStatus::Running) {
+                last.status = StepStatus::Failed;
+                last.step_complete_time = Some(now);
+                self.failed_step = Some(last.step_name);
+            }
+        }
+        self.state = State::Failed;
+        self.current_step = CurrentStep::Terminal(Terminal::Failed);
+        self.failure_reason = Some(reason);
+        self.complete_time = Some(now);
+        self.owner = None;
+        self.updated_at = now;
+        Ok(())
+    }
+}
+
+/// Parses an order id as it appears in a subject, key or URL: a UUID in its canonical lower-case,
+/// hyphenated form, so that the same order has one spelling everywhere.
+pub fn parse_order_id(s: &str) -> Result<Uuid, InvalidOrderId> {
+    match Uuid::parse_str(s) {
+        Ok(id) if id.hyphenated().to_string() == s => Ok(id),
+        _ => Err(InvalidOrderId(s.chars().take(80).collect())),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid order id {0:?}: expected a UUID in lower-case hyphenated form, like 0192f5c4-6b1e-7c3a-9d2e-8f1a2b3c4d5e")]
+pub struct InvalidOrderId(pub String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    fn payload() -> Box<RawValue> {
+        RawValue::from_string(r#"{"customer":"ada"}"#.to_owned()).unwrap()
+    }
+
+    fn new_order() -> Order {
+        let mut order = Order::queued(Uuid::now_v7(), payload(), Interface::Http, t(0));
+        order
+            .claim(Owner {
+                node: "n1".into(),
+                delivery: 1,
+                claimed_at: t(1),
+            })
+            .unwrap();
+        order
+    }
+
+    /// Drives an order the way the pipeline does; `fail_at` makes that step fail.
+    fn drive(order: &mut Order, fail_at: Option<Step>) {
+        let mut clock = 10;
+        loop {
+            clock += 1;
+            match order.next_action() {
+                Action::Run(step) => {
+                    order.start_step(step, "n1", t(clock)).unwrap();
+                    clock += 1;
+                    if Some(step) == fail_at {
+                        order.fail_step(format!("{step} failed"), t(clock)).unwrap();
+                    } else {
+                        order.complete_step(t(clock)).unwrap();
+                    }
+                }
+                Action::RollBack(step) => {
+                    order.start_rollback(step, "n1", t(clock)).unwrap();
+                    clock += 1;
+                    order.complete_rollback(step, t(clock)).unwrap();
+                }
+                Action::Complete | Action::Fail => {
+                    order.finish(t(clock)).unwrap();
+                }
+                Action::Done => return,
+            }
+        }
+    }
+
+    #[test]
+    fn success_runs_all_four_steps_in_order() {
+        let mut order = new_order();
+        drive(&mut order, None);
+        assert_eq!(order.state, State::Completed);
+        assert_eq!(order.current_step, CurrentStep::Terminal(Terminal::Completed));
+        let names: Vec<Step> = order.steps.iter().map(|r| r.step_name).collect();
+        assert_eq!(names, Step::ALL);
+        for record in &order.steps {
+            assert_eq!(record.status, StepStatus::Completed);
+            assert!(record.step_complete_time.unwrap() > record.step_start_time);
+            assert!(record.rollback_start_time.is_none());
+        }
+        for pair in order.steps.windows(2) {
+            assert!(pair[1].step_start_time >= pair[0].step_complete_time.unwrap());
+        }
+        assert!(order.complete_time.is_some());
+        assert!(order.owner.is_none());
+    }
+
+    #[test]
+    fn failure_at_each_step_rolls_back_done_steps_in_reverse() {
+        for (k, failing) in Step::ALL.into_iter().enumerate() {
+            let mut order = new_order();
+            drive(&mut order, Some(failing));
+            assert_eq!(order.state, State::Failed, "failing at {failing}");
+            assert_eq!(order.current_step, CurrentStep::Terminal(Terminal::Failed));
+            assert_eq!(order.failed_step, Some(failing));
+            assert_eq!(order.failure_reason.as_deref(), Some(format!("{failing} failed").as_str()));
+            assert_eq!(order.steps.len(), k + 1, "no step after the failed one ran");
+            assert!(order.steps.iter().all(|r| r.status == StepStatus::RolledBack));
+            // Rollbacks run k, k-1, ..., 1: each starts after the later step's rollback completed.
+            for pair in order.steps.windows(2) {
+                let later_done = pair[1].rollback_complete_time.unwrap();
+                assert!(pair[0].rollback_start_time.unwrap() >= later_done);
+            }
+            let last = order.steps.last().unwrap();
+            assert!(last.rollback_start_time.unwrap() >= last.step_complete_time.unwrap());
+        }
+    }
+
+    #[test]
+    fn an_interrupted_step_runs_again_from_its_start() {
+        let mut order = new_order();
+        order.start_step(Step::Scheduling, "n1", t(2)).unwrap();
+        order.complete_step(t(3)).unwrap();
+        order.start_step(Step::PreProcessing, "n1", t(4)).unwrap();
+        // n1 dies here; n2 takes over on the second delivery.
+        assert_eq!(order.next_action(), Action::Run(Step::PreProcessing));
+        order
+            .claim(Owner {
+                node: "n2".into(),
+                delivery: 2,
+                claimed_at: t(9),
+            })
+            .unwrap();
+        order.start_step(Step::PreProcessing, "n2", t(10)).unwrap();
+        let record = &order.steps[1];
+        assert_eq!((record.node.as_str(), record.attempt, record.runs), ("n2", 2, 2));
+        assert_eq!(record.step_start_time, t(10));
+        assert_eq!(order.steps.len(), 2);
+        // A completed step is never offered again.
+        assert!(order.start_step(Step::Scheduling, "n2", t(11)).is_err());
+    }
+
+    #[test]
+    fn an_interrupted_rollback_resumes_with_the_same_step() {
+        let mut order = new_order();
+        order.start_step(Step::Scheduling, "n1", t(2)).unwrap();
+        order.complete_step(t(3)).unwrap();
+        order.start_step(Step::PreProcessing, "n1", t(4)).unwrap();
+        order.fail_step("boom".into(), t(5)).unwrap();
+        order.start_rollback(Step::PreProcessing, "n1", t(6)).unwrap();
+        assert_eq!(order.next_action(), Action::RollBack(Step::PreProcessing));
+        order.start_rollback(Step::PreProcessing, "n2", t(7)).unwrap();
+        order.complete_rollback(Step::PreProcessing, t(8)).unwrap();
+        assert_eq!(order.next_action(), Action::RollBack(Step::Scheduling));
+    }
+
+    #[test]
+    fn transitions_out_of_order_are_refused() {
+        let mut order = new_order();
+        assert!(order.start_step(Step::Processing, "n1", t(2)).is_err());
+        assert!(order.complete_step(t(2)).is_err());
+        assert!(order.finish(t(2)).is_err());
+        drive(&mut order, None);
+        assert!(order.claim(Owner { node: "n2".into(), delivery: 2, claimed_at: t(99) }).is_err());
+        assert!(order.abandon("late".into(), t(99)).is_err());
+    }
+
+    #[test]
+    fn abandon_fails_a_running_order() {
+        let mut order = new_order();
+        order.start_step(Step::Scheduling, "n1", t(2)).unwrap();
+        order.abandon("deliveries exhausted".into(), t(3)).unwrap();
+        assert_eq!(order.state, State::Failed);
+        assert_eq!(order.failed_step, Some(Step::Scheduling));
+        assert_eq!(order.next_action(), Action::Done);
+    }
+
+    #[test]
+    fn document_uses_the_contract_names() {
+        let mut order = new_order();
+        drive(&mut order, Some(Step::Processing));
+        let json = serde_json::to_value(&order).unwrap();
+        for field in ["order_id", "current_step", "start_time", "complete_time", "steps", "state", "failed_step", "failure_reason", "attempt", "payload"] {
+            assert!(json.get(field).is_some(), "missing {field}");
+        }
+        assert_eq!(json["current_step"], "Failed");
+        assert_eq!(json["state"], "Failed");
+        assert_eq!(json["failed_step"], "Processing");
+        assert_eq!(json["payload"]["customer"], "ada");
+        assert_eq!(json["start_time"], "2027-01-15T08:00:00Z");
+        let step = &json["steps"][1];
+        assert_eq!(step["step_name"], "Pre-Processing");
+        for field in ["step_start_time", "step_complete_time", "rollback_start_time", "rollback_complete_time", "node", "attempt"] {
+            assert!(step.get(field).is_some(), "missing steps[].{field}");
+        }
+        let back: Order = serde_json::from_value(json).unwrap();
+        assert_eq!(back.steps, order.steps);
+        assert_eq!(back.payload.get(), r#"{"customer":"ada"}"#);
+    }
+
+    #[test]
+    fn queued_document_has_no_steps_yet() {
+        let order = Order::queued(Uuid::now_v7(), payload(), Interface::Nats, t(0));
+        let json = serde_json::to_value(&order).unwrap();
+        assert_eq!(json["state"], "Queued");
+        assert_eq!(json["current_step"], "Scheduling");
+        assert_eq!(json["complete_time"], serde_json::Value::Null);
+        assert_eq!(json["steps"], serde_json::json!([]));
+        assert_eq!(json["submitted_via"], "nats");
+    }
+
+    #[test]
+    fn step_names_parse_leniently() {
+        assert_eq!("Pre-Processing".parse::<Step>(), Ok(Step::PreProcessing));
+        assert_eq!("postprocessing".parse::<Step>(), Ok(Step::PostProcessing));
+        assert!("Shipping".parse::<Step>().is_err());
+    }
+
+    #[test]
+    fn order_ids_have_one_spelling() {
+        let id = Uuid::now_v7();
+        assert_eq!(parse_order_id(&id.to_string()), Ok(id));
+        assert!(parse_order_id(&id.to_string().to_uppercase()).is_err());
+        assert!(parse_order_id(&id.simple().to_string()).is_err());
+        assert!(parse_order_id("not-an-id").is_err());
+    }
+}

@@ -1,0 +1,222 @@
+//! Runs one order's remaining steps and rollbacks, writing every transition to the order's document with
+//! a compare-and-set, and only while the node still holds the order's lease.
+//!
+//! What to do next always comes from the document ([`Order::next_action`]), so the same loop starts a
+//! new order, resumes one another node left half done, and finishes a rollback.
+
+use crate::config::FailureRates;
+use crate::lease::Lease;
+use crate::metrics as m;
+use crate::order::{Action, Order, State, Step, TransitionError};
+use crate::store::{OrderStore, StoreError, Versioned};
+use chrono::{DateTime, SubsecRound, Utc};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Why the pipeline stopped before the order reached a terminal state.
+#[derive(Debug, thiserror::Error)]
+pub enum Halt {
+    /// The node is shutting down; progress so far is recorded, and the order can be handed back.
+    #[error("interrupted by shutdown")]
+    Interrupted,
+    /// The node could not confirm its lease in time and stopped working on the order.
+    #[error("self-fenced: lease could not be confirmed in time")]
+    Fenced,
+    /// Someone else wrote the order: this node no longer owns it.
+    #[error("lease lost: {0}")]
+    LeaseLost(StoreError),
+    /// The order store failed in a way that may pass.
+    #[error(transparent)]
+    Store(StoreError),
+    /// The document does not allow the transition: it was written by something else.
+    #[error(transparent)]
+    Invalid(#[from] TransitionError),
+}
+
+impl From<StoreError> for Halt {
+    fn from(e: StoreError) -> Self {
+        if e.is_conflict() {
+            Halt::LeaseLost(e)
+        } else {
+            Halt::Store(e)
+        }
+    }
+}
+
+/// How the node stops: `drain` asks the pipeline to stop at the next step boundary; `abort` stops it
+/// at once, in the middle of a step.
+#[derive(Clone, Default)]
+pub struct Stop {
+    pub drain: CancellationToken,
+    pub abort: CancellationToken,
+}
+
+/// Decides whether a step fails.
+#[derive(Debug, Clone)]
+pub struct FailureDraw {
+    pub rates: FailureRates,
+    pub seed: Option<u64>,
+}
+
+impl FailureDraw {
+    /// With a seed, the draw is a function of (seed, order id, step, attempt) only.
+    pub fn fails(&self, order_id: Uuid, step: Step, attempt: u32) -> bool {
+        let p = self.rates.get(step);
+        let x = match self.seed {
+            Some(seed) => seeded_unit(seed, order_id, step, attempt),
+            None => rand::random::<f64>(),
+        };
+        x < p
+    }
+}
+
+/// A number in [0, 1) derived from the inputs by FNV-1a and a SplitMix64 finaliser: stable across
+/// platforms and Rust versions.
+fn seeded_unit(seed: u64, order_id: Uuid, step: Step, attempt: u32) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes = seed
+        .to_le_bytes()
+        .into_iter()
+        .chain(*order_id.as_bytes())
+        .chain([step.index() as u8])
+        .chain(attempt.to_le_bytes());
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The wall clock, to the millisecond, as the document records it.
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(3)
+}
+
+pub struct Pipeline {
+    pub node_id: String,
+    pub step_duration: Duration,
+    pub rollback_duration: Duration,
+    pub failures: FailureDraw,
+    pub store: OrderStore,
+    pub events: crate::events::Events,
+}
+
+impl Pipeline {
+    /// Runs `order` until it is terminal, returning the terminal state.
+    pub async fn run(&self, order: &mut Versioned, lease: &Lease, stop: &Stop) -> Result<State, Halt> {
+        loop {
+            let action = order.order.next_action();
+            if matches!(action, Action::Run(_) | Action::RollBack(_)) && stop.drain.is_cancelled() {
+                return Err(Halt::Interrupted);
+            }
+            match action {
+                Action::Run(step) => self.run_step(order, step, lease, stop).await?,
+                Action::RollBack(step) => self.roll_back(order, step, lease, stop).await?,
+                Action::Complete | Action::Fail => {
+                    let state = self.commit(order, lease, |o| o.finish(now())).await?;
+                    tracing::debug!(state = %state, "order finished");
+                    return Ok(state);
+                }
+                Action::Done => return Ok(order.order.state),
+            }
+        }
+    }
+
+    async fn run_step(&self, order: &mut Versioned, step: Step, lease: &Lease, stop: &Stop) -> Result<(), Halt> {
+        self.commit(order, lease, |o| o.start_step(step, &self.node_id, now()))
+            .await?;
+        tracing::debug!(order.step = %step, "step started");
+        let started = Instant::now();
+        self.wait(self.step_duration, lease, stop).await?;
+        let attempt = order.order.attempt;
+        if self.failures.fails(order.order.order_id, step, attempt) {
+            let reason = format!("{step} failed (simulated failure, rate {})", self.failures.rates.get(step));
+            self.commit(order, lease, |o| o.fail_step(reason, now())).await?;
+            metrics::counter!(m::STEP_FAILURES, "step" => step.as_str()).increment(1);
+            tracing::debug!(order.step = %step, "step failed; rolling back");
+        } else {
+            self.commit(order, lease, |o| o.complete_step(now())).await?;
+            tracing::debug!(order.step = %step, "step completed");
+        }
+        metrics::histogram!(m::STEP_DURATION, "step" => step.as_str()).record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn roll_back(&self, order: &mut Versioned, step: Step, lease: &Lease, stop: &Stop) -> Result<(), Halt> {
+        self.commit(order, lease, |o| o.start_rollback(step, &self.node_id, now()))
+            .await?;
+        tracing::debug!(order.step = %step, "rollback started");
+        self.wait(self.rollback_duration, lease, stop).await?;
+        self.commit(order, lease, |o| o.complete_rollback(step, now()))
+            .await?;
+        metrics::counter!(m::ROLLBACKS, "step" => step.as_str()).increment(1);
+        tracing::debug!(order.step = %step, "rollback completed");
+        Ok(())
+    }
+
+    /// Waits out a step, unless the lease is lost or the node aborts first.
+    async fn wait(&self, duration: Duration, lease: &Lease, stop: &Stop) -> Result<(), Halt> {
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => Ok(()),
+            _ = lease.lost() => Err(Halt::Fenced),
+            _ = stop.abort.cancelled() => Err(Halt::Interrupted),
+        }
+    }
+
+    /// Applies `change` to a copy of the document and writes it with a compare-and-set, if the lease is
+    /// still held; the write must be answered before the lease's deadline.
+    pub async fn commit<T>(
+        &self,
+        order: &mut Versioned,
+        lease: &Lease,
+        change: impl FnOnce(&mut Order) -> Result<T, TransitionError>,
+    ) -> Result<T, Halt> {
+        let mut next = order.order.clone();
+        let result = change(&mut next)?;
+        if !lease.is_held() {
+            return Err(Halt::Fenced);
+        }
+        let written = tokio::time::timeout_at(lease.deadline().into(), self.store.update(&next, order.revision))
+            .await
+            .map_err(|_| Halt::Fenced)??;
+        self.events.transition(&order.order, &written.order).await;
+        *order = written;
+        Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_draws_are_reproducible_and_near_the_rate() {
+        let draw = FailureDraw {
+            rates: FailureRates::uniform(0.05),
+            seed: Some(42),
+        };
+        let ids: Vec<Uuid> = (0..20_000u128).map(Uuid::from_u128).collect();
+        let first: Vec<bool> = ids.iter().map(|id| draw.fails(*id, Step::Processing, 1)).collect();
+        let again: Vec<bool> = ids.iter().map(|id| draw.fails(*id, Step::Processing, 1)).collect();
+        assert_eq!(first, again);
+        let rate = first.iter().filter(|f| **f).count() as f64 / ids.len() as f64;
+        assert!((0.04..0.06).contains(&rate), "rate {rate}");
+        let other_step: Vec<bool> = ids.iter().map(|id| draw.fails(*id, Step::Scheduling, 1)).collect();
+        assert_ne!(first, other_step);
+    }
+
+    #[test]
+    fn certain_and_impossible_rates() {
+        let id = Uuid::now_v7();
+        let always = FailureDraw { rates: FailureRates::uniform(1.0), seed: None };
+        let never = FailureDraw { rates: FailureRates::uniform(0.0), seed: Some(1) };
+        for step in Step::ALL {
+            assert!(always.fails(id, step, 1));
+            assert!(!never.fails(id, step, 1));
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The `orders` KV bucket: one key per order, its value the order's JSON document. Every write after
+//! the first is a compare-and-set on the revision the writer last saw, so a writer that lost the order
+//! to someone else finds out instead of overwriting.
+
+use crate::order::Order;
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use uuid::Uuid;
+
+/// Name of the bucket (`nats kv get orders <id>`).
+pub const BUCKET: &str = "orders";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Someone else wrote the order since this writer read it: the writer no longer owns it.
+    #[error("order {order_id} was changed by someone else (expected revision {expected})")]
+    Conflict { order_id: Uuid, expected: u64 },
+    /// An order with this id exists already.
+    #[error("order {0} exists already")]
+    Exists(Uuid),
+    /// The stored value is not an order document.
+    #[error("stored document of order {order_id} is unreadable: {reason}")]
+    Corrupt { order_id: Uuid, reason: String },
+    /// NATS did not answer or refused for a reason that may pass: try again later.
+    #[error("order store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict { .. })
+    }
+}
+
+/// An order as read from the bucket, with the revision a compare-and-set must name.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    pub order: Order,
+    pub revision: u64,
+}
+
+#[derive(Clone)]
+pub struct OrderStore {
+    kv: kv::Store,
+}
+
+impl OrderStore {
+    pub fn new(kv: kv::Store) -> OrderStore {
+        OrderStore { kv }
+    }
+
+    pub async fn get(&self, order_id: Uuid) -> Result<Option<Versioned>, StoreError> {
+        let entry = self
+            .kv
+            .entry(order_id.to_string())
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                let order = decode(order_id, &entry.value)?;
+                Ok(Some(Versioned {
+                    order,
+                    revision: entry.revision,
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Writes a new order; fails with [`StoreError::Exists`] if the id is taken.
+    pub async fn create(&self, order: &Order) -> Result<Versioned, StoreError> {
+        let value = encode(order);
+        match self.kv.create(order.order_id.to_string(), value).await {
+            Ok(revision) => Ok(Versioned {
+                order: order.clone(),
+                revision,
+            }),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(StoreError::Exists(order.order_id)),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Replaces the order's document if its revision is still `expected`.
+    ///
+    /// A write whose answer timed out may have been applied: the document is read back and the
+    /// outcome decided by its content.
+    pub async fn update(&self, order: &Order, expected: u64) -> Result<Versioned, StoreError> {
+        let value = encode(order);
+        let key = order.order_id.to_string();
+        match self.kv.update(&key, value.clone(), expected).await {
+            Ok(revision) => Ok(Versioned {
+                order: order.clone(),
+                revision,
+            }),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                metrics::counter!(crate::metrics::KV_CONFLICTS).increment(1);
+                Err(StoreError::Conflict {
+                    order_id: order.order_id,
+                    expected,
+                })
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::TimedOut => {
+                self.resolve_ambiguous(order, &key, &value, expected).await
+            }
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn resolve_ambiguous(
+        &self,
+        order: &Order,
+        key: &str,
+        value: &Bytes,
+        expected: u64,
+    ) -> Result<Versioned, StoreError> {
+        let entry = self
+            .kv
+            .entry(key)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("write timed out and read-back failed: {e}")))?;
+        match entry {
+            Some(entry) if entry.revision == expected => {
+                Err(StoreError::Unavailable("write timed out and was not applied".into()))
+            }
+            Some(entry) if entry.value == *value => Ok(Versioned {
+                order: order.clone(),
+                revision: entry.revision,
+            }),
+            _ => {
+                metrics::counter!(crate::metrics::KV_CONFLICTS).increment(1);
+                Err(StoreError::Conflict {
+                    order_id: order.order_id,
+                    expected,
+                })
+            }
+        }
+    }
+
+    /// The raw JSON document, exactly as stored (what `nats kv get orders <id>` prints).
+    pub async fn get_raw(&self, order_id: Uuid) -> Result<Option<Bytes>, StoreError> {
+        let entry = self
+            .kv
+            .entry(order_id.to_string())
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(entry
+            .filter(|entry| entry.operation == kv::Operation::Put)
+            .map(|entry| entry.value))
+    }
+}
+
+pub fn encode(order: &Order) -> Bytes {
+    serde_json::to_vec(order)
+        .expect("an order document always serializes")
+        .into()
+}
+
+fn decode(order_id: Uuid, value: &[u8]) -> Result<Order, StoreError> {
+    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+        order_id,
+        reason: e.to_string(),
+    })
+}

@@ -1,0 +1,402 @@
+//! The pull loop: fetches work messages from the shared consumer, never more than there are free
+//! workers, and runs each order under a lease kept alive by confirmed in-progress acks.
+//!
+//! Every message ends in an explicit outcome: acked after its order's terminal state is written,
+//! nakked when the node hands it back, terminated when it can never be processed, or left alone when
+//! the node lost the lease (then it is another node's, and touching it would be wrong).
+
+use crate::lease::{Lease, LeaseTiming};
+use crate::metrics as m;
+use crate::nats::SUBMIT_PREFIX;
+use crate::order::{parse_order_id, Order, Owner, State};
+use crate::pipeline::{now, Halt, Pipeline, Stop};
+use crate::store::{OrderStore, StoreError};
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use futures::StreamExt;
+use serde_json::value::RawValue;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+/// Largest order payload accepted, in bytes.
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// How long one pull waits for messages before asking again.
+const FETCH_EXPIRES: Duration = Duration::from_secs(2);
+/// Delay before a message handed back because of a passing store failure is redelivered.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Counters the node shows in its diagnostics and cluster heartbeat.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub busy: AtomicUsize,
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+pub struct Worker {
+    pub consumer: PullConsumer,
+    pub store: OrderStore,
+    pub pipeline: Arc<Pipeline>,
+    pub workers: usize,
+    pub stats: Arc<WorkerStats>,
+}
+
+/// Checks a submitted payload: a JSON object of at most [`MAX_PAYLOAD`] bytes.
+pub fn validate_payload(body: &[u8]) -> Result<Box<RawValue>, String> {
+    if body.len() > MAX_PAYLOAD {
+        return Err(format!("payload is {} bytes; the limit is {MAX_PAYLOAD}", body.len()));
+    }
+    let raw: Box<RawValue> = serde_json::from_slice(body).map_err(|e| format!("payload is not valid JSON: {e}"))?;
+    if !raw.get().starts_with('{') {
+        return Err("payload must be a JSON object".into());
+    }
+    Ok(raw)
+}
+
+impl Worker {
+    /// Runs until `stop.drain` fires, then waits for in-flight orders to be finished or handed back.
+    pub async fn run(self, stop: Stop) {
+        let this = Arc::new(self);
+        let info = this.consumer.cached_info().config.clone();
+        let (ack_wait, backoff) = (info.ack_wait, info.backoff);
+        let max_deliver = info.max_deliver;
+        let slots = Arc::new(Semaphore::new(this.workers));
+        let mut tasks = JoinSet::new();
+        metrics::gauge!(m::WORKERS_TOTAL).set(this.workers as f64);
+        metrics::gauge!(m::WORKERS_BUSY).set(0.0);
+        loop {
+            while let Some(done) = tasks.try_join_next() {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "order task panicked");
+                }
+            }
+            let mut permits = tokio::select! {
+                _ = stop.drain.cancelled() => break,
+                permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            };
+            let free = slots.available_permits();
+            if free > 0 {
+                if let Ok(more) = slots.clone().try_acquire_many_owned(free as u32) {
+                    permits.merge(more);
+                }
+            }
+            // The server cannot deliver before it was asked: a safe anchor for the leases.
+            let asked = Instant::now();
+            let batch = this
+                .consumer
+                .fetch()
+                .max_messages(permits.num_permits())
+                .expires(FETCH_EXPIRES)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot pull from the work queue; retrying");
+                    drop(permits);
+                    tokio::select! {
+                        _ = stop.drain.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    _ = stop.drain.cancelled() => break,
+                    next = batch.next() => next,
+                };
+                let message = match next {
+                    None => break,
+                    Some(Ok(message)) => message,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "error while pulling from the work queue");
+                        break;
+                    }
+                };
+                let Some(permit) = permits.split(1) else {
+                    tracing::error!("received more messages than requested; handing one back");
+                    nak(&message, None, "over_batch").await;
+                    continue;
+                };
+                let worker = this.clone();
+                let stop = stop.clone();
+                let timing = Timing { ack_wait, backoff: backoff.clone(), max_deliver, anchor: asked };
+                tasks.spawn(async move {
+                    worker.stats.busy.fetch_add(1, Ordering::Relaxed);
+                    metrics::gauge!(m::WORKERS_BUSY).increment(1.0);
+                    worker.handle(message, timing, stop).await;
+                    worker.stats.busy.fetch_sub(1, Ordering::Relaxed);
+                    metrics::gauge!(m::WORKERS_BUSY).decrement(1.0);
+                    drop(permit);
+                });
+            }
+        }
+        tracing::info!(in_flight = tasks.len(), "stopped fetching; waiting for in-flight orders");
+        while let Some(done) = tasks.join_next().await {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "order task panicked");
+            }
+        }
+    }
+
+    async fn handle(&self, message: jetstream::Message, timing: Timing, stop: Stop) {
+        let (delivered, stream_seq, published) = match message.info() {
+            Ok(info) => (
+                u32::try_from(info.delivered).unwrap_or(u32::MAX),
+                info.stream_sequence,
+                chrono::DateTime::from_timestamp(info.published.unix_timestamp(), info.published.nanosecond()),
+            ),
+            Err(e) => {
+                tracing::warn!(subject = %message.subject, error = %e, "message without JetStream metadata; terminating it");
+                term(&message, "no_metadata").await;
+                return;
+            }
+        };
+        let key = message
+            .subject
+            .strip_prefix(SUBMIT_PREFIX)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or(message.subject.as_str())
+            .to_owned();
+        let span = tracing::info_span!("order", order.id = %key, msg.stream_seq = stream_seq, msg.delivered = delivered);
+        async {
+            if delivered > 1 {
+                metrics::counter!(m::REDELIVERIES).increment(1);
+            }
+            let order_id = match parse_order_id(&key) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::warn!(subject = %message.subject, error = %e, "poison message: terminating it");
+                    term(&message, "invalid_id").await;
+                    return;
+                }
+            };
+            let published = published.unwrap_or_else(now);
+            let lease = Lease::new(LeaseTiming::for_delivery(timing.ack_wait, &timing.backoff, delivered), timing.anchor);
+            let message = Arc::new(message);
+            let done = CancellationToken::new();
+            tokio::spawn(lease.clone().keep_alive(message.clone(), done.clone()));
+            let outcome = self
+                .process(&message, order_id, delivered, published, &lease, &stop)
+                .await;
+            done.cancel();
+            self.settle(&message, outcome, &lease, delivered, timing.max_deliver).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Loads (or creates) the order, claims it and runs its pipeline.
+    async fn process(
+        &self,
+        message: &jetstream::Message,
+        order_id: Uuid,
+        delivered: u32,
+        published: chrono::DateTime<chrono::Utc>,
+        lease: &Lease,
+        stop: &Stop,
+    ) -> Result<Processed, Failure> {
+        let payload = match validate_payload(&message.payload) {
+            Ok(payload) => payload,
+            Err(reason) => return self.reject(order_id, message, reason).await,
+        };
+        let mut order = match self.store.get(order_id).await.map_err(Failure::from)? {
+            Some(order) => order,
+            None => {
+                let queued = Order::queued(order_id, payload, crate::order::Interface::Stream, published);
+                match self.store.create(&queued).await {
+                    Ok(created) => {
+                        self.pipeline.events.created(&created.order).await;
+                        created
+                    }
+                    Err(StoreError::Exists(_)) => self
+                        .store
+                        .get(order_id)
+                        .await?
+                        .ok_or_else(|| Failure::Store(StoreError::Unavailable("order vanished while being created".into())))?,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        if order.order.is_terminal() {
+            tracing::info!(state = %order.order.state, "order already terminal; acknowledging its message");
+            return Ok(Processed::AlreadyTerminal);
+        }
+        let first_pickup = order.order.attempt == 0;
+        let owner = Owner {
+            node: self.pipeline.node_id.clone(),
+            delivery: delivered,
+            claimed_at: now(),
+        };
+        self.pipeline
+            .commit(&mut order, lease, |o| o.claim(owner))
+            .await
+            .map_err(Failure::Halt)?;
+        if first_pickup {
+            let waited = (now() - order.order.start_time).to_std().unwrap_or_default();
+            metrics::histogram!(m::QUEUE_WAIT).record(waited.as_secs_f64());
+        }
+        metrics::gauge!(m::ORDERS_IN_FLIGHT).increment(1.0);
+        let result = self.pipeline.run(&mut order, lease, stop).await;
+        metrics::gauge!(m::ORDERS_IN_FLIGHT).decrement(1.0);
+        match result {
+            Ok(state) => Ok(Processed::Finished(state, order.order)),
+            Err(Halt::Interrupted) => {
+                // Record that nobody holds the order any more, then hand it back.
+                let released = self
+                    .pipeline
+                    .commit(&mut order, lease, |o| {
+                        o.release(now());
+                        Ok(())
+                    })
+                    .await;
+                if let Err(e) = released {
+                    tracing::warn!(error = %e, "cannot record the hand-back");
+                }
+                Err(Failure::Halt(Halt::Interrupted))
+            }
+            Err(halt) => Err(Failure::Halt(halt)),
+        }
+    }
+
+    /// Records an order whose message can never be processed as failed, then has it terminated.
+    async fn reject(&self, order_id: Uuid, message: &jetstream::Message, reason: String) -> Result<Processed, Failure> {
+        tracing::warn!(%reason, bytes = message.payload.len(), "poison message: recording the order as failed and terminating it");
+        let shown = serde_json::to_string(&String::from_utf8_lossy(&message.payload[..message.payload.len().min(256)]))
+            .expect("a string always serializes");
+        let payload = RawValue::from_string(shown).expect("a JSON string is valid JSON");
+        let order = Order::rejected(order_id, payload, reason, now());
+        match self.store.create(&order).await {
+            Ok(created) => self.pipeline.events.created(&created.order).await,
+            Err(StoreError::Exists(_)) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot record the rejected order"),
+        }
+        Err(Failure::Poison("invalid_payload"))
+    }
+
+    /// Gives the message its outcome.
+    async fn settle(
+        &self,
+        message: &jetstream::Message,
+        outcome: Result<Processed, Failure>,
+        lease: &Lease,
+        delivered: u32,
+        max_deliver: i64,
+    ) {
+        match outcome {
+            Ok(Processed::Finished(state, order)) => {
+                match state {
+                    State::Completed => self.stats.completed.fetch_add(1, Ordering::Relaxed),
+                    _ => self.stats.failed.fetch_add(1, Ordering::Relaxed),
+                };
+                let outcome = if state == State::Completed { "completed" } else { "failed" };
+                metrics::counter!(m::ORDERS_FINISHED, "outcome" => outcome).increment(1);
+                if let Some(done) = order.complete_time {
+                    let took = (done - order.start_time).to_std().unwrap_or_default();
+                    metrics::histogram!(m::ORDER_DURATION).record(took.as_secs_f64());
+                }
+                tracing::info!(state = %state, "order finished");
+                ack(message).await;
+            }
+            Ok(Processed::AlreadyTerminal) => ack(message).await,
+            Err(Failure::Poison(reason)) => term(message, reason).await,
+            Err(Failure::Halt(Halt::Interrupted)) => {
+                if lease.is_held() {
+                    tracing::info!("handing the order back for another node to continue");
+                    nak(message, None, "shutdown").await;
+                }
+            }
+            Err(Failure::Halt(Halt::Fenced)) => {
+                // Counted where the lease was given up; the message is no longer ours to touch.
+                tracing::warn!("stopped working on the order: lease not confirmed in time");
+            }
+            Err(Failure::Halt(Halt::LeaseLost(e))) => {
+                lease.give_up();
+                metrics::counter!(m::LEASES_LOST).increment(1);
+                tracing::warn!(error = %e, "another writer took the order; dropping it without ack or nak");
+            }
+            Err(Failure::Halt(Halt::Invalid(e))) => {
+                tracing::error!(error = %e, "order document does not allow the next transition; terminating its message");
+                term(message, "invalid_document").await;
+            }
+            Err(Failure::Halt(Halt::Store(e))) | Err(Failure::Store(e)) => {
+                if i64::from(delivered) >= max_deliver {
+                    tracing::error!(error = %e, "order store failing on the last delivery; the order stays as recorded");
+                }
+                if lease.is_held() {
+                    tracing::warn!(error = %e, "order store unavailable; handing the message back for a retry");
+                    nak(message, Some(RETRY_DELAY), "store_unavailable").await;
+                }
+            }
+        }
+        lease.give_up();
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Timing {
+    ack_wait: Duration,
+    backoff: Vec<Duration>,
+    max_deliver: i64,
+    anchor: Instant,
+}
+
+enum Processed {
+    Finished(State, Order),
+    AlreadyTerminal,
+}
+
+enum Failure {
+    Poison(&'static str),
+    Store(StoreError),
+    Halt(Halt),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Store(e)
+    }
+}
+
+/// Acknowledges and waits for the server's confirmation.
+async fn ack(message: &jetstream::Message) {
+    match message.double_ack().await {
+        Ok(()) => metrics::counter!(m::MESSAGES_ACKED).increment(1),
+        Err(e) => tracing::warn!(error = %e, "ack not confirmed; a later delivery will find the order terminal and ack it"),
+    }
+}
+
+async fn nak(message: &jetstream::Message, delay: Option<Duration>, reason: &'static str) {
+    match message.ack_with(AckKind::Nak(delay)).await {
+        Ok(()) => metrics::counter!(m::MESSAGES_NAKED, "reason" => reason).increment(1),
+        Err(e) => tracing::warn!(error = %e, "cannot nak; the message is redelivered after its ack wait"),
+    }
+}
+
+async fn term(message: &jetstream::Message, reason: &'static str) {
+    match message.ack_with(AckKind::Term).await {
+        Ok(()) => metrics::counter!(m::MESSAGES_TERMINATED, "reason" => reason).increment(1),
+        Err(e) => tracing::warn!(error = %e, "cannot terminate the message"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_must_be_a_small_json_object() {
+        assert!(validate_payload(br#"{"customer":"ada"}"#).is_ok());
+        assert!(validate_payload(b" {} ").is_ok());
+        assert!(validate_payload(b"[1,2]").unwrap_err().contains("JSON object"));
+        assert!(validate_payload(b"\"x\"").unwrap_err().contains("JSON object"));
+        assert!(validate_payload(b"{nope").unwrap_err().contains("not valid JSON"));
+        let big = format!("{{\"x\":\"{}\"}}", "a".repeat(MAX_PAYLOAD));
+        assert!(validate_payload(big.as_bytes()).unwrap_err().contains("limit"));
+    }
+}
