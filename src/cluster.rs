@@ -49,7 +49,12 @@ impl Cluster {
             node_id: self.node_id.clone(),
             name: "orderly".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            status: if self.draining.is_cancelled() { "draining" } else { "running" }.into(),
+            status: if self.draining.is_cancelled() {
+                "draining"
+            } else {
+                "running"
+            }
+            .into(),
             http_addr: self.http_addr.clone(),
             started_at: self.started_at,
             last_seen: crate::pipeline::now(),
@@ -87,8 +92,12 @@ impl Cluster {
         let now = Utc::now();
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| e.to_string())?;
-            let Ok(Some(value)) = self.kv.get(&key).await else { continue };
-            let Ok(node) = serde_json::from_slice::<NodeStatus>(&value) else { continue };
+            let Ok(Some(value)) = self.kv.get(&key).await else {
+                continue;
+            };
+            let Ok(node) = serde_json::from_slice::<NodeStatus>(&value) else {
+                continue;
+            };
             let age = (now - node.last_seen).to_std().unwrap_or_default();
             if age <= Duration::from_millis(node.heartbeat_interval_ms.max(1) * 3) {
                 nodes.push(node);

@@ -23,7 +23,11 @@ pub struct Config {
     pub nats_server: PathBuf,
 
     /// Address of the embedded nats-server.
-    #[arg(long, env = "ORDERLY_EMBEDDED_NATS_ADDR", default_value = "127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "ORDERLY_EMBEDDED_NATS_ADDR",
+        default_value = "127.0.0.1:4222"
+    )]
     pub embedded_nats_addr: SocketAddr,
 
     /// Where the embedded nats-server keeps its JetStream store.
@@ -47,7 +51,7 @@ pub struct Config {
     pub rollback_duration: Option<Duration>,
 
     /// Probability that a step fails: one number for every step, and/or STEP=P per step, for example
-    /// `0.05` or `Processing=1.0,Scheduling=0` or `0,Processing=1`.
+    /// `0.05`, `Processing=1.0` (only Processing fails) or `0.05,Processing=0.5`.
     #[arg(long, env = "ORDERLY_FAILURE_RATE", default_value = "0.05")]
     pub failure_rate: FailureRates,
 
@@ -124,7 +128,8 @@ fn parse_ack_wait(s: &str) -> Result<Duration, String> {
 fn parse_node_id(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if ok {
         Ok(s.to_owned())
     } else {
@@ -155,10 +160,13 @@ impl Default for FailureRates {
 impl FromStr for FailureRates {
     type Err = String;
 
-    /// `P` sets every step; `STEP=P` sets one; later entries win, so `0,Processing=1` makes only
-    /// Processing fail. Steps not named keep the default 0.05.
+    /// `P` sets every step; `STEP=P` sets one; later entries win. Steps named by no entry (and by no
+    /// bare number) never fail, so `Processing=1` makes exactly Processing fail, every time.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut rates = FailureRates::default();
+        if s.trim().is_empty() {
+            return Err("empty: give a probability like 0.05, or STEP=P entries".into());
+        }
+        let mut rates = FailureRates::uniform(0.0);
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part.split_once('=') {
                 None => rates = FailureRates::uniform(parse_probability(part)?),
@@ -195,14 +203,18 @@ mod tests {
 
     #[test]
     fn failure_rates_accept_a_number_and_per_step_values() {
-        assert_eq!("0.2".parse::<FailureRates>().unwrap(), FailureRates::uniform(0.2));
+        assert_eq!(
+            "0.2".parse::<FailureRates>().unwrap(),
+            FailureRates::uniform(0.2)
+        );
         let rates: FailureRates = "Processing=1.0,Scheduling=0".parse().unwrap();
         assert_eq!(rates.get(Step::Processing), 1.0);
         assert_eq!(rates.get(Step::Scheduling), 0.0);
-        assert_eq!(rates.get(Step::PreProcessing), 0.05);
-        let rates: FailureRates = "0, Pre-Processing=0.5".parse().unwrap();
+        assert_eq!(rates.get(Step::PreProcessing), 0.0);
+        let rates: FailureRates = "0.1, Pre-Processing=0.5".parse().unwrap();
         assert_eq!(rates.get(Step::PreProcessing), 0.5);
-        assert_eq!(rates.get(Step::PostProcessing), 0.0);
+        assert_eq!(rates.get(Step::PostProcessing), 0.1);
+        assert!("".parse::<FailureRates>().is_err());
         assert!("1.5".parse::<FailureRates>().is_err());
         assert!("Shipping=0.1".parse::<FailureRates>().is_err());
         assert!("x".parse::<FailureRates>().is_err());

@@ -54,9 +54,16 @@ impl From<IntakeError> for ApiError {
 impl From<BytesRejection> for ApiError {
     fn from(rejection: BytesRejection) -> Self {
         let status = rejection.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_request" };
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "bad_request"
+        };
         let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("request body is larger than {} bytes", crate::worker::MAX_PAYLOAD)
+            format!(
+                "request body is larger than {} bytes",
+                crate::worker::MAX_PAYLOAD
+            )
         } else {
             rejection.body_text()
         };
@@ -101,7 +108,10 @@ async fn create_order(
     Ok(response)
 }
 
-async fn get_order(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let document = state.intake.get(&id).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], document).into_response())
 }
@@ -114,7 +124,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let connected = state.client.connection_state() == async_nats::connection::State::Connected;
     let draining = state.draining.is_cancelled();
     let ready = connected && !draining;
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = json!({
         "status": if ready { "ready" } else { "not ready" },
         "nats_connected": connected,
@@ -144,11 +158,13 @@ async fn heartbeat(State(state): State<AppState>) -> Json<serde_json::Value> {
 }
 
 async fn cluster(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let nodes = state
-        .cluster
-        .live_nodes()
-        .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("cannot read the cluster view: {e}")))?;
+    let nodes = state.cluster.live_nodes().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("cannot read the cluster view: {e}"),
+        )
+    })?;
     let busy: usize = nodes.iter().map(|n| n.workers_busy).sum();
     let total: usize = nodes.iter().map(|n| n.workers_total).sum();
     Ok(Json(json!({
@@ -168,7 +184,11 @@ async fn metrics_scrape(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn not_found(request: Request) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {} {}", request.method(), request.uri().path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {} {}", request.method(), request.uri().path()),
+    )
 }
 
 /// Counts requests by route and status, and records their latency.

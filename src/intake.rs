@@ -102,7 +102,8 @@ impl Intake {
             .send_publish(submit_subject(&order_id), publish)
             .await
             .map_err(|e| IntakeError::Unavailable(e.to_string()))?;
-        ack.await.map_err(|e| IntakeError::Unavailable(e.to_string()))?;
+        ack.await
+            .map_err(|e| IntakeError::Unavailable(e.to_string()))?;
         metrics::counter!(m::ORDERS_SUBMITTED, "interface" => via.as_str()).increment(1);
         let start_time = match self.store.create(&order).await {
             Ok(created) => {
@@ -136,7 +137,12 @@ impl Intake {
     }
 
     /// Serves `orders.create` and `orders.get` as the NATS service `orders`, until `cancel` fires.
-    pub async fn serve_nats(self, client: async_nats::Client, node_id: String, cancel: CancellationToken) -> anyhow::Result<()> {
+    pub async fn serve_nats(
+        self,
+        client: async_nats::Client,
+        node_id: String,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<()> {
         let service = client
             .service_builder()
             .description("Orderly: submit and query orders")
@@ -196,8 +202,11 @@ fn parse_get_request(body: &[u8]) -> Result<String, IntakeError> {
         struct Get {
             order_id: String,
         }
-        let get: Get = serde_json::from_str(text)
-            .map_err(|e| IntakeError::BadRequest(format!("expected an order id or {{\"order_id\": ...}}: {e}")))?;
+        let get: Get = serde_json::from_str(text).map_err(|e| {
+            IntakeError::BadRequest(format!(
+                "expected an order id or {{\"order_id\": ...}}: {e}"
+            ))
+        })?;
         Ok(get.order_id)
     } else {
         Ok(text.trim_matches('"').to_owned())

@@ -75,7 +75,11 @@ impl Lease {
     }
 
     pub fn deadline(&self) -> Instant {
-        *self.inner.deadline.lock().expect("lease lock is never poisoned")
+        *self
+            .inner
+            .deadline
+            .lock()
+            .expect("lease lock is never poisoned")
     }
 
     /// True while the holder may still write, ack or nak.
@@ -96,7 +100,11 @@ impl Lease {
     /// The server confirmed an in-progress ack sent at `sent`.
     fn renewed(&self, sent: Instant) {
         let timing = self.inner.timing;
-        let mut deadline = self.inner.deadline.lock().expect("lease lock is never poisoned");
+        let mut deadline = self
+            .inner
+            .deadline
+            .lock()
+            .expect("lease lock is never poisoned");
         *deadline = (*deadline).max(sent + timing.window - timing.margin);
     }
 
@@ -156,9 +164,18 @@ mod tests {
         let ack_wait = Duration::from_secs(30);
         assert_eq!(LeaseTiming::for_delivery(ack_wait, &[], 3).window, ack_wait);
         let backoff = [Duration::from_secs(5), Duration::from_secs(10)];
-        assert_eq!(LeaseTiming::for_delivery(ack_wait, &backoff, 1).window, Duration::from_secs(5));
-        assert_eq!(LeaseTiming::for_delivery(ack_wait, &backoff, 2).window, Duration::from_secs(10));
-        assert_eq!(LeaseTiming::for_delivery(ack_wait, &backoff, 9).window, Duration::from_secs(10));
+        assert_eq!(
+            LeaseTiming::for_delivery(ack_wait, &backoff, 1).window,
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            LeaseTiming::for_delivery(ack_wait, &backoff, 2).window,
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            LeaseTiming::for_delivery(ack_wait, &backoff, 9).window,
+            Duration::from_secs(10)
+        );
     }
 
     #[test]

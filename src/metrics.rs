@@ -33,7 +33,8 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 const ORDER_BUCKETS: &[f64] = &[
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 45.0, 60.0, 120.0, 300.0,
+    600.0,
 ];
 const STEP_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0,
@@ -69,26 +70,69 @@ pub fn install(node_id: &str) -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(ORDERS_SUBMITTED, "Orders accepted, by interface (http, nats).");
-    describe_counter!(ORDERS_FINISHED, "Orders that reached a terminal state on this node, by outcome.");
+    describe_counter!(
+        ORDERS_SUBMITTED,
+        "Orders accepted, by interface (http, nats)."
+    );
+    describe_counter!(
+        ORDERS_FINISHED,
+        "Orders that reached a terminal state on this node, by outcome."
+    );
     describe_gauge!(ORDERS_IN_FLIGHT, "Orders this node is working on.");
-    describe_histogram!(ORDER_DURATION, Unit::Seconds, "From submission to terminal state.");
-    describe_histogram!(QUEUE_WAIT, Unit::Seconds, "From submission to the first pickup by a worker.");
-    describe_histogram!(STEP_DURATION, Unit::Seconds, "How long each step took, by step.");
+    describe_histogram!(
+        ORDER_DURATION,
+        Unit::Seconds,
+        "From submission to terminal state."
+    );
+    describe_histogram!(
+        QUEUE_WAIT,
+        Unit::Seconds,
+        "From submission to the first pickup by a worker."
+    );
+    describe_histogram!(
+        STEP_DURATION,
+        Unit::Seconds,
+        "How long each step took, by step."
+    );
     describe_counter!(STEP_FAILURES, "Steps that failed, by step.");
     describe_counter!(ROLLBACKS, "Steps rolled back, by step.");
     describe_gauge!(WORKERS_BUSY, "Workers holding an order.");
     describe_gauge!(WORKERS_TOTAL, "Workers on this node.");
-    describe_counter!(MESSAGES_ACKED, "Work messages acknowledged after their order's terminal state was written.");
-    describe_counter!(MESSAGES_NAKED, "Work messages handed back for redelivery, by reason.");
-    describe_counter!(MESSAGES_TERMINATED, "Work messages that can never be processed, terminated, by reason.");
-    describe_counter!(REDELIVERIES, "Work messages received on a second or later delivery.");
-    describe_counter!(LEASES_LOST, "Orders this node stopped working on because another writer took them.");
-    describe_counter!(SELF_FENCES, "Orders this node stopped working on because it could not confirm its lease in time.");
-    describe_counter!(KV_CONFLICTS, "Compare-and-set writes refused because the order had changed.");
+    describe_counter!(
+        MESSAGES_ACKED,
+        "Work messages acknowledged after their order's terminal state was written."
+    );
+    describe_counter!(
+        MESSAGES_NAKED,
+        "Work messages handed back for redelivery, by reason."
+    );
+    describe_counter!(
+        MESSAGES_TERMINATED,
+        "Work messages that can never be processed, terminated, by reason."
+    );
+    describe_counter!(
+        REDELIVERIES,
+        "Work messages received on a second or later delivery."
+    );
+    describe_counter!(
+        LEASES_LOST,
+        "Orders this node stopped working on because another writer took them."
+    );
+    describe_counter!(
+        SELF_FENCES,
+        "Orders this node stopped working on because it could not confirm its lease in time."
+    );
+    describe_counter!(
+        KV_CONFLICTS,
+        "Compare-and-set writes refused because the order had changed."
+    );
     describe_gauge!(NATS_CONNECTED, "1 while connected to NATS.");
     describe_counter!(NATS_RECONNECTS, "Reconnections to NATS.");
     describe_counter!(HTTP_REQUESTS, "HTTP requests, by route and status.");
-    describe_histogram!(HTTP_DURATION, Unit::Seconds, "HTTP request latency, by route.");
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "HTTP request latency, by route."
+    );
     describe_gauge!(INFO, "Always 1; labels carry the node's version.");
 }

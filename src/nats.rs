@@ -142,9 +142,19 @@ pub async fn setup(js: &jetstream::Context, layout: Layout) -> Result<Setup, Set
         .clone();
     let mut diffs = Vec::new();
     differ(&mut diffs, "subjects", &wanted.subjects, &actual.subjects);
-    differ(&mut diffs, "retention", &wanted.retention, &actual.retention);
+    differ(
+        &mut diffs,
+        "retention",
+        &wanted.retention,
+        &actual.retention,
+    );
     differ(&mut diffs, "storage", &wanted.storage, &actual.storage);
-    differ(&mut diffs, "replicas", &wanted.num_replicas, &actual.num_replicas);
+    differ(
+        &mut diffs,
+        "replicas",
+        &wanted.num_replicas,
+        &actual.num_replicas,
+    );
     conflict("stream ORDERS", diffs)?;
 
     let wanted = consumer_config(layout);
@@ -157,10 +167,30 @@ pub async fn setup(js: &jetstream::Context, layout: Layout) -> Result<Setup, Set
     };
     let actual = &consumer.cached_info().config;
     let mut diffs = Vec::new();
-    differ(&mut diffs, "ack_policy", &wanted.ack_policy, &actual.ack_policy);
-    differ(&mut diffs, "ack_wait (ORDERLY_ACK_WAIT)", &humantime::format_duration(wanted.ack_wait).to_string(), &humantime::format_duration(actual.ack_wait).to_string());
-    differ(&mut diffs, "max_deliver (ORDERLY_MAX_DELIVER)", &wanted.max_deliver, &actual.max_deliver);
-    differ(&mut diffs, "filter_subject", &wanted.filter_subject, &actual.filter_subject);
+    differ(
+        &mut diffs,
+        "ack_policy",
+        &wanted.ack_policy,
+        &actual.ack_policy,
+    );
+    differ(
+        &mut diffs,
+        "ack_wait (ORDERLY_ACK_WAIT)",
+        &humantime::format_duration(wanted.ack_wait).to_string(),
+        &humantime::format_duration(actual.ack_wait).to_string(),
+    );
+    differ(
+        &mut diffs,
+        "max_deliver (ORDERLY_MAX_DELIVER)",
+        &wanted.max_deliver,
+        &actual.max_deliver,
+    );
+    differ(
+        &mut diffs,
+        "filter_subject",
+        &wanted.filter_subject,
+        &actual.filter_subject,
+    );
     conflict("consumer ORDERS/workers", diffs)?;
 
     let orders = bucket(js, orders_bucket_config(layout)).await?;
@@ -197,14 +227,29 @@ async fn bucket(js: &jetstream::Context, wanted: kv::Config) -> Result<kv::Store
         .config
         .clone();
     let mut diffs = Vec::new();
-    differ(&mut diffs, "history", &wanted.history, &actual.max_messages_per_subject);
-    differ(&mut diffs, "replicas (ORDERLY_REPLICAS)", &wanted.num_replicas, &actual.num_replicas);
+    differ(
+        &mut diffs,
+        "history",
+        &wanted.history,
+        &actual.max_messages_per_subject,
+    );
+    differ(
+        &mut diffs,
+        "replicas (ORDERLY_REPLICAS)",
+        &wanted.num_replicas,
+        &actual.num_replicas,
+    );
     differ(&mut diffs, "storage", &wanted.storage, &actual.storage);
     conflict(&what, diffs)?;
     Ok(store)
 }
 
-fn differ<T: PartialEq + std::fmt::Debug>(diffs: &mut Vec<String>, field: &str, wanted: &T, actual: &T) {
+fn differ<T: PartialEq + std::fmt::Debug>(
+    diffs: &mut Vec<String>,
+    field: &str,
+    wanted: &T,
+    actual: &T,
+) {
     if wanted != actual {
         diffs.push(format!("{field} is {actual:?}, this node wants {wanted:?}"));
     }

@@ -28,10 +28,20 @@ pub fn default_node_id() -> String {
     let host: String = host
         .trim()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(40)
         .collect();
-    let host = if host.is_empty() { "node".to_owned() } else { host };
+    let host = if host.is_empty() {
+        "node".to_owned()
+    } else {
+        host
+    };
     format!("{host}-{:04x}", rand::random::<u16>())
 }
 
@@ -43,10 +53,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let metrics = crate::metrics::install(&node_id);
     tokio::pin!(shutdown);
 
-    let (url, embedded) = match &config.nats_url {
-        Some(url) => (url.clone(), None),
+    // An empty NATS_URL counts as unset.
+    let (url, embedded) = match config
+        .nats_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+    {
+        Some(url) => (url.to_owned(), None),
         None => {
-            let server = EmbeddedServer::start(&config.nats_server, config.embedded_nats_addr, &config.data_dir).await?;
+            let server = EmbeddedServer::start(
+                &config.nats_server,
+                config.embedded_nats_addr,
+                &config.data_dir,
+            )
+            .await?;
             (format!("nats://{}", config.embedded_nats_addr), server)
         }
     };
@@ -120,11 +141,7 @@ async fn run_connected(
         stats,
         draining: drain.clone(),
     };
-    let intake = Intake {
-        js,
-        store,
-        events,
-    };
+    let intake = Intake { js, store, events };
     let app = http::router(AppState {
         intake: intake.clone(),
         cluster: cluster.clone(),
@@ -152,7 +169,11 @@ async fn run_connected(
             .await;
         ("http server", served.map_err(anyhow::Error::from))
     });
-    tasks.spawn(intake.serve_nats(client.clone(), node_id.clone(), drain.clone()).map(|r| ("nats service", r)));
+    tasks.spawn(
+        intake
+            .serve_nats(client.clone(), node_id.clone(), drain.clone())
+            .map(|r| ("nats service", r)),
+    );
     tracing::info!(
         node.id = %node_id,
         http = %http_addr,
@@ -190,7 +211,9 @@ async fn run_connected(
     let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(5);
     while tasks.len() > usize::from(heartbeat_running) {
         match tokio::time::timeout_at(deadline, tasks.join_next()).await {
-            Ok(Some(Ok((name, Err(e))))) => tracing::warn!(task = name, error = %format!("{e:#}"), "task ended with an error"),
+            Ok(Some(Ok((name, Err(e))))) => {
+                tracing::warn!(task = name, error = %format!("{e:#}"), "task ended with an error")
+            }
             Ok(Some(Ok((name, Ok(()))))) => heartbeat_running &= name != HEARTBEAT_TASK,
             Ok(Some(Err(e))) => tracing::error!(error = %e, "task panicked"),
             Ok(None) => break,
@@ -201,9 +224,11 @@ async fn run_connected(
         }
     }
     heartbeat_stop.cancel();
-    if tokio::time::timeout(Duration::from_secs(3), async { while tasks.join_next().await.is_some() {} })
-        .await
-        .is_err()
+    if tokio::time::timeout(Duration::from_secs(3), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
     {
         tasks.abort_all();
     }

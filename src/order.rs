@@ -312,7 +312,11 @@ impl Order {
             .map_or(Action::Fail, |record| Action::RollBack(record.step_name))
     }
 
-    fn expect(&self, attempted: &'static str, wanted: impl Fn(Action) -> bool) -> Result<(), TransitionError> {
+    fn expect(
+        &self,
+        attempted: &'static str,
+        wanted: impl Fn(Action) -> bool,
+    ) -> Result<(), TransitionError> {
         let next = self.next_action();
         if wanted(next) {
             Ok(())
@@ -344,7 +348,12 @@ impl Order {
     }
 
     /// Starts `step` on `node`. A step whose previous run was interrupted starts over.
-    pub fn start_step(&mut self, step: Step, node: &str, now: DateTime<Utc>) -> Result<(), TransitionError> {
+    pub fn start_step(
+        &mut self,
+        step: Step,
+        node: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), TransitionError> {
         self.expect("start step", |next| next == Action::Run(step))?;
         let record = StepRecord {
             step_name: step,
@@ -371,7 +380,10 @@ impl Order {
         Ok(())
     }
 
-    fn running_record(&mut self, attempted: &'static str) -> Result<&mut StepRecord, TransitionError> {
+    fn running_record(
+        &mut self,
+        attempted: &'static str,
+    ) -> Result<&mut StepRecord, TransitionError> {
         let state = self.state;
         let next = self.next_action();
         match self.steps.last_mut() {
@@ -395,7 +407,11 @@ impl Order {
     }
 
     /// The running step failed: the order starts rolling back.
-    pub fn fail_step(&mut self, reason: String, now: DateTime<Utc>) -> Result<Step, TransitionError> {
+    pub fn fail_step(
+        &mut self,
+        reason: String,
+        now: DateTime<Utc>,
+    ) -> Result<Step, TransitionError> {
         let record = self.running_record("fail step")?;
         record.status = StepStatus::Failed;
         record.step_complete_time = Some(now);
@@ -408,7 +424,12 @@ impl Order {
     }
 
     /// Starts undoing `step` on `node`.
-    pub fn start_rollback(&mut self, step: Step, node: &str, now: DateTime<Utc>) -> Result<(), TransitionError> {
+    pub fn start_rollback(
+        &mut self,
+        step: Step,
+        node: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), TransitionError> {
         self.expect("start rollback", |next| next == Action::RollBack(step))?;
         let record = self
             .steps
@@ -425,7 +446,11 @@ impl Order {
     }
 
     /// The rollback of `step` finished.
-    pub fn complete_rollback(&mut self, step: Step, now: DateTime<Utc>) -> Result<(), TransitionError> {
+    pub fn complete_rollback(
+        &mut self,
+        step: Step,
+        now: DateTime<Utc>,
+    ) -> Result<(), TransitionError> {
         let state = self.state;
         let next = self.next_action();
         let record = self
@@ -557,7 +582,10 @@ mod tests {
         let mut order = new_order();
         drive(&mut order, None);
         assert_eq!(order.state, State::Completed);
-        assert_eq!(order.current_step, CurrentStep::Terminal(Terminal::Completed));
+        assert_eq!(
+            order.current_step,
+            CurrentStep::Terminal(Terminal::Completed)
+        );
         let names: Vec<Step> = order.steps.iter().map(|r| r.step_name).collect();
         assert_eq!(names, Step::ALL);
         for record in &order.steps {
@@ -580,9 +608,15 @@ mod tests {
             assert_eq!(order.state, State::Failed, "failing at {failing}");
             assert_eq!(order.current_step, CurrentStep::Terminal(Terminal::Failed));
             assert_eq!(order.failed_step, Some(failing));
-            assert_eq!(order.failure_reason.as_deref(), Some(format!("{failing} failed").as_str()));
+            assert_eq!(
+                order.failure_reason.as_deref(),
+                Some(format!("{failing} failed").as_str())
+            );
             assert_eq!(order.steps.len(), k + 1, "no step after the failed one ran");
-            assert!(order.steps.iter().all(|r| r.status == StepStatus::RolledBack));
+            assert!(order
+                .steps
+                .iter()
+                .all(|r| r.status == StepStatus::RolledBack));
             // Rollbacks run k, k-1, ..., 1: each starts after the later step's rollback completed.
             for pair in order.steps.windows(2) {
                 let later_done = pair[1].rollback_complete_time.unwrap();
@@ -610,7 +644,10 @@ mod tests {
             .unwrap();
         order.start_step(Step::PreProcessing, "n2", t(10)).unwrap();
         let record = &order.steps[1];
-        assert_eq!((record.node.as_str(), record.attempt, record.runs), ("n2", 2, 2));
+        assert_eq!(
+            (record.node.as_str(), record.attempt, record.runs),
+            ("n2", 2, 2)
+        );
         assert_eq!(record.step_start_time, t(10));
         assert_eq!(order.steps.len(), 2);
         // A completed step is never offered again.
@@ -624,9 +661,13 @@ mod tests {
         order.complete_step(t(3)).unwrap();
         order.start_step(Step::PreProcessing, "n1", t(4)).unwrap();
         order.fail_step("boom".into(), t(5)).unwrap();
-        order.start_rollback(Step::PreProcessing, "n1", t(6)).unwrap();
+        order
+            .start_rollback(Step::PreProcessing, "n1", t(6))
+            .unwrap();
         assert_eq!(order.next_action(), Action::RollBack(Step::PreProcessing));
-        order.start_rollback(Step::PreProcessing, "n2", t(7)).unwrap();
+        order
+            .start_rollback(Step::PreProcessing, "n2", t(7))
+            .unwrap();
         order.complete_rollback(Step::PreProcessing, t(8)).unwrap();
         assert_eq!(order.next_action(), Action::RollBack(Step::Scheduling));
     }
@@ -638,7 +679,13 @@ mod tests {
         assert!(order.complete_step(t(2)).is_err());
         assert!(order.finish(t(2)).is_err());
         drive(&mut order, None);
-        assert!(order.claim(Owner { node: "n2".into(), delivery: 2, claimed_at: t(99) }).is_err());
+        assert!(order
+            .claim(Owner {
+                node: "n2".into(),
+                delivery: 2,
+                claimed_at: t(99)
+            })
+            .is_err());
         assert!(order.abandon("late".into(), t(99)).is_err());
     }
 
@@ -657,7 +704,18 @@ mod tests {
         let mut order = new_order();
         drive(&mut order, Some(Step::Processing));
         let json = serde_json::to_value(&order).unwrap();
-        for field in ["order_id", "current_step", "start_time", "complete_time", "steps", "state", "failed_step", "failure_reason", "attempt", "payload"] {
+        for field in [
+            "order_id",
+            "current_step",
+            "start_time",
+            "complete_time",
+            "steps",
+            "state",
+            "failed_step",
+            "failure_reason",
+            "attempt",
+            "payload",
+        ] {
             assert!(json.get(field).is_some(), "missing {field}");
         }
         assert_eq!(json["current_step"], "Failed");
@@ -667,7 +725,14 @@ mod tests {
         assert_eq!(json["start_time"], "2027-01-15T08:00:00Z");
         let step = &json["steps"][1];
         assert_eq!(step["step_name"], "Pre-Processing");
-        for field in ["step_start_time", "step_complete_time", "rollback_start_time", "rollback_complete_time", "node", "attempt"] {
+        for field in [
+            "step_start_time",
+            "step_complete_time",
+            "rollback_start_time",
+            "rollback_complete_time",
+            "node",
+            "attempt",
+        ] {
             assert!(step.get(field).is_some(), "missing steps[].{field}");
         }
         let back: Order = serde_json::from_value(json).unwrap();

@@ -107,7 +107,12 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Runs `order` until it is terminal, returning the terminal state.
-    pub async fn run(&self, order: &mut Versioned, lease: &Lease, stop: &Stop) -> Result<State, Halt> {
+    pub async fn run(
+        &self,
+        order: &mut Versioned,
+        lease: &Lease,
+        stop: &Stop,
+    ) -> Result<State, Halt> {
         loop {
             let action = order.order.next_action();
             if matches!(action, Action::Run(_) | Action::RollBack(_)) && stop.drain.is_cancelled() {
@@ -126,7 +131,13 @@ impl Pipeline {
         }
     }
 
-    async fn run_step(&self, order: &mut Versioned, step: Step, lease: &Lease, stop: &Stop) -> Result<(), Halt> {
+    async fn run_step(
+        &self,
+        order: &mut Versioned,
+        step: Step,
+        lease: &Lease,
+        stop: &Stop,
+    ) -> Result<(), Halt> {
         self.commit(order, lease, |o| o.start_step(step, &self.node_id, now()))
             .await?;
         tracing::debug!(order.step = %step, "step started");
@@ -134,21 +145,35 @@ impl Pipeline {
         self.wait(self.step_duration, lease, stop).await?;
         let attempt = order.order.attempt;
         if self.failures.fails(order.order.order_id, step, attempt) {
-            let reason = format!("{step} failed (simulated failure, rate {})", self.failures.rates.get(step));
-            self.commit(order, lease, |o| o.fail_step(reason, now())).await?;
+            let reason = format!(
+                "{step} failed (simulated failure, rate {})",
+                self.failures.rates.get(step)
+            );
+            self.commit(order, lease, |o| o.fail_step(reason, now()))
+                .await?;
             metrics::counter!(m::STEP_FAILURES, "step" => step.as_str()).increment(1);
             tracing::debug!(order.step = %step, "step failed; rolling back");
         } else {
-            self.commit(order, lease, |o| o.complete_step(now())).await?;
+            self.commit(order, lease, |o| o.complete_step(now()))
+                .await?;
             tracing::debug!(order.step = %step, "step completed");
         }
-        metrics::histogram!(m::STEP_DURATION, "step" => step.as_str()).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::STEP_DURATION, "step" => step.as_str())
+            .record(started.elapsed().as_secs_f64());
         Ok(())
     }
 
-    async fn roll_back(&self, order: &mut Versioned, step: Step, lease: &Lease, stop: &Stop) -> Result<(), Halt> {
-        self.commit(order, lease, |o| o.start_rollback(step, &self.node_id, now()))
-            .await?;
+    async fn roll_back(
+        &self,
+        order: &mut Versioned,
+        step: Step,
+        lease: &Lease,
+        stop: &Stop,
+    ) -> Result<(), Halt> {
+        self.commit(order, lease, |o| {
+            o.start_rollback(step, &self.node_id, now())
+        })
+        .await?;
         tracing::debug!(order.step = %step, "rollback started");
         self.wait(self.rollback_duration, lease, stop).await?;
         self.commit(order, lease, |o| o.complete_rollback(step, now()))
@@ -180,9 +205,12 @@ impl Pipeline {
         if !lease.is_held() {
             return Err(Halt::Fenced);
         }
-        let written = tokio::time::timeout_at(lease.deadline().into(), self.store.update(&next, order.revision))
-            .await
-            .map_err(|_| Halt::Fenced)??;
+        let written = tokio::time::timeout_at(
+            lease.deadline().into(),
+            self.store.update(&next, order.revision),
+        )
+        .await
+        .map_err(|_| Halt::Fenced)??;
         self.events.transition(&order.order, &written.order).await;
         *order = written;
         Ok(result)
@@ -200,20 +228,35 @@ mod tests {
             seed: Some(42),
         };
         let ids: Vec<Uuid> = (0..20_000u128).map(Uuid::from_u128).collect();
-        let first: Vec<bool> = ids.iter().map(|id| draw.fails(*id, Step::Processing, 1)).collect();
-        let again: Vec<bool> = ids.iter().map(|id| draw.fails(*id, Step::Processing, 1)).collect();
+        let first: Vec<bool> = ids
+            .iter()
+            .map(|id| draw.fails(*id, Step::Processing, 1))
+            .collect();
+        let again: Vec<bool> = ids
+            .iter()
+            .map(|id| draw.fails(*id, Step::Processing, 1))
+            .collect();
         assert_eq!(first, again);
         let rate = first.iter().filter(|f| **f).count() as f64 / ids.len() as f64;
         assert!((0.04..0.06).contains(&rate), "rate {rate}");
-        let other_step: Vec<bool> = ids.iter().map(|id| draw.fails(*id, Step::Scheduling, 1)).collect();
+        let other_step: Vec<bool> = ids
+            .iter()
+            .map(|id| draw.fails(*id, Step::Scheduling, 1))
+            .collect();
         assert_ne!(first, other_step);
     }
 
     #[test]
     fn certain_and_impossible_rates() {
         let id = Uuid::now_v7();
-        let always = FailureDraw { rates: FailureRates::uniform(1.0), seed: None };
-        let never = FailureDraw { rates: FailureRates::uniform(0.0), seed: Some(1) };
+        let always = FailureDraw {
+            rates: FailureRates::uniform(1.0),
+            seed: None,
+        };
+        let never = FailureDraw {
+            rates: FailureRates::uniform(0.0),
+            seed: Some(1),
+        };
         for step in Step::ALL {
             assert!(always.fails(id, step, 1));
             assert!(!never.fails(id, step, 1));

@@ -75,7 +75,9 @@ impl OrderStore {
                 order: order.clone(),
                 revision,
             }),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(StoreError::Exists(order.order_id)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                Err(StoreError::Exists(order.order_id))
+            }
             Err(e) => Err(StoreError::Unavailable(e.to_string())),
         }
     }
@@ -113,15 +115,13 @@ impl OrderStore {
         value: &Bytes,
         expected: u64,
     ) -> Result<Versioned, StoreError> {
-        let entry = self
-            .kv
-            .entry(key)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("write timed out and read-back failed: {e}")))?;
+        let entry = self.kv.entry(key).await.map_err(|e| {
+            StoreError::Unavailable(format!("write timed out and read-back failed: {e}"))
+        })?;
         match entry {
-            Some(entry) if entry.revision == expected => {
-                Err(StoreError::Unavailable("write timed out and was not applied".into()))
-            }
+            Some(entry) if entry.revision == expected => Err(StoreError::Unavailable(
+                "write timed out and was not applied".into(),
+            )),
             Some(entry) if entry.value == *value => Ok(Versioned {
                 order: order.clone(),
                 revision: entry.revision,

@@ -49,9 +49,13 @@ pub struct Worker {
 /// Checks a submitted payload: a JSON object of at most [`MAX_PAYLOAD`] bytes.
 pub fn validate_payload(body: &[u8]) -> Result<Box<RawValue>, String> {
     if body.len() > MAX_PAYLOAD {
-        return Err(format!("payload is {} bytes; the limit is {MAX_PAYLOAD}", body.len()));
+        return Err(format!(
+            "payload is {} bytes; the limit is {MAX_PAYLOAD}",
+            body.len()
+        ));
     }
-    let raw: Box<RawValue> = serde_json::from_slice(body).map_err(|e| format!("payload is not valid JSON: {e}"))?;
+    let raw: Box<RawValue> =
+        serde_json::from_slice(body).map_err(|e| format!("payload is not valid JSON: {e}"))?;
     if !raw.get().starts_with('{') {
         return Err("payload must be a JSON object".into());
     }
@@ -125,7 +129,12 @@ impl Worker {
                 };
                 let worker = this.clone();
                 let stop = stop.clone();
-                let timing = Timing { ack_wait, backoff: backoff.clone(), max_deliver, anchor: asked };
+                let timing = Timing {
+                    ack_wait,
+                    backoff: backoff.clone(),
+                    max_deliver,
+                    anchor: asked,
+                };
                 tasks.spawn(async move {
                     worker.stats.busy.fetch_add(1, Ordering::Relaxed);
                     metrics::gauge!(m::WORKERS_BUSY).increment(1.0);
@@ -136,7 +145,10 @@ impl Worker {
                 });
             }
         }
-        tracing::info!(in_flight = tasks.len(), "stopped fetching; waiting for in-flight orders");
+        tracing::info!(
+            in_flight = tasks.len(),
+            "stopped fetching; waiting for in-flight orders"
+        );
         while let Some(done) = tasks.join_next().await {
             if let Err(e) = done {
                 tracing::error!(error = %e, "order task panicked");
@@ -149,7 +161,10 @@ impl Worker {
             Ok(info) => (
                 u32::try_from(info.delivered).unwrap_or(u32::MAX),
                 info.stream_sequence,
-                chrono::DateTime::from_timestamp(info.published.unix_timestamp(), info.published.nanosecond()),
+                chrono::DateTime::from_timestamp(
+                    info.published.unix_timestamp(),
+                    info.published.nanosecond(),
+                ),
             ),
             Err(e) => {
                 tracing::warn!(subject = %message.subject, error = %e, "message without JetStream metadata; terminating it");
@@ -208,17 +223,24 @@ impl Worker {
         let mut order = match self.store.get(order_id).await.map_err(Failure::from)? {
             Some(order) => order,
             None => {
-                let queued = Order::queued(order_id, payload, crate::order::Interface::Stream, published);
+                let queued = Order::queued(
+                    order_id,
+                    payload,
+                    crate::order::Interface::Stream,
+                    published,
+                );
                 match self.store.create(&queued).await {
                     Ok(created) => {
                         self.pipeline.events.created(&created.order).await;
                         created
                     }
-                    Err(StoreError::Exists(_)) => self
-                        .store
-                        .get(order_id)
-                        .await?
-                        .ok_or_else(|| Failure::Store(StoreError::Unavailable("order vanished while being created".into())))?,
+                    Err(StoreError::Exists(_)) => {
+                        self.store.get(order_id).await?.ok_or_else(|| {
+                            Failure::Store(StoreError::Unavailable(
+                                "order vanished while being created".into(),
+                            ))
+                        })?
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -238,7 +260,9 @@ impl Worker {
             .await
             .map_err(Failure::Halt)?;
         if first_pickup {
-            let waited = (now() - order.order.start_time).to_std().unwrap_or_default();
+            let waited = (now() - order.order.start_time)
+                .to_std()
+                .unwrap_or_default();
             metrics::histogram!(m::QUEUE_WAIT).record(waited.as_secs_f64());
         }
         metrics::gauge!(m::ORDERS_IN_FLIGHT).increment(1.0);
@@ -265,10 +289,17 @@ impl Worker {
     }
 
     /// Records an order whose message can never be processed as failed, then has it terminated.
-    async fn reject(&self, order_id: Uuid, message: &jetstream::Message, reason: String) -> Result<Processed, Failure> {
+    async fn reject(
+        &self,
+        order_id: Uuid,
+        message: &jetstream::Message,
+        reason: String,
+    ) -> Result<Processed, Failure> {
         tracing::warn!(%reason, bytes = message.payload.len(), "poison message: recording the order as failed and terminating it");
-        let shown = serde_json::to_string(&String::from_utf8_lossy(&message.payload[..message.payload.len().min(256)]))
-            .expect("a string always serializes");
+        let shown = serde_json::to_string(&String::from_utf8_lossy(
+            &message.payload[..message.payload.len().min(256)],
+        ))
+        .expect("a string always serializes");
         let payload = RawValue::from_string(shown).expect("a JSON string is valid JSON");
         let order = Order::rejected(order_id, payload, reason, now());
         match self.store.create(&order).await {
@@ -294,7 +325,11 @@ impl Worker {
                     State::Completed => self.stats.completed.fetch_add(1, Ordering::Relaxed),
                     _ => self.stats.failed.fetch_add(1, Ordering::Relaxed),
                 };
-                let outcome = if state == State::Completed { "completed" } else { "failed" };
+                let outcome = if state == State::Completed {
+                    "completed"
+                } else {
+                    "failed"
+                };
                 metrics::counter!(m::ORDERS_FINISHED, "outcome" => outcome).increment(1);
                 if let Some(done) = order.complete_time {
                     let took = (done - order.start_time).to_std().unwrap_or_default();
@@ -367,14 +402,18 @@ impl From<StoreError> for Failure {
 async fn ack(message: &jetstream::Message) {
     match message.double_ack().await {
         Ok(()) => metrics::counter!(m::MESSAGES_ACKED).increment(1),
-        Err(e) => tracing::warn!(error = %e, "ack not confirmed; a later delivery will find the order terminal and ack it"),
+        Err(e) => {
+            tracing::warn!(error = %e, "ack not confirmed; a later delivery will find the order terminal and ack it")
+        }
     }
 }
 
 async fn nak(message: &jetstream::Message, delay: Option<Duration>, reason: &'static str) {
     match message.ack_with(AckKind::Nak(delay)).await {
         Ok(()) => metrics::counter!(m::MESSAGES_NAKED, "reason" => reason).increment(1),
-        Err(e) => tracing::warn!(error = %e, "cannot nak; the message is redelivered after its ack wait"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot nak; the message is redelivered after its ack wait")
+        }
     }
 }
 
@@ -393,10 +432,18 @@ mod tests {
     fn payload_must_be_a_small_json_object() {
         assert!(validate_payload(br#"{"customer":"ada"}"#).is_ok());
         assert!(validate_payload(b" {} ").is_ok());
-        assert!(validate_payload(b"[1,2]").unwrap_err().contains("JSON object"));
-        assert!(validate_payload(b"\"x\"").unwrap_err().contains("JSON object"));
-        assert!(validate_payload(b"{nope").unwrap_err().contains("not valid JSON"));
+        assert!(validate_payload(b"[1,2]")
+            .unwrap_err()
+            .contains("JSON object"));
+        assert!(validate_payload(b"\"x\"")
+            .unwrap_err()
+            .contains("JSON object"));
+        assert!(validate_payload(b"{nope")
+            .unwrap_err()
+            .contains("not valid JSON"));
         let big = format!("{{\"x\":\"{}\"}}", "a".repeat(MAX_PAYLOAD));
-        assert!(validate_payload(big.as_bytes()).unwrap_err().contains("limit"));
+        assert!(validate_payload(big.as_bytes())
+            .unwrap_err()
+            .contains("limit"));
     }
 }

