@@ -25,8 +25,13 @@ use uuid::Uuid;
 
 /// Largest order payload accepted, in bytes.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
-/// How long one pull waits for messages before asking again.
+/// How long one pull waits for messages before asking again, at most. A lease is counted from the
+/// moment the pull was sent, so a pull must expire well inside the lease window.
 const FETCH_EXPIRES: Duration = Duration::from_secs(2);
+
+fn fetch_expiry(window: Duration) -> Duration {
+    (window / 5).clamp(Duration::from_millis(100), FETCH_EXPIRES)
+}
 /// Delay before a message handed back because of a passing store failure is redelivered.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
@@ -69,6 +74,13 @@ impl Worker {
         let info = this.consumer.cached_info().config.clone();
         let (ack_wait, backoff) = (info.ack_wait, info.backoff);
         let max_deliver = info.max_deliver;
+        let shortest_window = backoff
+            .iter()
+            .copied()
+            .chain([ack_wait])
+            .min()
+            .unwrap_or(ack_wait);
+        let expires = fetch_expiry(shortest_window);
         let slots = Arc::new(Semaphore::new(this.workers));
         let mut tasks = JoinSet::new();
         metrics::gauge!(m::WORKERS_TOTAL).set(this.workers as f64);
@@ -95,7 +107,7 @@ impl Worker {
                 .consumer
                 .fetch()
                 .max_messages(permits.num_permits())
-                .expires(FETCH_EXPIRES)
+                .expires(expires)
                 .messages()
                 .await;
             let mut batch = match batch {
@@ -427,6 +439,17 @@ async fn term(message: &jetstream::Message, reason: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pulls_expire_well_inside_the_lease_window() {
+        assert_eq!(fetch_expiry(Duration::from_secs(30)), FETCH_EXPIRES);
+        assert_eq!(
+            fetch_expiry(Duration::from_secs(1)),
+            Duration::from_millis(200)
+        );
+        let timing = LeaseTiming::for_window(Duration::from_secs(1));
+        assert!(fetch_expiry(timing.window) < timing.window - timing.margin);
+    }
 
     #[test]
     fn payload_must_be_a_small_json_object() {

@@ -132,6 +132,29 @@ async fn without_nats_url_the_node_runs_its_own_nats_server() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn without_nats_url_the_node_uses_a_server_already_listening() {
+    let server = NatsServer::start().await;
+    let node = Node::builder("unused")
+        .env("NATS_URL", "")
+        .env(
+            "ORDERLY_EMBEDDED_NATS_ADDR",
+            format!("127.0.0.1:{}", server.port),
+        )
+        .start()
+        .await;
+    assert!(
+        node.logs()
+            .contains("using the nats-server already listening"),
+        "{}",
+        node.logs()
+    );
+    let js = server.js().await;
+    js.get_stream("ORDERS")
+        .await
+        .expect("the node set up the existing server");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_embedded_server_dies_with_a_killed_node() {
     let nats_port = free_port();
     let mut node = Node::builder("unused")

@@ -472,4 +472,72 @@ async fn diagnostics_describe_the_node() {
     assert_eq!(me["http_addr"], node.http.trim_start_matches("http://"));
     let scrape = get("/metrics").await.unwrap().text().await.unwrap();
     assert!(scrape.contains("orderly_workers_total"), "{scrape}");
+
+    // Without NATS the node is alive but not ready, and a submission fails cleanly.
+    drop(server);
+    wait_until("readyz to report 503", Duration::from_secs(15), || async {
+        let response = get("/readyz").await.ok()?;
+        (response.status() == 503).then_some(())
+    })
+    .await;
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    let response = http
+        .post(format!("{}/orders", node.http))
+        .body(r#"{"customer":"ada"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["code"],
+        "unavailable"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn heartbeats_keep_an_order_longer_than_ack_wait_on_its_first_delivery() {
+    let server = NatsServer::start().await;
+    let node = Node::builder(&server.url)
+        .env("ORDERLY_ACK_WAIT", "1s")
+        .env("ORDERLY_STEP_DURATION", "700ms")
+        .env("ORDERLY_LOG_FORMAT", "json")
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let id = submit(&http, &node, json!({ "customer": "slow" })).await;
+    let kv = orders_kv(&server).await;
+    let doc = &wait_all_terminal(&kv, &[id], Duration::from_secs(30)).await[0];
+    // Four steps of 700 ms each, under a 1 s ack wait: only in-progress acks kept the message.
+    assert_eq!(doc["state"], "Completed");
+    assert_eq!(doc["attempt"], 1, "never redelivered: {doc}");
+    assert!(doc["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["runs"] == 1 && s["attempt"] == 1));
+    let js = server.js().await;
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    assert_eq!(
+        stream
+            .consumer_info("workers")
+            .await
+            .unwrap()
+            .num_redelivered,
+        0
+    );
+    assert_eq!(
+        metric_sum(&node.metrics().await, "orderly_self_fences_total"),
+        0.0
+    );
+
+    // JSON logs: one object per line, the order's lines carrying its span.
+    let logs = node.logs();
+    let lines: Vec<Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON log line"))
+        .collect();
+    assert!(lines
+        .iter()
+        .any(|l| l["span"]["order.id"] == id.to_string()
+            && l["fields"]["message"] == "step completed"));
 }
