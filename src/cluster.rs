@@ -7,7 +7,7 @@ use async_nats::jetstream::kv;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +40,8 @@ pub struct Cluster {
     pub interval: Duration,
     pub stats: Arc<WorkerStats>,
     pub draining: CancellationToken,
+    /// When this node's heartbeat was last written, in Unix milliseconds (0: never).
+    pub last_beat: Arc<AtomicI64>,
 }
 
 impl Cluster {
@@ -75,13 +77,27 @@ impl Cluster {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let body = serde_json::to_vec(&self.status()).expect("a status always serializes");
-            if let Err(e) = self.kv.put(&self.node_id, body.into()).await {
-                tracing::warn!(error = %e, "cannot write the node heartbeat");
+            let status = self.status();
+            let body = serde_json::to_vec(&status).expect("a status always serializes");
+            match self.kv.put(&self.node_id, body.into()).await {
+                Ok(_) => self
+                    .last_beat
+                    .store(status.last_seen.timestamp_millis(), Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "cannot write the node heartbeat"),
             }
         }
         if let Err(e) = self.kv.delete(&self.node_id).await {
             tracing::warn!(error = %e, "cannot remove this node from the cluster view");
+        }
+    }
+
+    /// How long ago this node's heartbeat was last written, if ever.
+    pub fn heartbeat_age(&self) -> Option<Duration> {
+        match self.last_beat.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(Duration::from_millis(
+                (Utc::now().timestamp_millis() - at).max(0) as u64,
+            )),
         }
     }
 

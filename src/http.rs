@@ -88,6 +88,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/diagnostic/heartbeat", get(heartbeat))
         .route("/diagnostic/cluster", get(cluster))
+        .route("/diagnostic/stats", get(stats))
         .route("/metrics", get(metrics_scrape))
         .fallback(not_found)
         .layer(middleware::from_fn(track))
@@ -154,6 +155,25 @@ async fn heartbeat(State(state): State<AppState>) -> Json<serde_json::Value> {
         "workers_total": status.workers_total,
         "orders_completed": status.orders_completed,
         "orders_failed": status.orders_failed,
+    }))
+}
+
+async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let status = state.cluster.status();
+    let uptime = (status.last_seen - status.started_at).num_milliseconds() as f64 / 1000.0;
+    let heartbeat_age = state.cluster.heartbeat_age().map(|age| age.as_secs_f64());
+    Json(json!({
+        "node_id": status.node_id,
+        "generated_at": status.last_seen,
+        "uptime_seconds": uptime,
+        "orders_completed": status.orders_completed,
+        "orders_failed": status.orders_failed,
+        "orders_in_flight": status.workers_busy,
+        "workers_busy": status.workers_busy,
+        "workers_total": status.workers_total,
+        "heartbeat_age_seconds": heartbeat_age,
+        "heartbeat_interval_seconds": state.cluster.interval.as_secs_f64(),
+        "nats_connected": state.client.connection_state() == async_nats::connection::State::Connected,
     }))
 }
 

@@ -15,7 +15,7 @@ pub const STEP_DURATION: &str = "orderly_step_duration_seconds";
 pub const STEP_FAILURES: &str = "orderly_step_failures_total";
 pub const ROLLBACKS: &str = "orderly_rollbacks_total";
 pub const WORKERS_BUSY: &str = "orderly_workers_busy";
-pub const WORKERS_TOTAL: &str = "orderly_workers_total";
+pub const WORKERS_TOTAL: &str = "orderly_workers_capacity";
 pub const MESSAGES_ACKED: &str = "orderly_messages_acked_total";
 pub const MESSAGES_NAKED: &str = "orderly_messages_nakked_total";
 pub const MESSAGES_TERMINATED: &str = "orderly_messages_terminated_total";
@@ -28,6 +28,14 @@ pub const NATS_RECONNECTS: &str = "orderly_nats_reconnects_total";
 pub const HTTP_REQUESTS: &str = "orderly_http_requests_total";
 pub const HTTP_DURATION: &str = "orderly_http_request_duration_seconds";
 pub const INFO: &str = "orderly_node_info";
+pub const QUEUE_PENDING: &str = "orderly_queue_pending_messages";
+pub const QUEUE_ACK_PENDING: &str = "orderly_queue_ack_pending_messages";
+pub const QUEUE_MAX_ACK_PENDING: &str = "orderly_queue_max_ack_pending";
+pub const QUEUE_REDELIVERED: &str = "orderly_queue_redelivered_messages";
+pub const QUEUE_WAITING_PULLS: &str = "orderly_queue_waiting_pulls";
+pub const STREAM_MESSAGES: &str = "orderly_stream_messages";
+pub const QUEUE_POLL_ERRORS: &str = "orderly_queue_poll_errors_total";
+pub const UP_SINCE: &str = "orderly_node_start_time_seconds";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -56,6 +64,8 @@ pub fn install(node_id: &str) -> PrometheusHandle {
         tracing::warn!("a metrics recorder was installed already; this node's metrics go there");
     }
     describe();
+    zero_counters();
+    metrics::gauge!(UP_SINCE).set(chrono::Utc::now().timestamp() as f64);
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -66,6 +76,40 @@ pub fn install(node_id: &str) -> PrometheusHandle {
     });
     metrics::gauge!(INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     handle
+}
+
+/// Registers every counter at zero, with each of its known label sets, so that rates and alerts see a
+/// series from the first scrape instead of none until the first event.
+fn zero_counters() {
+    use crate::order::Step;
+    for interface in ["http", "nats", "stream"] {
+        metrics::counter!(ORDERS_SUBMITTED, "interface" => interface).absolute(0);
+    }
+    for outcome in ["completed", "failed"] {
+        metrics::counter!(ORDERS_FINISHED, "outcome" => outcome).absolute(0);
+    }
+    for step in Step::ALL {
+        metrics::counter!(STEP_FAILURES, "step" => step.as_str()).absolute(0);
+        metrics::counter!(ROLLBACKS, "step" => step.as_str()).absolute(0);
+    }
+    for reason in ["shutdown", "store_unavailable"] {
+        metrics::counter!(MESSAGES_NAKED, "reason" => reason).absolute(0);
+    }
+    for reason in ["invalid_id", "invalid_payload"] {
+        metrics::counter!(MESSAGES_TERMINATED, "reason" => reason).absolute(0);
+    }
+    for name in [
+        MESSAGES_ACKED,
+        REDELIVERIES,
+        LEASES_LOST,
+        SELF_FENCES,
+        KV_CONFLICTS,
+        NATS_RECONNECTS,
+        QUEUE_POLL_ERRORS,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    metrics::gauge!(ORDERS_IN_FLIGHT).set(0.0);
 }
 
 fn describe() {
@@ -127,7 +171,7 @@ fn describe() {
         "Compare-and-set writes refused because the order had changed."
     );
     describe_gauge!(NATS_CONNECTED, "1 while connected to NATS.");
-    describe_counter!(NATS_RECONNECTS, "Reconnections to NATS.");
+    describe_counter!(NATS_RECONNECTS, "Reconnections to NATS after a disconnect.");
     describe_counter!(HTTP_REQUESTS, "HTTP requests, by route and status.");
     describe_histogram!(
         HTTP_DURATION,
@@ -135,4 +179,72 @@ fn describe() {
         "HTTP request latency, by route."
     );
     describe_gauge!(INFO, "Always 1; labels carry the node's version.");
+    describe_gauge!(
+        QUEUE_PENDING,
+        "Orders in the work queue not yet delivered to any node (consumer num_pending)."
+    );
+    describe_gauge!(
+        QUEUE_ACK_PENDING,
+        "Orders delivered to a node and not yet acknowledged (consumer num_ack_pending)."
+    );
+    describe_gauge!(
+        QUEUE_MAX_ACK_PENDING,
+        "The consumer's cap on unacknowledged orders (max_ack_pending)."
+    );
+    describe_gauge!(
+        QUEUE_REDELIVERED,
+        "Orders currently out on a second or later delivery (consumer num_redelivered)."
+    );
+    describe_gauge!(
+        QUEUE_WAITING_PULLS,
+        "Pull requests waiting at the server: idle capacity (consumer num_waiting)."
+    );
+    describe_gauge!(STREAM_MESSAGES, "Messages stored in the ORDERS stream.");
+    describe_counter!(
+        QUEUE_POLL_ERRORS,
+        "Failed reads of the stream and consumer state."
+    );
+    describe_gauge!(
+        UP_SINCE,
+        Unit::Seconds,
+        "When the node started, in seconds since the Unix epoch."
+    );
+}
+
+/// Reads the work queue's state from JetStream every `interval` and exports it as gauges, so that the
+/// queue is visible even while every worker is busy. Runs until `stop` fires.
+pub async fn poll_queue(
+    mut stream: async_nats::jetstream::stream::Stream,
+    mut consumer: async_nats::jetstream::consumer::PullConsumer,
+    interval: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match consumer.info().await {
+            Ok(info) => {
+                metrics::gauge!(QUEUE_PENDING).set(info.num_pending as f64);
+                metrics::gauge!(QUEUE_ACK_PENDING).set(info.num_ack_pending as f64);
+                metrics::gauge!(QUEUE_REDELIVERED).set(info.num_redelivered as f64);
+                metrics::gauge!(QUEUE_WAITING_PULLS).set(info.num_waiting as f64);
+                metrics::gauge!(QUEUE_MAX_ACK_PENDING).set(info.config.max_ack_pending as f64);
+            }
+            Err(e) => {
+                metrics::counter!(QUEUE_POLL_ERRORS).increment(1);
+                tracing::debug!(error = %e, "cannot read the consumer's state");
+            }
+        }
+        match stream.info().await {
+            Ok(info) => metrics::gauge!(STREAM_MESSAGES).set(info.state.messages as f64),
+            Err(e) => {
+                metrics::counter!(QUEUE_POLL_ERRORS).increment(1);
+                tracing::debug!(error = %e, "cannot read the stream's state");
+            }
+        }
+    }
 }

@@ -273,23 +273,32 @@ pub async fn connect(
     node_id: &str,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Option<async_nats::Client> {
+    let connected_once = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
+        let connected_once = connected_once.clone();
         let options = async_nats::ConnectOptions::new()
             .name(format!("orderly {node_id}"))
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(3))
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => {
-                        tracing::info!("connected to NATS");
-                        metrics::gauge!(m::NATS_CONNECTED).set(1.0);
-                        metrics::counter!(m::NATS_RECONNECTS).increment(1);
+            .event_callback(move |event| {
+                let connected_once = connected_once.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            metrics::gauge!(m::NATS_CONNECTED).set(1.0);
+                            if connected_once.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                tracing::info!("reconnected to NATS");
+                                metrics::counter!(m::NATS_RECONNECTS).increment(1);
+                            } else {
+                                tracing::info!("connected to NATS");
+                            }
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("disconnected from NATS; reconnecting");
+                            metrics::gauge!(m::NATS_CONNECTED).set(0.0);
+                        }
+                        other => tracing::warn!(event = %other, "NATS connection event"),
                     }
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("disconnected from NATS; reconnecting");
-                        metrics::gauge!(m::NATS_CONNECTED).set(0.0);
-                    }
-                    other => tracing::warn!(event = %other, "NATS connection event"),
                 }
             });
         match options.connect(url).await {

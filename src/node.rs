@@ -140,6 +140,7 @@ async fn run_connected(
         interval: config.node_heartbeat,
         stats,
         draining: drain.clone(),
+        last_beat: Default::default(),
     };
     let intake = Intake { js, store, events };
     let app = http::router(AppState {
@@ -162,6 +163,13 @@ async fn run_connected(
         cluster.run(heartbeat).await;
         (HEARTBEAT_TASK, Ok(()))
     });
+    let poll = crate::metrics::poll_queue(
+        setup.stream.clone(),
+        setup.consumer.clone(),
+        QUEUE_POLL,
+        drain.clone(),
+    );
+    tasks.spawn(poll.map(|()| ("queue metrics", Ok(()))));
     let http_drain = drain.clone();
     tasks.spawn(async move {
         let served = axum::serve(listener, app)
@@ -240,3 +248,5 @@ async fn run_connected(
 }
 
 const HEARTBEAT_TASK: &str = "node heartbeat";
+/// How often the work queue's state is read for the metrics.
+const QUEUE_POLL: Duration = Duration::from_secs(5);

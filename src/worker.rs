@@ -243,6 +243,8 @@ impl Worker {
                 );
                 match self.store.create(&queued).await {
                     Ok(created) => {
+                        metrics::counter!(m::ORDERS_SUBMITTED, "interface" => "stream")
+                            .increment(1);
                         self.pipeline.events.created(&created.order).await;
                         created
                     }

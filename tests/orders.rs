@@ -471,7 +471,7 @@ async fn diagnostics_describe_the_node() {
     assert_eq!(me["workers_total"], 50);
     assert_eq!(me["http_addr"], node.http.trim_start_matches("http://"));
     let scrape = get("/metrics").await.unwrap().text().await.unwrap();
-    assert!(scrape.contains("orderly_workers_total"), "{scrape}");
+    assert!(scrape.contains("orderly_workers_capacity"), "{scrape}");
 
     // Without NATS the node is alive but not ready, and a submission fails cleanly.
     drop(server);
