@@ -81,7 +81,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
 
     /// How often the node records itself in the cluster view.
-    #[arg(long, env = "ORDERLY_NODE_HEARTBEAT", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "ORDERLY_NODE_HEARTBEAT", default_value = "2s", value_parser = parse_positive_duration)]
     pub node_heartbeat: Duration,
 
     /// Log format.
@@ -97,14 +97,6 @@ impl Config {
     pub fn rollback_duration(&self) -> Duration {
         self.rollback_duration.unwrap_or(self.step_duration)
     }
-
-    /// Checks that do not fit a single flag's parser.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.node_heartbeat.is_zero() {
-            return Err("--node-heartbeat (ORDERLY_NODE_HEARTBEAT) must be more than 0".into());
-        }
-        Ok(())
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -115,6 +107,14 @@ pub enum LogFormat {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use a duration like 5s, 200ms or 1m)"))
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(d)
 }
 
 fn parse_ack_wait(s: &str) -> Result<Duration, String> {
@@ -239,6 +239,8 @@ mod tests {
         assert!(err.to_string().contains("--workers"), "{err}");
         let err = Config::try_parse_from(["orderly", "--node-id", "a b"]).unwrap_err();
         assert!(err.to_string().contains("--node-id"), "{err}");
+        let err = Config::try_parse_from(["orderly", "--node-heartbeat", "0s"]).unwrap_err();
+        assert!(err.to_string().contains("--node-heartbeat"), "{err}");
         let err = Config::try_parse_from(["orderly", "--ack-wait", "100ms"]).unwrap_err();
         assert!(err.to_string().contains("--ack-wait"), "{err}");
     }

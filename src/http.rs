@@ -91,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .route("/diagnostic/stats", get(stats))
         .route("/metrics", get(metrics_scrape))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(track))
         .with_state(state)
 }
@@ -208,6 +209,18 @@ async fn not_found(request: Request) -> ApiError {
         StatusCode::NOT_FOUND,
         "not_found",
         format!("no route for {} {}", request.method(), request.uri().path()),
+    )
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
     )
 }
 

@@ -41,6 +41,10 @@ pub enum IntakeError {
     /// NATS could not take or give the order now; the caller may retry.
     #[error("order service unavailable: {0}")]
     Unavailable(String),
+    /// The work message was sent but its storage was not confirmed: the order may exist. The caller
+    /// should look it up before submitting again.
+    #[error("order {order_id} may or may not have been accepted ({reason}); query it before submitting again")]
+    Uncertain { order_id: Uuid, reason: String },
 }
 
 impl IntakeError {
@@ -50,7 +54,7 @@ impl IntakeError {
             IntakeError::BadRequest(_) => 400,
             IntakeError::NotFound(_) => 404,
             IntakeError::TooLarge(_) => 413,
-            IntakeError::Unavailable(_) => 503,
+            IntakeError::Unavailable(_) | IntakeError::Uncertain { .. } => 503,
         }
     }
 
@@ -60,12 +64,17 @@ impl IntakeError {
             IntakeError::NotFound(_) => "not_found",
             IntakeError::TooLarge(_) => "payload_too_large",
             IntakeError::Unavailable(_) => "unavailable",
+            IntakeError::Uncertain { .. } => "uncertain",
         }
     }
 
     /// The JSON error body: `{"error": ..., "code": ...}`.
     pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({ "error": self.to_string(), "code": self.code() })
+        let mut body = serde_json::json!({ "error": self.to_string(), "code": self.code() });
+        if let IntakeError::Uncertain { order_id, .. } = self {
+            body["order_id"] = serde_json::json!(order_id);
+        }
+        body
     }
 }
 
@@ -92,6 +101,11 @@ impl Intake {
                 IntakeError::BadRequest(reason)
             }
         })?;
+        // A publish made while disconnected would sit in the client's buffer and might be stored
+        // later, after the caller was told it failed: refuse it outright instead.
+        if self.js.client().connection_state() != async_nats::connection::State::Connected {
+            return Err(IntakeError::Unavailable("not connected to NATS".into()));
+        }
         let order_id = Uuid::now_v7();
         let order = Order::queued(order_id, payload, via, now());
         let publish = PublishMessage::build()

@@ -12,6 +12,7 @@ use crate::order::{parse_order_id, Order, Owner, State};
 use crate::pipeline::{now, Halt, Pipeline, Stop};
 use crate::store::{OrderStore, StoreError};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use chrono::SubsecRound;
 use futures::StreamExt;
 use serde_json::value::RawValue;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -203,7 +204,7 @@ impl Worker {
                     return;
                 }
             };
-            let published = published.unwrap_or_else(now);
+            let published = published.map_or_else(now, |t| t.trunc_subsecs(3));
             let lease = Lease::new(LeaseTiming::for_delivery(timing.ack_wait, &timing.backoff, delivered), timing.anchor);
             let message = Arc::new(message);
             let done = CancellationToken::new();

@@ -255,6 +255,16 @@ async fn bad_http_input_gets_a_clear_4xx() {
         .await
         .unwrap();
     assert_eq!(response.status(), 404);
+    let response = http
+        .delete(format!("{}/orders", node.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["code"],
+        "method_not_allowed"
+    );
     // Nothing was created by the refused submissions.
     let info = server
         .js()
@@ -430,6 +440,19 @@ async fn http_nats_and_kv_show_the_same_order() {
         }
     }
     assert_eq!(seen.first().unwrap()["to"], "Queued");
+    let changes: Vec<&str> = seen.iter().map(|e| e["change"].as_str().unwrap()).collect();
+    assert_eq!(changes.first(), Some(&"created"));
+    assert_eq!(changes.last(), Some(&"completed"));
+    assert_eq!(
+        changes.iter().filter(|c| **c == "step_started").count(),
+        4,
+        "{changes:?}"
+    );
+    assert_eq!(
+        changes.iter().filter(|c| **c == "step_completed").count(),
+        4,
+        "{changes:?}"
+    );
     assert_eq!(seen.last().unwrap()["to"], "Completed");
     assert_eq!(seen.last().unwrap()["node"], node.id.as_str());
 }
@@ -492,6 +515,15 @@ async fn diagnostics_describe_the_node() {
         response.json::<Value>().await.unwrap()["code"],
         "unavailable"
     );
+
+    // And it still stops promptly on SIGTERM.
+    let mut node = node;
+    node.signal("TERM");
+    let status = node
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("exits on SIGTERM with NATS gone");
+    assert!(status.success(), "{}", node.logs());
 }
 
 #[tokio::test(flavor = "multi_thread")]
