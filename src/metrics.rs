@@ -92,10 +92,15 @@ fn zero_counters() {
         metrics::counter!(STEP_FAILURES, "step" => step.as_str()).absolute(0);
         metrics::counter!(ROLLBACKS, "step" => step.as_str()).absolute(0);
     }
-    for reason in ["shutdown", "store_unavailable"] {
+    for reason in ["shutdown", "store_unavailable", "over_batch"] {
         metrics::counter!(MESSAGES_NAKED, "reason" => reason).absolute(0);
     }
-    for reason in ["invalid_id", "invalid_payload"] {
+    for reason in [
+        "invalid_id",
+        "invalid_payload",
+        "invalid_document",
+        "no_metadata",
+    ] {
         metrics::counter!(MESSAGES_TERMINATED, "reason" => reason).absolute(0);
     }
     for name in [

@@ -17,6 +17,22 @@ async fn server_config(client: &async_nats::Client, api: &str) -> Value {
     info["config"].clone()
 }
 
+/// A node with no NATS_URL, whose embedded nats-server listens on `port`.
+fn embedded(port: u16) -> NodeBuilder {
+    Node::builder("unused")
+        .env("NATS_URL", "")
+        .env("ORDERLY_EMBEDDED_NATS_ADDR", format!("127.0.0.1:{port}"))
+}
+
+async fn wait_port_closed(port: u16, what: &str) {
+    wait_until(what, Duration::from_secs(10), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_err()
+            .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn nats_json_definitions_match_what_the_node_creates() {
     let server = NatsServer::start().await;
@@ -97,13 +113,7 @@ async fn invalid_settings_stop_the_node_naming_the_setting() {
 #[tokio::test(flavor = "multi_thread")]
 async fn without_nats_url_the_node_runs_its_own_nats_server() {
     let nats_port = free_port();
-    let mut node = Node::builder("unused")
-        .env("NATS_URL", "")
-        .env(
-            "ORDERLY_EMBEDDED_NATS_ADDR",
-            format!("127.0.0.1:{nats_port}"),
-        )
-        .spawn();
+    let mut node = embedded(nats_port).spawn();
     node.wait_ready().await;
     let http = reqwest::Client::new();
     let id = submit(&http, &node, json!({ "customer": "dave" })).await;
@@ -119,29 +129,13 @@ async fn without_nats_url_the_node_runs_its_own_nats_server() {
         .await
         .expect("the node exits on SIGTERM");
     assert!(status.success(), "{}", node.logs());
-    wait_until(
-        "the embedded server to stop with the node",
-        Duration::from_secs(10),
-        || async {
-            std::net::TcpStream::connect(("127.0.0.1", nats_port))
-                .is_err()
-                .then_some(())
-        },
-    )
-    .await;
+    wait_port_closed(nats_port, "the embedded server to stop with the node").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_nats_url_the_node_uses_a_server_already_listening() {
     let server = NatsServer::start().await;
-    let node = Node::builder("unused")
-        .env("NATS_URL", "")
-        .env(
-            "ORDERLY_EMBEDDED_NATS_ADDR",
-            format!("127.0.0.1:{}", server.port),
-        )
-        .start()
-        .await;
+    let node = embedded(server.port).start().await;
     assert!(
         node.logs()
             .contains("using the nats-server already listening"),
@@ -157,38 +151,18 @@ async fn without_nats_url_the_node_uses_a_server_already_listening() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_embedded_server_dies_with_a_killed_node() {
     let nats_port = free_port();
-    let mut node = Node::builder("unused")
-        .env("NATS_URL", "")
-        .env(
-            "ORDERLY_EMBEDDED_NATS_ADDR",
-            format!("127.0.0.1:{nats_port}"),
-        )
-        .spawn();
+    let mut node = embedded(nats_port).spawn();
     node.wait_ready().await;
     node.signal("KILL");
     node.wait_exit(Duration::from_secs(5))
         .await
         .expect("killed");
-    wait_until(
-        "the embedded server to die with the node",
-        Duration::from_secs(10),
-        || async {
-            std::net::TcpStream::connect(("127.0.0.1", nats_port))
-                .is_err()
-                .then_some(())
-        },
-    )
-    .await;
+    wait_port_closed(nats_port, "the embedded server to die with the node").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_nats_server_binary_says_how_to_install_one() {
-    let mut node = Node::builder("unused")
-        .env("NATS_URL", "")
-        .env(
-            "ORDERLY_EMBEDDED_NATS_ADDR",
-            format!("127.0.0.1:{}", free_port()),
-        )
+    let mut node = embedded(free_port())
         .env("ORDERLY_NATS_SERVER", "/nonexistent/nats-server")
         .spawn();
     let status = node

@@ -371,14 +371,7 @@ async fn http_nats_and_kv_show_the_same_order() {
 
     // Queryable at once, from every interface, with the same document.
     let http = reqwest::Client::new();
-    let from_http: Value = http
-        .get(format!("{}/orders/{id}", node.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let from_http: Value = get_json(&http, &format!("{}/orders/{id}", node.http)).await;
     assert_eq!(from_http["order_id"], id.to_string());
     assert_eq!(from_http["start_time"], created["start_time"]);
     assert_eq!(from_http["submitted_via"], "nats");
@@ -386,14 +379,7 @@ async fn http_nats_and_kv_show_the_same_order() {
     let kv = server.js().await.get_key_value("orders").await.unwrap();
     let docs = wait_all_terminal(&kv, &[id], Duration::from_secs(20)).await;
     let from_kv = &docs[0];
-    let from_http: Value = http
-        .get(format!("{}/orders/{id}", node.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let from_http: Value = get_json(&http, &format!("{}/orders/{id}", node.http)).await;
     // `nats req orders.get <id>`
     let reply = client
         .request("orders.get", id.to_string().into())

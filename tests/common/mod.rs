@@ -270,6 +270,12 @@ pub fn metric_sum(scrape: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// GETs `url` and parses the JSON body, whatever the status.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    let response = http.get(url).send().await.expect("the node answers");
+    response.json().await.expect("a JSON body")
+}
+
 /// Submits an order over HTTP, returning its id.
 pub async fn submit(http: &reqwest::Client, node: &Node, payload: Value) -> Uuid {
     let response = http
