@@ -118,6 +118,7 @@ mod tests {
             .claim(Owner {
                 node: "n".into(),
                 delivery: 1,
+                stream_seq: 1,
                 claimed_at: t(1),
             })
             .unwrap();

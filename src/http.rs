@@ -2,12 +2,12 @@
 //! body `{"error": ..., "code": ...}` with a fitting status.
 
 use crate::cluster::Cluster;
-use crate::intake::{Intake, IntakeError};
+use crate::intake::{Intake, IntakeError, IDEMPOTENCY_KEY};
 use crate::metrics as m;
 use crate::order::Interface;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -98,10 +98,21 @@ pub fn router(state: AppState) -> Router {
 
 async fn create_order(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body?;
-    let submitted = state.intake.submit(&body, Interface::Http).await?;
+    let key = match headers.get(IDEMPOTENCY_KEY) {
+        Some(value) => Some(value.to_str().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "Idempotency-Key is not text",
+            )
+        })?),
+        None => None,
+    };
+    let submitted = state.intake.submit(&body, Interface::Http, key).await?;
     let location = format!("/orders/{}", submitted.order_id);
     let mut response = (StatusCode::ACCEPTED, Json(submitted)).into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {

@@ -22,6 +22,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// Header with a client-chosen order id that makes a submission safe to repeat.
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
 /// The reply to a submission.
 #[derive(Debug, Clone, Serialize)]
 pub struct Submitted {
@@ -93,7 +96,15 @@ pub struct Intake {
 
 impl Intake {
     /// Accepts an order whose payload is `body`.
-    pub async fn submit(&self, body: &[u8], via: Interface) -> Result<Submitted, IntakeError> {
+    ///
+    /// With an `idempotency_key` (a UUID, lower-case and hyphenated) that key is the order id, so a
+    /// submission repeated after a lost reply is the same order.
+    pub async fn submit(
+        &self,
+        body: &[u8],
+        via: Interface,
+        idempotency_key: Option<&str>,
+    ) -> Result<Submitted, IntakeError> {
         let payload = validate_payload(body).map_err(|reason| {
             if body.len() > crate::worker::MAX_PAYLOAD {
                 IntakeError::TooLarge(reason)
@@ -106,7 +117,11 @@ impl Intake {
         if self.js.client().connection_state() != async_nats::connection::State::Connected {
             return Err(IntakeError::Unavailable("not connected to NATS".into()));
         }
-        let order_id = Uuid::now_v7();
+        let order_id = match idempotency_key {
+            Some(key) => parse_order_id(key.trim())
+                .map_err(|e| IntakeError::BadRequest(format!("Idempotency-Key: {e}")))?,
+            None => Uuid::now_v7(),
+        };
         let order = Order::queued(order_id, payload, via, now());
         let publish = PublishMessage::build()
             .payload(Bytes::copy_from_slice(order.payload.get().as_bytes()))
@@ -116,8 +131,22 @@ impl Intake {
             .send_publish(submit_subject(&order_id), publish)
             .await
             .map_err(|e| IntakeError::Unavailable(e.to_string()))?;
-        ack.await
-            .map_err(|e| IntakeError::Unavailable(e.to_string()))?;
+        let stored = ack.await.map_err(|e| IntakeError::Uncertain {
+            order_id,
+            reason: e.to_string(),
+        })?;
+        if stored.duplicate {
+            // The same id within the duplicate window: the same order, answered as before.
+            tracing::info!(order.id = %order_id, "repeated submission of an accepted order");
+            let start_time = match self.store.get(order_id).await? {
+                Some(existing) => existing.order.start_time,
+                None => order.start_time,
+            };
+            return Ok(Submitted {
+                order_id,
+                start_time,
+            });
+        }
         metrics::counter!(m::ORDERS_SUBMITTED, "interface" => via.as_str()).increment(1);
         let start_time = match self.store.create(&order).await {
             Ok(created) => {
@@ -179,7 +208,13 @@ impl Intake {
                 Some(request) = create.next() => {
                     let intake = self.clone();
                     tokio::spawn(async move {
-                        let result = intake.submit(&request.message.payload, Interface::Nats).await.map(|s| {
+                        let key = request
+                            .message
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get(IDEMPOTENCY_KEY).or_else(|| h.get("Nats-Msg-Id")))
+                            .map(|v| v.as_str().to_owned());
+                        let result = intake.submit(&request.message.payload, Interface::Nats, key.as_deref()).await.map(|s| {
                             Bytes::from(serde_json::to_vec(&s).expect("a reply always serializes"))
                         });
                         reply(&request, result).await;

@@ -124,6 +124,7 @@ async fn run_connected(
         events: events.clone(),
     });
     let worker = Worker {
+        stream: setup.stream.clone(),
         consumer: setup.consumer.clone(),
         store: store.clone(),
         pipeline,

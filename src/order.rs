@@ -185,6 +185,9 @@ pub struct Owner {
     pub node: String,
     /// The delivery count of the message the node holds (1 = first delivery).
     pub delivery: u32,
+    /// The stream sequence of the message the node holds.
+    #[serde(default)]
+    pub stream_seq: u64,
     pub claimed_at: DateTime<Utc>,
 }
 
@@ -208,6 +211,11 @@ pub struct Order {
     pub attempt: u32,
     #[serde(default)]
     pub owner: Option<Owner>,
+    /// The stream sequence of the work message that carries the order, once a worker claimed it. A
+    /// second message for the same order (submitted again after the duplicate window) is recognised
+    /// by its different sequence.
+    #[serde(default)]
+    pub message_seq: Option<u64>,
     pub submitted_via: Interface,
     pub updated_at: DateTime<Utc>,
     /// The order's payload, exactly as submitted.
@@ -258,6 +266,7 @@ impl Order {
             failure_reason: None,
             attempt: 0,
             owner: None,
+            message_seq: None,
             submitted_via: via,
             updated_at: now,
             payload,
@@ -334,6 +343,7 @@ impl Order {
         self.expect("claim", |next| next != Action::Done)?;
         self.attempt = owner.delivery;
         self.updated_at = owner.claimed_at;
+        self.message_seq = Some(owner.stream_seq);
         if self.state == State::Queued {
             self.state = State::Running;
         }
@@ -543,6 +553,7 @@ mod tests {
             .claim(Owner {
                 node: "n1".into(),
                 delivery: 1,
+                stream_seq: 1,
                 claimed_at: t(1),
             })
             .unwrap();
@@ -639,6 +650,7 @@ mod tests {
             .claim(Owner {
                 node: "n2".into(),
                 delivery: 2,
+                stream_seq: 1,
                 claimed_at: t(9),
             })
             .unwrap();
@@ -683,6 +695,7 @@ mod tests {
             .claim(Owner {
                 node: "n2".into(),
                 delivery: 2,
+                stream_seq: 1,
                 claimed_at: t(99)
             })
             .is_err());

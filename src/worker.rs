@@ -45,6 +45,7 @@ pub struct WorkerStats {
 }
 
 pub struct Worker {
+    pub stream: jetstream::stream::Stream,
     pub consumer: PullConsumer,
     pub store: OrderStore,
     pub pipeline: Arc<Pipeline>,
@@ -204,13 +205,18 @@ impl Worker {
                     return;
                 }
             };
-            let published = published.map_or_else(now, |t| t.trunc_subsecs(3));
+            let delivery = Delivery {
+                order_id,
+                delivered,
+                stream_seq,
+                published: published.map_or_else(now, |t| t.trunc_subsecs(3)),
+            };
             let lease = Lease::new(LeaseTiming::for_delivery(timing.ack_wait, &timing.backoff, delivered), timing.anchor);
             let message = Arc::new(message);
             let done = CancellationToken::new();
             tokio::spawn(lease.clone().keep_alive(message.clone(), done.clone()));
             let outcome = self
-                .process(&message, order_id, delivered, published, &lease, &stop)
+                .process(&message, &delivery, &lease, &stop)
                 .await;
             done.cancel();
             self.settle(&message, outcome, &lease, delivered, timing.max_deliver).await;
@@ -223,12 +229,11 @@ impl Worker {
     async fn process(
         &self,
         message: &jetstream::Message,
-        order_id: Uuid,
-        delivered: u32,
-        published: chrono::DateTime<chrono::Utc>,
+        delivery: &Delivery,
         lease: &Lease,
         stop: &Stop,
     ) -> Result<Processed, Failure> {
+        let order_id = delivery.order_id;
         let payload = match validate_payload(&message.payload) {
             Ok(payload) => payload,
             Err(reason) => return self.reject(order_id, message, reason).await,
@@ -240,7 +245,7 @@ impl Worker {
                     order_id,
                     payload,
                     crate::order::Interface::Stream,
-                    published,
+                    delivery.published,
                 );
                 match self.store.create(&queued).await {
                     Ok(created) => {
@@ -264,10 +269,26 @@ impl Worker {
             tracing::info!(state = %order.order.state, "order already terminal; acknowledging its message");
             return Ok(Processed::AlreadyTerminal);
         }
+        if let Some(carrier) = order
+            .order
+            .message_seq
+            .filter(|seq| *seq != delivery.stream_seq)
+        {
+            // The order was submitted again after the duplicate window. While the message that carries
+            // it exists, that one is the order's; this copy is ended. If it is gone, this one takes over.
+            if self.message_exists(carrier).await? {
+                tracing::warn!(
+                    carrier,
+                    "second message for an order that another message carries; terminating it"
+                );
+                return Err(Failure::Poison("duplicate"));
+            }
+        }
         let first_pickup = order.order.attempt == 0;
         let owner = Owner {
             node: self.pipeline.node_id.clone(),
-            delivery: delivered,
+            delivery: delivery.delivered,
+            stream_seq: delivery.stream_seq,
             claimed_at: now(),
         };
         self.pipeline
@@ -300,6 +321,19 @@ impl Worker {
                 Err(Failure::Halt(Halt::Interrupted))
             }
             Err(halt) => Err(Failure::Halt(halt)),
+        }
+    }
+
+    /// Whether the stream still holds the message with sequence `seq`.
+    async fn message_exists(&self, seq: u64) -> Result<bool, Failure> {
+        match self.stream.get_raw_message(seq).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(false)
+            }
+            Err(e) => Err(Failure::Store(StoreError::Unavailable(format!(
+                "cannot look up message {seq}: {e}"
+            )))),
         }
     }
 
@@ -386,6 +420,17 @@ impl Worker {
         }
         lease.give_up();
     }
+}
+
+/// What one delivery of a work message says about itself.
+#[derive(Debug, Clone, Copy)]
+struct Delivery {
+    order_id: Uuid,
+    /// 1 on the first delivery.
+    delivered: u32,
+    stream_seq: u64,
+    /// When the stream stored the message.
+    published: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Debug, Clone)]

@@ -559,3 +559,168 @@ async fn heartbeats_keep_an_order_longer_than_ack_wait_on_its_first_delivery() {
         .any(|l| l["span"]["order.id"] == id.to_string()
             && l["fields"]["message"] == "step completed"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idempotency_key_makes_a_repeated_submission_the_same_order() {
+    let server = NatsServer::start().await;
+    let node = Node::builder(&server.url).start().await;
+    let http = reqwest::Client::new();
+    let key = Uuid::now_v7().to_string();
+    let mut replies = Vec::new();
+    for _ in 0..2 {
+        let response = http
+            .post(format!("{}/orders", node.http))
+            .header("Idempotency-Key", &key)
+            .body(r#"{"customer":"ada"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        replies.push(response.json::<Value>().await.unwrap());
+    }
+    assert_eq!(replies[0], replies[1]);
+    assert_eq!(replies[0]["order_id"], key.as_str());
+    // Over NATS, the same key is the same order too.
+    let client = server.client().await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Idempotency-Key", key.as_str());
+    let reply = client
+        .request_with_headers("orders.create", headers, r#"{"customer":"ada"}"#.into())
+        .await
+        .unwrap();
+    let from_nats: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(from_nats, replies[0]);
+
+    let kv = orders_kv(&server).await;
+    let docs = wait_all_terminal(&kv, &[key.parse().unwrap()], Duration::from_secs(20)).await;
+    assert_eq!(docs[0]["state"], "Completed");
+    let js = server.js().await;
+    let info = js
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap();
+    assert_eq!(
+        info.state.last_sequence, 1,
+        "one work message for three submissions"
+    );
+
+    let response = http
+        .post(format!("{}/orders", node.http))
+        .header("Idempotency-Key", "not-a-uuid")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["error"].as_str().unwrap().contains("Idempotency-Key"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_message_for_a_running_order_is_terminated_not_run() {
+    let server = NatsServer::start().await;
+    let node = Node::builder(&server.url)
+        .env("ORDERLY_STEP_DURATION", "500ms")
+        .start()
+        .await;
+    let js = server.js().await;
+    let id = Uuid::now_v7();
+    // Two messages for one order, as after a resubmission past the duplicate window.
+    js.publish(format!("orders.submit.{id}"), "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let kv = orders_kv(&server).await;
+    wait_until("the order to run", Duration::from_secs(10), || async {
+        (document(&kv, id).await?["state"] == "Running").then_some(())
+    })
+    .await;
+    js.publish(format!("orders.submit.{id}"), "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let doc = &wait_all_terminal(&kv, &[id], Duration::from_secs(20)).await[0];
+    assert_eq!(doc["state"], "Completed");
+    assert!(
+        doc["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["runs"] == 1),
+        "{doc}"
+    );
+    assert_eq!(terminal_revisions(&kv, id).await, 1);
+    wait_until(
+        "both messages to be gone",
+        Duration::from_secs(10),
+        || async { (stream_messages(&js).await? == 0).then_some(()) },
+    )
+    .await;
+    let scrape = node.metrics().await;
+    let terminated = "orderly_messages_terminated_total";
+    assert_eq!(
+        metric_sum(&scrape, terminated),
+        1.0,
+        "one message terminated"
+    );
+    assert_eq!(
+        metric_with(&scrape, terminated, r#"reason="duplicate""#),
+        1.0,
+        "as a duplicate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resubmitted_order_whose_message_is_gone_is_continued() {
+    let server = NatsServer::start().await;
+    let mut first = Node::builder(&server.url)
+        .env("ORDERLY_STEP_DURATION", "1s")
+        .start()
+        .await;
+    let js = server.js().await;
+    let id = Uuid::now_v7();
+    let ack = js
+        .publish(format!("orders.submit.{id}"), "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let kv = orders_kv(&server).await;
+    wait_until(
+        "the first step to start",
+        Duration::from_secs(10),
+        || async { (document(&kv, id).await?["steps"][0]["status"] == "Running").then_some(()) },
+    )
+    .await;
+    // The node dies, and an operator removes the stranded message and submits the order again.
+    first.signal("KILL");
+    first
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("killed");
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    stream.delete_message(ack.sequence).await.unwrap();
+    js.publish(format!("orders.submit.{id}"), "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let second = Node::builder(&server.url).start().await;
+    let doc = &wait_all_terminal(&kv, &[id], Duration::from_secs(20)).await[0];
+    assert_eq!(doc["state"], "Completed");
+    check_terminal_document(doc);
+    // The step the first node was running when it died ran again, from its start, on the second.
+    assert_eq!(doc["steps"][0]["runs"], 2, "{doc}");
+    assert_eq!(doc["steps"][0]["node"], second.id.as_str());
+    assert_ne!(first.id, second.id);
+    assert_eq!(terminal_revisions(&kv, id).await, 1);
+}

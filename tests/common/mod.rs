@@ -276,6 +276,15 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
     response.json().await.expect("a JSON body")
 }
 
+/// Sum of a metric over the label sets that contain `labels` (for example `reason="duplicate"`).
+pub fn metric_with(scrape: &str, name: &str, labels: &str) -> f64 {
+    let lines: Vec<&str> = scrape
+        .lines()
+        .filter(|line| line.contains(labels))
+        .collect();
+    metric_sum(&lines.join("\n"), name)
+}
+
 /// Submits an order over HTTP, returning its id.
 pub async fn submit(http: &reqwest::Client, node: &Node, payload: Value) -> Uuid {
     let response = http
