@@ -100,6 +100,7 @@ fn zero_counters() {
         "invalid_payload",
         "invalid_document",
         "no_metadata",
+        "duplicate",
     ] {
         metrics::counter!(MESSAGES_TERMINATED, "reason" => reason).absolute(0);
     }
