@@ -4,7 +4,9 @@
 //! cargo test --release --test bench -- --ignored --nocapture --test-threads 1
 //! ```
 //!
-//! `ORDERLY_BENCH_ORDERS` sets how many orders the throughput run processes (default 5000).
+//! `ORDERLY_BENCH_ORDERS` sets how many orders the throughput run processes (default 5000), and
+//! `ORDERLY_BENCH_NODES` how many node processes share them (default 1), `ORDERLY_BENCH_STEP` the step
+//! duration (default 0s).
 
 mod common;
 
@@ -14,15 +16,20 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-/// Loads orders into the stream with no node running, then measures how fast one node with zero step
-/// time drains them.
+/// Loads orders into the stream with no node running, then measures how fast the nodes, with zero
+/// step time, drain them.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "benchmark: run with --ignored"]
-async fn throughput_of_one_node_with_zero_step_time() {
+async fn throughput_with_zero_step_time() {
     let orders: usize = std::env::var("ORDERLY_BENCH_ORDERS")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(5000);
+    let node_count: usize = std::env::var("ORDERLY_BENCH_NODES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let step = std::env::var("ORDERLY_BENCH_STEP").unwrap_or_else(|_| "0s".into());
     let server = NatsServer::start().await;
     // A first start creates the stream, consumer and buckets; then the node goes away.
     let mut setup = Node::builder(&server.url).start().await;
@@ -56,17 +63,26 @@ async fn throughput_of_one_node_with_zero_step_time() {
 
     // The clock starts with the process: its start-up (a few ms) counts against it.
     let started = Instant::now();
-    let mut node = Node::builder(&server.url)
-        .env("ORDERLY_STEP_DURATION", "0s")
-        .env("ORDERLY_FAILURE_RATE", "0.05")
-        .env("ORDERLY_LOG", "warn")
-        .spawn();
-    node.wait_ready().await;
+    let mut nodes: Vec<Node> = (0..node_count)
+        .map(|_| {
+            Node::builder(&server.url)
+                .env("ORDERLY_STEP_DURATION", &step)
+                .env("ORDERLY_FAILURE_RATE", "0.05")
+                .env("ORDERLY_LOG", "warn")
+                .spawn()
+        })
+        .collect();
+    for node in &mut nodes {
+        node.wait_ready().await;
+    }
     wait_until(
         "every order processed",
         Duration::from_secs(600),
         || async {
-            let finished = metric_sum(&node.metrics().await, "orderly_orders_finished_total");
+            let mut finished = 0.0;
+            for node in &nodes {
+                finished += metric_sum(&node.metrics().await, "orderly_orders_finished_total");
+            }
             (finished as usize >= orders).then_some(())
         },
     )
@@ -89,7 +105,7 @@ async fn throughput_of_one_node_with_zero_step_time() {
     assert_eq!(stream_messages(&js).await, Some(0));
     println!("{terminal} orders terminal ({completed} completed), work queue empty");
     println!(
-        "one node, 50 workers, 0s steps: {orders} orders in {took:.2?} = {:.0} orders/s",
+        "{node_count} node(s), 50 workers each, {step} steps: {orders} orders in {took:.2?} = {:.0} orders/s",
         orders as f64 / took.as_secs_f64()
     );
 }
