@@ -297,6 +297,7 @@ pub async fn connect(
                             tracing::warn!("disconnected from NATS; reconnecting");
                             metrics::gauge!(m::NATS_CONNECTED).set(0.0);
                         }
+                        async_nats::Event::Closed => tracing::info!("NATS connection closed"),
                         other => tracing::warn!(event = %other, "NATS connection event"),
                     }
                 }
