@@ -198,11 +198,7 @@ async fn every_dashboard_query_returns_data_from_a_live_node() {
     let js = async_nats::jetstream::new(client.clone());
     for _ in 0..20 {
         let id = Uuid::now_v7();
-        js.publish(format!("orders.submit.{id}"), "{}".into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        publish_order(&js, id).await;
     }
     js.publish("orders.submit.not-an-id", "{}".into())
         .await

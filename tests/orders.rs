@@ -632,21 +632,13 @@ async fn a_second_message_for_a_running_order_is_terminated_not_run() {
     let js = server.js().await;
     let id = Uuid::now_v7();
     // Two messages for one order, as after a resubmission past the duplicate window.
-    js.publish(format!("orders.submit.{id}"), "{}".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish_order(&js, id).await;
     let kv = orders_kv(&server).await;
     wait_until("the order to run", Duration::from_secs(10), || async {
         (document(&kv, id).await?["state"] == "Running").then_some(())
     })
     .await;
-    js.publish(format!("orders.submit.{id}"), "{}".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish_order(&js, id).await;
     let doc = &wait_all_terminal(&kv, &[id], Duration::from_secs(20)).await[0];
     assert_eq!(doc["state"], "Completed");
     assert!(
@@ -687,12 +679,7 @@ async fn a_resubmitted_order_whose_message_is_gone_is_continued() {
         .await;
     let js = server.js().await;
     let id = Uuid::now_v7();
-    let ack = js
-        .publish(format!("orders.submit.{id}"), "{}".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    let ack = publish_order(&js, id).await;
     let kv = orders_kv(&server).await;
     wait_until(
         "the first step to start",
@@ -708,11 +695,7 @@ async fn a_resubmitted_order_whose_message_is_gone_is_continued() {
         .expect("killed");
     let stream = js.get_stream("ORDERS").await.unwrap();
     stream.delete_message(ack.sequence).await.unwrap();
-    js.publish(format!("orders.submit.{id}"), "{}".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish_order(&js, id).await;
 
     let second = Node::builder(&server.url).start().await;
     let doc = &wait_all_terminal(&kv, &[id], Duration::from_secs(20)).await[0];

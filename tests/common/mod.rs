@@ -302,6 +302,16 @@ pub async fn submit(http: &reqwest::Client, node: &Node, payload: Value) -> Uuid
         .expect("a UUID")
 }
 
+/// Publishes an empty-object order straight into the work stream (as `nats req orders.submit.<id> '{}'`
+/// does) and returns the stream's acknowledgement.
+pub async fn publish_order(js: &jetstream::Context, id: Uuid) -> jetstream::publish::PublishAck {
+    js.publish(format!("orders.submit.{id}"), "{}".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("the stream stores the order")
+}
+
 /// Reads an order's document straight from the `orders` bucket (what `nats kv get orders <id>` shows).
 pub async fn document(kv: &jetstream::kv::Store, id: Uuid) -> Option<Value> {
     let value = kv.get(id.to_string()).await.expect("kv get")?;
