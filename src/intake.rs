@@ -7,7 +7,7 @@
 
 use crate::events::Events;
 use crate::metrics as m;
-use crate::nats::{submit_subject, CREATE_SUBJECT, GET_SUBJECT};
+use crate::nats::{submit_subject, CREATE_SUBJECT, GET_SUBJECT, VIA_HEADER};
 use crate::order::{parse_order_id, Interface, Order};
 use crate::pipeline::now;
 use crate::store::{OrderStore, StoreError};
@@ -125,7 +125,8 @@ impl Intake {
         let order = Order::queued(order_id, payload, via, now());
         let publish = PublishMessage::build()
             .payload(Bytes::copy_from_slice(order.payload.get().as_bytes()))
-            .message_id(order_id.to_string());
+            .message_id(order_id.to_string())
+            .header(VIA_HEADER, via.as_str());
         let ack = self
             .js
             .send_publish(submit_subject(&order_id), publish)

@@ -17,6 +17,9 @@ pub const STREAM: &str = "ORDERS";
 /// Work messages are published on `orders.submit.<order id>`.
 pub const SUBMIT_PREFIX: &str = "orders.submit";
 pub const CONSUMER: &str = "workers";
+/// Header on a work message published by a node's intake: the interface the order came in through
+/// (`http` or `nats`). A message without it was published straight into the stream.
+pub const VIA_HEADER: &str = "Orderly-Submitted-Via";
 pub const NODES_BUCKET: &str = "orderly-nodes";
 /// Subject of `nats req orders.create '{...}'`.
 pub const CREATE_SUBJECT: &str = "orders.create";

@@ -156,6 +156,13 @@ impl Interface {
             Interface::Stream => "stream",
         }
     }
+
+    /// The interface named by `name` (as written by [`Interface::as_str`]).
+    pub fn parse(name: &str) -> Option<Interface> {
+        [Interface::Http, Interface::Nats, Interface::Stream]
+            .into_iter()
+            .find(|i| i.as_str() == name)
+    }
 }
 
 /// One step's record in `steps[]`.

@@ -7,8 +7,8 @@
 
 use crate::lease::{Lease, LeaseTiming};
 use crate::metrics as m;
-use crate::nats::SUBMIT_PREFIX;
-use crate::order::{parse_order_id, Order, Owner, State};
+use crate::nats::{SUBMIT_PREFIX, VIA_HEADER};
+use crate::order::{parse_order_id, Interface, Order, Owner, State};
 use crate::pipeline::{now, Halt, Pipeline, Stop};
 use crate::store::{OrderStore, StoreError};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
@@ -241,16 +241,22 @@ impl Worker {
         let mut order = match self.store.get(order_id).await.map_err(Failure::from)? {
             Some(order) => order,
             None => {
-                let queued = Order::queued(
-                    order_id,
-                    payload,
-                    crate::order::Interface::Stream,
-                    delivery.published,
-                );
+                // A node's intake publishes first and writes the document after; a worker that gets
+                // here first writes it with the interface the message names.
+                let via = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(VIA_HEADER))
+                    .and_then(|v| Interface::parse(v.as_str()))
+                    .unwrap_or(Interface::Stream);
+                let queued = Order::queued(order_id, payload, via, delivery.published);
                 match self.store.create(&queued).await {
                     Ok(created) => {
-                        metrics::counter!(m::ORDERS_SUBMITTED, "interface" => "stream")
-                            .increment(1);
+                        if via == Interface::Stream {
+                            // Intake counted the others when it accepted them.
+                            metrics::counter!(m::ORDERS_SUBMITTED, "interface" => via.as_str())
+                                .increment(1);
+                        }
                         self.pipeline.events.created(&created.order).await;
                         created
                     }

@@ -140,14 +140,26 @@ async fn orders_published_while_no_node_runs_are_processed_when_one_starts() {
             .await
             .unwrap();
     }
+    // A node's intake publishes first and writes the document after; if it dies in between, the
+    // worker writes the document with the interface the message names.
+    let from_http = Uuid::now_v7();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", from_http.to_string().as_str());
+    headers.insert("Orderly-Submitted-Via", "http");
+    client
+        .publish_with_headers(format!("orders.submit.{from_http}"), headers, "{}".into())
+        .await
+        .unwrap();
     client.flush().await.unwrap();
-    wait_until("20 stored messages", Duration::from_secs(10), || async {
-        (stream_messages(&js).await? == 20).then_some(())
+    wait_until("21 stored messages", Duration::from_secs(10), || async {
+        (stream_messages(&js).await? == 21).then_some(())
     })
     .await;
 
-    let _node = Node::builder(&server.url).start().await;
+    let node = Node::builder(&server.url).start().await;
     let kv = orders_kv(&server).await;
+    let doc = &wait_all_terminal(&kv, &[from_http], Duration::from_secs(30)).await[0];
+    assert_eq!(doc["submitted_via"], "http");
     for doc in wait_all_terminal(&kv, &ids, Duration::from_secs(30)).await {
         assert_eq!(doc["state"], "Completed");
         assert_eq!(doc["submitted_via"], "stream");
@@ -157,6 +169,14 @@ async fn orders_published_while_no_node_runs_are_processed_when_one_starts() {
     for id in &ids {
         assert_eq!(terminal_revisions(&kv, *id).await, 1);
     }
+    // Intake counts the orders it accepts, so the worker counts only those published directly.
+    let scrape = node.metrics().await;
+    let submitted = "orderly_orders_submitted_total";
+    assert_eq!(
+        metric_with(&scrape, submitted, "interface=\"stream\""),
+        20.0
+    );
+    assert_eq!(metric_with(&scrape, submitted, "interface=\"http\""), 0.0);
     wait_until(
         "the work queue to be empty",
         Duration::from_secs(10),
