@@ -103,11 +103,25 @@ impl Cluster {
 
     /// Every node that wrote a heartbeat within three of its intervals.
     pub async fn live_nodes(&self) -> Result<Vec<NodeStatus>, String> {
-        let mut keys = self.kv.keys().await.map_err(|e| e.to_string())?;
+        // The keys are read from the stream's subject list, not with `Store::keys`: that walks a
+        // last-per-subject consumer, which skips a key whose entry is replaced while it walks (every
+        // heartbeat replaces one, and the bucket keeps a single revision).
+        let mut subjects = self
+            .kv
+            .stream
+            .info_with_subjects(format!("{}>", self.kv.prefix))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut keys = Vec::new();
+        while let Some(entry) = subjects.next().await {
+            let (subject, _count) = entry.map_err(|e| e.to_string())?;
+            if let Some(key) = subject.strip_prefix(self.kv.prefix.as_str()) {
+                keys.push(key.to_owned());
+            }
+        }
         let mut nodes = Vec::new();
         let now = Utc::now();
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| e.to_string())?;
+        for key in keys {
             let Ok(Some(value)) = self.kv.get(&key).await else {
                 continue;
             };

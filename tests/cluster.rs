@@ -96,3 +96,65 @@ async fn three_nodes_share_three_hundred_orders() {
     .await;
     assert_eq!(view["nodes"][0]["node_id"], "node-0");
 }
+
+/// Every heartbeat replaces its node's entry in `orderly-nodes` (one revision per key). Reading the view
+/// while entries are replaced must still list every node, on every read.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cluster_view_lists_every_node_while_their_heartbeats_replace_each_other() {
+    use async_nats::jetstream::kv;
+    use orderly::cluster::{Cluster, NodeStatus};
+
+    let server = NatsServer::start().await;
+    let js = server.js().await;
+    let bucket = js
+        .create_key_value(kv::Config {
+            bucket: "orderly-nodes".into(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let cluster = |id: &str| Cluster {
+        kv: bucket.clone(),
+        node_id: id.into(),
+        http_addr: "127.0.0.1:0".into(),
+        started_at: chrono::Utc::now(),
+        workers: 50,
+        // Long enough that no entry goes stale during the test: only the listing is under test.
+        interval: Duration::from_secs(600),
+        stats: Default::default(),
+        draining: Default::default(),
+        last_beat: Default::default(),
+    };
+    let writers: Vec<_> = ["node-a", "node-b", "node-c"]
+        .into_iter()
+        .map(|id| {
+            let node = cluster(id);
+            tokio::spawn(async move {
+                loop {
+                    let status: NodeStatus = node.status();
+                    let body = serde_json::to_vec(&status).unwrap();
+                    node.kv.put(&node.node_id, body.into()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let reader = cluster("node-a");
+    wait_until("all three entries", Duration::from_secs(10), || async {
+        (reader.live_nodes().await.ok()?.len() == 3).then_some(())
+    })
+    .await;
+    for read in 0..300 {
+        let ids: Vec<String> = reader
+            .live_nodes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.node_id)
+            .collect();
+        assert_eq!(ids, ["node-a", "node-b", "node-c"], "read {read}");
+    }
+    for writer in writers {
+        writer.abort();
+    }
+}
