@@ -57,9 +57,18 @@ async fn hundred_orders_with_seeded_failures_all_end_terminal() {
         (50..100).contains(&completed),
         "{completed} of 100 completed"
     );
-    let scrape = node.metrics().await;
-    assert_eq!(metric_sum(&scrape, "orderly_orders_finished_total"), 100.0);
-    assert_eq!(metric_sum(&scrape, "orderly_messages_acked_total"), 100.0);
+    // The message is acked, and counted, just after the terminal write.
+    wait_until(
+        "100 finished and 100 acked",
+        Duration::from_secs(10),
+        || async {
+            let scrape = node.metrics().await;
+            let finished = metric_sum(&scrape, "orderly_orders_finished_total");
+            let acked = metric_sum(&scrape, "orderly_messages_acked_total");
+            (finished == 100.0 && acked == 100.0).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -676,13 +685,16 @@ async fn a_second_message_for_a_running_order_is_terminated_not_run() {
         || async { (stream_messages(&js).await? == 0).then_some(()) },
     )
     .await;
-    let scrape = node.metrics().await;
     let terminated = "orderly_messages_terminated_total";
-    assert_eq!(
-        metric_sum(&scrape, terminated),
-        1.0,
-        "one message terminated"
-    );
+    let scrape = wait_until(
+        "one message terminated",
+        Duration::from_secs(10),
+        || async {
+            let scrape = node.metrics().await;
+            (metric_sum(&scrape, terminated) == 1.0).then_some(scrape)
+        },
+    )
+    .await;
     assert_eq!(
         metric_with(&scrape, terminated, r#"reason="duplicate""#),
         1.0,
