@@ -73,6 +73,12 @@ impl From<BytesRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body is never read, so the connection cannot carry another request:
+            // say so, or a client that pools connections sends its next request into a closed one.
+            let close = [(axum::http::header::CONNECTION, "close")];
+            return (self.status, close, Json(self.body)).into_response();
+        }
         (self.status, Json(self.body)).into_response()
     }
 }
