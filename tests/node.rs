@@ -88,6 +88,43 @@ async fn a_node_refuses_to_start_against_a_conflicting_consumer() {
     assert!(logs.contains("ack_wait"), "{logs}");
 }
 
+/// `nats stream edit KV_orders --max-age=30d`: an operator bounds how long finished orders are kept,
+/// and nodes started afterwards keep that setting and work with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operators_retention_on_the_orders_bucket_is_kept() {
+    let server = NatsServer::start().await;
+    let mut first = Node::builder(&server.url).start().await;
+    first.signal("TERM");
+    first
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits");
+
+    let js = server.js().await;
+    let thirty_days = Duration::from_secs(30 * 24 * 3600);
+    let mut config = js
+        .get_stream("KV_orders")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    config.max_age = thirty_days;
+    js.update_stream(config)
+        .await
+        .expect("the stream update is accepted");
+
+    let node = Node::builder(&server.url).start().await;
+    let id = submit(&reqwest::Client::new(), &node, json!({ "customer": "ada" })).await;
+    let kv = js.get_key_value("orders").await.unwrap();
+    let docs = wait_all_terminal(&kv, &[id], Duration::from_secs(20)).await;
+    assert_eq!(docs[0]["state"], "Completed");
+    let mut stream = js.get_stream("KV_orders").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().config.max_age, thirty_days);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_settings_stop_the_node_naming_the_setting() {
     for (key, value, says) in [
