@@ -68,6 +68,16 @@ impl Cluster {
         }
     }
 
+    /// Writes this node's status to the bucket once.
+    pub async fn beat(&self) -> Result<(), kv::PutError> {
+        let status = self.status();
+        let body = serde_json::to_vec(&status).expect("a status always serializes");
+        self.kv.put(&self.node_id, body.into()).await?;
+        self.last_beat
+            .store(status.last_seen.timestamp_millis(), Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Writes the heartbeat every interval until `stop` fires, then removes this node from the view.
     pub async fn run(self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.interval);
@@ -77,13 +87,8 @@ impl Cluster {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let status = self.status();
-            let body = serde_json::to_vec(&status).expect("a status always serializes");
-            match self.kv.put(&self.node_id, body.into()).await {
-                Ok(_) => self
-                    .last_beat
-                    .store(status.last_seen.timestamp_millis(), Ordering::Relaxed),
-                Err(e) => tracing::warn!(error = %e, "cannot write the node heartbeat"),
+            if let Err(e) = self.beat().await {
+                tracing::warn!(error = %e, "cannot write the node heartbeat");
             }
         }
         if let Err(e) = self.kv.delete(&self.node_id).await {
@@ -112,17 +117,14 @@ impl Cluster {
             .info_with_subjects(format!("{}>", self.kv.prefix))
             .await
             .map_err(|e| e.to_string())?;
-        let mut keys = Vec::new();
-        while let Some(entry) = subjects.next().await {
-            let (subject, _count) = entry.map_err(|e| e.to_string())?;
-            if let Some(key) = subject.strip_prefix(self.kv.prefix.as_str()) {
-                keys.push(key.to_owned());
-            }
-        }
         let mut nodes = Vec::new();
         let now = Utc::now();
-        for key in keys {
-            let Ok(Some(value)) = self.kv.get(&key).await else {
+        while let Some(entry) = subjects.next().await {
+            let (subject, _count) = entry.map_err(|e| e.to_string())?;
+            let Some(key) = subject.strip_prefix(self.kv.prefix.as_str()) else {
+                continue;
+            };
+            let Ok(Some(value)) = self.kv.get(key).await else {
                 continue;
             };
             let Ok(node) = serde_json::from_slice::<NodeStatus>(&value) else {

@@ -102,7 +102,7 @@ async fn three_nodes_share_three_hundred_orders() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cluster_view_lists_every_node_while_their_heartbeats_replace_each_other() {
     use async_nats::jetstream::kv;
-    use orderly::cluster::{Cluster, NodeStatus};
+    use orderly::cluster::Cluster;
 
     let server = NatsServer::start().await;
     let js = server.js().await;
@@ -132,9 +132,7 @@ async fn the_cluster_view_lists_every_node_while_their_heartbeats_replace_each_o
             let node = cluster(id);
             tokio::spawn(async move {
                 loop {
-                    let status: NodeStatus = node.status();
-                    let body = serde_json::to_vec(&status).unwrap();
-                    node.kv.put(&node.node_id, body.into()).await.unwrap();
+                    node.beat().await.unwrap();
                 }
             })
         })
