@@ -84,6 +84,11 @@ pub struct Config {
     #[arg(long, env = "ORDERLY_NODE_HEARTBEAT", default_value = "2s", value_parser = parse_positive_duration)]
     pub node_heartbeat: Duration,
 
+    /// Append a JSON-lines audit of this node's lease intervals and order writes to this file (off when
+    /// unset). Meant for fault testing and for investigating an incident.
+    #[arg(long, env = "ORDERLY_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+
     /// Log format.
     #[arg(long, env = "ORDERLY_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,

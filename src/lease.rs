@@ -5,11 +5,15 @@
 //! the last in-progress ack the server confirmed (or from before it asked for the message), and stops
 //! working on the order at `anchor + window - margin`: before the server could redeliver it.
 
+use crate::audit::{Audit, LeaseEnd, Stamp};
 use crate::metrics as m;
+use crate::order::Step;
 use async_nats::jetstream::{self, AckKind};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// The timing of a lease, derived from the redelivery window in force for a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +55,33 @@ pub struct Lease {
     inner: Arc<Inner>,
 }
 
+/// Which delivery of which order a lease is for, and where its audit goes.
+#[derive(Clone)]
+pub struct Holder {
+    pub order_id: Uuid,
+    /// The delivery count of the message (1 = first delivery).
+    pub delivery: u32,
+    pub audit: Audit,
+}
+
+impl Holder {
+    /// A holder whose lease is not audited.
+    pub fn unaudited(order_id: Uuid, delivery: u32) -> Holder {
+        Holder {
+            order_id,
+            delivery,
+            audit: Audit::off(),
+        }
+    }
+}
+
 struct Inner {
     timing: LeaseTiming,
+    holder: Holder,
+    /// Set once the node's claim on the order was written: from then on the lease is an interval in
+    /// the audit, which [`Lease::end`] closes.
+    claimed: AtomicBool,
+    ended: AtomicBool,
     /// When the holder must stop working: last confirmed anchor + window - margin.
     deadline: Mutex<Instant>,
     lost: CancellationToken,
@@ -60,10 +89,13 @@ struct Inner {
 
 impl Lease {
     /// A lease anchored at `anchor`, a moment no later than the server's delivery of the message.
-    pub fn new(timing: LeaseTiming, anchor: Instant) -> Lease {
+    pub fn new(timing: LeaseTiming, anchor: Instant, holder: Holder) -> Lease {
         Lease {
             inner: Arc::new(Inner {
                 timing,
+                holder,
+                claimed: AtomicBool::new(false),
+                ended: AtomicBool::new(false),
                 deadline: Mutex::new(anchor + timing.window - timing.margin),
                 lost: CancellationToken::new(),
             }),
@@ -72,6 +104,91 @@ impl Lease {
 
     pub fn timing(&self) -> LeaseTiming {
         self.inner.timing
+    }
+
+    pub fn holder(&self) -> &Holder {
+        &self.inner.holder
+    }
+
+    /// The node's claim on the order was written as `revision`; `start` was taken before it was sent.
+    pub fn claimed(&self, stream_seq: u64, revision: u64, start: Stamp) {
+        let holder = &self.inner.holder;
+        self.inner.claimed.store(true, Ordering::SeqCst);
+        holder.audit.claimed(
+            holder.order_id,
+            holder.delivery,
+            stream_seq,
+            revision,
+            start,
+        );
+    }
+
+    /// Whether [`Lease::claimed`] was called.
+    pub fn is_claimed(&self) -> bool {
+        self.inner.claimed.load(Ordering::SeqCst)
+    }
+
+    /// A write under this lease was confirmed as `revision`.
+    pub fn committed(&self, change: &str, step: Option<Step>, revision: u64, sent: Stamp) {
+        let holder = &self.inner.holder;
+        holder.audit.committed(
+            holder.order_id,
+            holder.delivery,
+            change,
+            step,
+            revision,
+            sent,
+        );
+    }
+
+    /// A write under this lease sent at `sent` got no answer in time: it may have been applied.
+    pub fn unconfirmed(&self, change: &str, sent: Stamp) {
+        let holder = &self.inner.holder;
+        if !self.is_claimed() {
+            // Perhaps a claim that was applied: the interval starts when it was sent (revision 0:
+            // unknown), so that the audit closes it.
+            self.claimed(0, 0, sent);
+        }
+        holder
+            .audit
+            .unconfirmed(holder.order_id, holder.delivery, change, sent);
+    }
+
+    /// The message was acked, nakked or terminated (`outcome`).
+    pub fn settled(&self, outcome: &str) {
+        let holder = &self.inner.holder;
+        if self.is_claimed() {
+            holder
+                .audit
+                .settled(holder.order_id, holder.delivery, outcome);
+        }
+    }
+
+    /// Lets the order go: nothing may be written, acked or nakked under the lease any more. Returns
+    /// whether it was still held, i.e. whether the caller may still ack, nak or terminate the message.
+    /// The audit records the interval's end: now, or the self-fence deadline if that came first.
+    pub fn end(&self, why: LeaseEnd) -> bool {
+        let held = self.is_held();
+        self.give_up();
+        if self.inner.ended.swap(true, Ordering::SeqCst) {
+            return held;
+        }
+        if !held {
+            metrics::counter!(m::SELF_FENCES).increment(1);
+        }
+        if self.inner.claimed.load(Ordering::SeqCst) {
+            let end = if held {
+                Stamp::now()
+            } else {
+                Stamp::of(self.deadline().min(Instant::now()))
+            };
+            let why = if held { why } else { LeaseEnd::Fenced };
+            let holder = &self.inner.holder;
+            holder
+                .audit
+                .lease_ended(holder.order_id, holder.delivery, end, why);
+        }
+        held
     }
 
     pub fn deadline(&self) -> Instant {
@@ -149,7 +266,6 @@ impl Lease {
     fn fence(&self) {
         if !self.inner.lost.is_cancelled() {
             tracing::warn!("lease not confirmed in time: stopping work on this order before it can be redelivered");
-            metrics::counter!(m::SELF_FENCES).increment(1);
             self.inner.lost.cancel();
         }
     }
@@ -182,7 +298,7 @@ mod tests {
     fn lease_ends_a_margin_before_the_window() {
         let timing = LeaseTiming::for_window(Duration::from_secs(10));
         let anchor = Instant::now();
-        let lease = Lease::new(timing, anchor);
+        let lease = Lease::new(timing, anchor, Holder::unaudited(Uuid::nil(), 1));
         assert_eq!(lease.deadline(), anchor + Duration::from_secs(8));
         assert!(lease.is_held());
         lease.renewed(anchor + Duration::from_secs(1));
@@ -197,7 +313,11 @@ mod tests {
     #[test]
     fn an_expired_lease_is_not_held() {
         let timing = LeaseTiming::for_window(Duration::from_secs(1));
-        let lease = Lease::new(timing, Instant::now() - Duration::from_secs(5));
+        let lease = Lease::new(
+            timing,
+            Instant::now() - Duration::from_secs(5),
+            Holder::unaudited(Uuid::nil(), 1),
+        );
         assert!(!lease.is_held());
     }
 }

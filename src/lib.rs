@@ -4,9 +4,11 @@
 //! four steps on one of N nodes sharing one pull consumer. The order's document in the bucket is the
 //! authority on its progress and its owner; every write to it is a compare-and-set.
 
+pub mod audit;
 pub mod cluster;
 pub mod config;
 pub mod events;
+pub mod give_up;
 pub mod http;
 pub mod intake;
 pub mod lease;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 pub const ORDERS_SUBMITTED: &str = "orderly_orders_submitted_total";
 pub const ORDERS_FINISHED: &str = "orderly_orders_finished_total";
+pub const ORDERS_GIVEN_UP: &str = "orderly_orders_given_up_total";
 pub const ORDERS_IN_FLIGHT: &str = "orderly_orders_in_flight";
 pub const ORDER_DURATION: &str = "orderly_order_duration_seconds";
 pub const QUEUE_WAIT: &str = "orderly_queue_wait_seconds";
@@ -101,8 +102,12 @@ fn zero_counters() {
         "invalid_document",
         "no_metadata",
         "duplicate",
+        "deliveries_exhausted",
     ] {
         metrics::counter!(MESSAGES_TERMINATED, "reason" => reason).absolute(0);
+    }
+    for path in ["last_delivery", "advisory"] {
+        metrics::counter!(ORDERS_GIVEN_UP, "path" => path).absolute(0);
     }
     for name in [
         MESSAGES_ACKED,
@@ -127,6 +132,10 @@ fn describe() {
     describe_counter!(
         ORDERS_FINISHED,
         "Orders that reached a terminal state on this node, by outcome."
+    );
+    describe_counter!(
+        ORDERS_GIVEN_UP,
+        "Orders ended Failed because their deliveries were exhausted, by how the node learnt of it (last_delivery, advisory)."
     );
     describe_gauge!(ORDERS_IN_FLIGHT, "Orders this node is working on.");
     describe_histogram!(

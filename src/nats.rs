@@ -61,6 +61,15 @@ pub fn stream_config(layout: Layout) -> stream::Config {
     }
 }
 
+/// The consumer's redelivery windows, one per delivery (the last repeats): the ack wait for the first
+/// two deliveries, then twice and four times as long, so that an order whose node keeps dying with it
+/// is retried ever more slowly until `max_deliver` ends it. The server takes `backoff[0]` as the ack
+/// wait and wants no more entries than `max_deliver`.
+pub fn backoff(ack_wait: Duration, max_deliver: i64) -> Vec<Duration> {
+    let entries = usize::try_from(max_deliver).unwrap_or(1).clamp(1, 4);
+    [ack_wait, ack_wait, ack_wait * 2, ack_wait * 4][..entries].to_vec()
+}
+
 pub fn consumer_config(layout: Layout) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(CONSUMER.into()),
@@ -69,6 +78,7 @@ pub fn consumer_config(layout: Layout) -> consumer::pull::Config {
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: layout.ack_wait,
         max_deliver: layout.max_deliver,
+        backoff: backoff(layout.ack_wait, layout.max_deliver),
         max_ack_pending: MAX_ACK_PENDING,
         filter_subject: format!("{SUBMIT_PREFIX}.*"),
         ..Default::default()
@@ -188,6 +198,18 @@ pub async fn setup(js: &jetstream::Context, layout: Layout) -> Result<Setup, Set
         &wanted.max_deliver,
         &actual.max_deliver,
     );
+    let windows = |list: &[Duration]| {
+        list.iter()
+            .map(|d| humantime::format_duration(*d).to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    differ(
+        &mut diffs,
+        "backoff (from ORDERLY_ACK_WAIT and ORDERLY_MAX_DELIVER)",
+        &windows(&wanted.backoff),
+        &windows(&actual.backoff),
+    );
     differ(
         &mut diffs,
         "filter_subject",
@@ -269,10 +291,30 @@ fn conflict(what: &str, diffs: Vec<String>) -> Result<(), SetupError> {
     }
 }
 
+/// The servers named in a `NATS_URL`: one URL, or several separated by commas (the servers of a
+/// cluster; the client moves to another one when its server goes away).
+pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse::<async_nats::ServerAddr>()
+                .map_err(|e| format!("invalid NATS URL {url:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|servers| {
+            if servers.is_empty() {
+                Err("no NATS URL given".to_owned())
+            } else {
+                Ok(servers)
+            }
+        })
+}
+
 /// Connects to NATS, logging and counting connection changes. Retries until it succeeds or
 /// `cancel` fires.
 pub async fn connect(
-    url: &str,
+    servers: &[async_nats::ServerAddr],
     node_id: &str,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Option<async_nats::Client> {
@@ -305,12 +347,12 @@ pub async fn connect(
                     }
                 }
             });
-        match options.connect(url).await {
+        match options.connect(servers).await {
             Ok(client) => {
                 metrics::gauge!(m::NATS_CONNECTED).set(1.0);
                 return Some(client);
             }
-            Err(e) => tracing::warn!(url, error = %e, "cannot connect to NATS; retrying in 1s"),
+            Err(e) => tracing::warn!(error = %e, "cannot connect to NATS; retrying in 1s"),
         }
         tokio::select! {
             _ = cancel.cancelled() => return None,
@@ -420,5 +462,26 @@ impl EmbeddedServer {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redelivery_windows_grow_and_fit_max_deliver() {
+        let w = Duration::from_secs(30);
+        assert_eq!(backoff(w, 10), [w, w, w * 2, w * 4]);
+        assert_eq!(backoff(w, 2), [w, w]);
+    }
+
+    #[test]
+    fn nats_url_takes_every_server_of_a_cluster() {
+        let servers = server_addrs("nats://a:4222, nats://b:4222,nats://c:4222").expect("valid");
+        let hosts: Vec<&str> = servers.iter().map(|s| s.host()).collect();
+        assert_eq!(hosts, ["a", "b", "c"]);
+        assert!(server_addrs("nats://a:4222,http://[::1").is_err());
+        assert!(server_addrs(" , ").is_err());
     }
 }

@@ -2,9 +2,11 @@
 //! JetStream objects, and runs the workers, the HTTP API, the NATS service and the node heartbeat
 //! until it is told to stop. If any of them dies, the node stops instead of limping on.
 
+use crate::audit::Audit;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::events::Events;
+use crate::give_up::Exhausted;
 use crate::http::{self, AppState};
 use crate::intake::Intake;
 use crate::nats::{self, EmbeddedServer, Layout};
@@ -84,9 +86,12 @@ async fn run_connected(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
+    let servers = nats::server_addrs(url)
+        .map_err(anyhow::Error::msg)
+        .context("NATS_URL")?;
     let drain = CancellationToken::new();
     let client = tokio::select! {
-        client = nats::connect(url, &node_id, &drain) => client,
+        client = nats::connect(&servers, &node_id, &drain) => client,
         _ = shutdown.as_mut() => None,
     };
     let Some(client) = client else {
@@ -105,7 +110,16 @@ async fn run_connected(
         .with_context(|| format!("cannot listen on {} (ORDERLY_HTTP_ADDR)", config.http_addr))?;
     let http_addr = listener.local_addr()?.to_string();
 
-    let store = OrderStore::new(setup.orders.clone());
+    let audit = match &config.audit_log {
+        Some(path) => Audit::open(path, &node_id).with_context(|| {
+            format!(
+                "cannot open the audit log {} (ORDERLY_AUDIT_LOG)",
+                path.display()
+            )
+        })?,
+        None => Audit::off(),
+    };
+    let store = OrderStore::new(setup.orders.clone(), audit.clone());
     let events = Events::new(client.clone(), node_id.clone());
     let stats = Arc::new(WorkerStats::default());
     let stop = Stop {
@@ -130,6 +144,13 @@ async fn run_connected(
         pipeline,
         workers: config.workers as usize,
         stats: stats.clone(),
+        audit: audit.clone(),
+    };
+    let exhausted = Exhausted {
+        stream: setup.stream.clone(),
+        store: store.clone(),
+        events: events.clone(),
+        audit,
     };
     let cluster = Cluster {
         kv: setup.nodes.clone(),
@@ -177,6 +198,11 @@ async fn run_connected(
             .await;
         ("http server", served.map_err(anyhow::Error::from))
     });
+    tasks.spawn(
+        exhausted
+            .watch(client.clone(), drain.clone())
+            .map(|r| ("exhausted-delivery watch", r)),
+    );
     tasks.spawn(
         intake
             .serve_nats(client.clone(), node_id.clone(), drain.clone())

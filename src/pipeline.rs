@@ -4,10 +4,11 @@
 //! What to do next always comes from the document ([`Order::next_action`]), so the same loop starts a
 //! new order, resumes one another node left half done, and finishes a rollback.
 
+use crate::audit::Stamp;
 use crate::config::FailureRates;
 use crate::lease::Lease;
 use crate::metrics as m;
-use crate::order::{Action, Order, State, Step, TransitionError};
+use crate::order::{Action, CurrentStep, Order, State, Step, TransitionError};
 use crate::store::{OrderStore, StoreError, Versioned};
 use chrono::{DateTime, SubsecRound, Utc};
 use std::time::{Duration, Instant};
@@ -122,7 +123,9 @@ impl Pipeline {
                 Action::Run(step) => self.run_step(order, step, lease, stop).await?,
                 Action::RollBack(step) => self.roll_back(order, step, lease, stop).await?,
                 Action::Complete | Action::Fail => {
-                    let state = self.commit(order, lease, |o| o.finish(now())).await?;
+                    let state = self
+                        .commit(order, lease, "finish", |o| o.finish(now()))
+                        .await?;
                     tracing::debug!(state = %state, "order finished");
                     return Ok(state);
                 }
@@ -138,8 +141,10 @@ impl Pipeline {
         lease: &Lease,
         stop: &Stop,
     ) -> Result<(), Halt> {
-        self.commit(order, lease, |o| o.start_step(step, &self.node_id, now()))
-            .await?;
+        self.commit(order, lease, "start_step", |o| {
+            o.start_step(step, &self.node_id, now())
+        })
+        .await?;
         tracing::debug!(order.step = %step, "step started");
         let started = Instant::now();
         self.wait(self.step_duration, lease, stop).await?;
@@ -149,12 +154,12 @@ impl Pipeline {
                 "{step} failed (simulated failure, rate {})",
                 self.failures.rates.get(step)
             );
-            self.commit(order, lease, |o| o.fail_step(reason, now()))
+            self.commit(order, lease, "fail_step", |o| o.fail_step(reason, now()))
                 .await?;
             metrics::counter!(m::STEP_FAILURES, "step" => step.as_str()).increment(1);
             tracing::debug!(order.step = %step, "step failed; rolling back");
         } else {
-            self.commit(order, lease, |o| o.complete_step(now()))
+            self.commit(order, lease, "complete_step", |o| o.complete_step(now()))
                 .await?;
             tracing::debug!(order.step = %step, "step completed");
         }
@@ -170,14 +175,16 @@ impl Pipeline {
         lease: &Lease,
         stop: &Stop,
     ) -> Result<(), Halt> {
-        self.commit(order, lease, |o| {
+        self.commit(order, lease, "start_rollback", |o| {
             o.start_rollback(step, &self.node_id, now())
         })
         .await?;
         tracing::debug!(order.step = %step, "rollback started");
         self.wait(self.rollback_duration, lease, stop).await?;
-        self.commit(order, lease, |o| o.complete_rollback(step, now()))
-            .await?;
+        self.commit(order, lease, "complete_rollback", |o| {
+            o.complete_rollback(step, now())
+        })
+        .await?;
         metrics::counter!(m::ROLLBACKS, "step" => step.as_str()).increment(1);
         tracing::debug!(order.step = %step, "rollback completed");
         Ok(())
@@ -192,12 +199,14 @@ impl Pipeline {
         }
     }
 
-    /// Applies `change` to a copy of the document and writes it with a compare-and-set, if the lease is
-    /// still held; the write must be answered before the lease's deadline.
+    /// Applies `change` (named `what` in the audit) to a copy of the document and writes it with a
+    /// compare-and-set, if the lease is still held; the write must be answered before the lease's
+    /// deadline.
     pub async fn commit<T>(
         &self,
         order: &mut Versioned,
         lease: &Lease,
+        what: &str,
         change: impl FnOnce(&mut Order) -> Result<T, TransitionError>,
     ) -> Result<T, Halt> {
         let mut next = order.order.clone();
@@ -205,12 +214,30 @@ impl Pipeline {
         if !lease.is_held() {
             return Err(Halt::Fenced);
         }
+        let sent = Stamp::now();
         let written = tokio::time::timeout_at(
             lease.deadline().into(),
             self.store.update(&next, order.revision),
         )
-        .await
-        .map_err(|_| Halt::Fenced)??;
+        .await;
+        let written = match written {
+            Ok(Ok(written)) => written,
+            Ok(Err(e)) => {
+                if !e.is_conflict() {
+                    lease.unconfirmed(what, sent);
+                }
+                return Err(e.into());
+            }
+            Err(_) => {
+                lease.unconfirmed(what, sent);
+                return Err(Halt::Fenced);
+            }
+        };
+        let step = match written.order.current_step {
+            CurrentStep::Step(step) => Some(step),
+            CurrentStep::Terminal(_) => None,
+        };
+        lease.committed(what, step, written.revision, sent);
         self.events.transition(&order.order, &written.order).await;
         *order = written;
         Ok(result)

@@ -2,6 +2,7 @@
 //! the first is a compare-and-set on the revision the writer last saw, so a writer that lost the order
 //! to someone else finds out instead of overwriting.
 
+use crate::audit::Audit;
 use crate::order::Order;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
@@ -18,9 +19,13 @@ pub enum StoreError {
     /// An order with this id exists already.
     #[error("order {0} exists already")]
     Exists(Uuid),
-    /// The stored value is not an order document.
+    /// The stored value (revision `revision`) is not an order document.
     #[error("stored document of order {order_id} is unreadable: {reason}")]
-    Corrupt { order_id: Uuid, reason: String },
+    Corrupt {
+        order_id: Uuid,
+        revision: u64,
+        reason: String,
+    },
     /// NATS did not answer or refused for a reason that may pass: try again later.
     #[error("order store unavailable: {0}")]
     Unavailable(String),
@@ -42,11 +47,13 @@ pub struct Versioned {
 #[derive(Clone)]
 pub struct OrderStore {
     kv: kv::Store,
+    audit: Audit,
 }
 
 impl OrderStore {
-    pub fn new(kv: kv::Store) -> OrderStore {
-        OrderStore { kv }
+    /// The store on bucket `kv`; documents it creates are recorded in `audit`.
+    pub fn new(kv: kv::Store, audit: Audit) -> OrderStore {
+        OrderStore { kv, audit }
     }
 
     pub async fn get(&self, order_id: Uuid) -> Result<Option<Versioned>, StoreError> {
@@ -57,7 +64,7 @@ impl OrderStore {
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         match entry {
             Some(entry) if entry.operation == kv::Operation::Put => {
-                let order = decode(order_id, &entry.value)?;
+                let order = decode(order_id, entry.revision, &entry.value)?;
                 Ok(Some(Versioned {
                     order,
                     revision: entry.revision,
@@ -71,10 +78,13 @@ impl OrderStore {
     pub async fn create(&self, order: &Order) -> Result<Versioned, StoreError> {
         let value = encode(order);
         match self.kv.create(order.order_id.to_string(), value).await {
-            Ok(revision) => Ok(Versioned {
-                order: order.clone(),
-                revision,
-            }),
+            Ok(revision) => {
+                self.audit.created(order.order_id, revision);
+                Ok(Versioned {
+                    order: order.clone(),
+                    revision,
+                })
+            }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 Err(StoreError::Exists(order.order_id))
             }
@@ -155,9 +165,10 @@ pub fn encode(order: &Order) -> Bytes {
         .into()
 }
 
-fn decode(order_id: Uuid, value: &[u8]) -> Result<Order, StoreError> {
+fn decode(order_id: Uuid, revision: u64, value: &[u8]) -> Result<Order, StoreError> {
     serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
         order_id,
+        revision,
         reason: e.to_string(),
     })
 }

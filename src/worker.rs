@@ -5,7 +5,9 @@
 //! nakked when the node hands it back, terminated when it can never be processed, or left alone when
 //! the node lost the lease (then it is another node's, and touching it would be wrong).
 
-use crate::lease::{Lease, LeaseTiming};
+use crate::audit::{Audit, LeaseEnd, Stamp};
+use crate::give_up::{ending, record_given_up, shown_payload, Ending};
+use crate::lease::{Holder, Lease, LeaseTiming};
 use crate::metrics as m;
 use crate::nats::{SUBMIT_PREFIX, VIA_HEADER};
 use crate::order::{parse_order_id, Interface, Order, Owner, State};
@@ -51,6 +53,7 @@ pub struct Worker {
     pub pipeline: Arc<Pipeline>,
     pub workers: usize,
     pub stats: Arc<WorkerStats>,
+    pub audit: Audit,
 }
 
 /// Checks a submitted payload: a JSON object of at most [`MAX_PAYLOAD`] bytes.
@@ -194,10 +197,25 @@ impl Worker {
             .to_owned();
         let span = tracing::info_span!("order", order.id = %key, msg.stream_seq = stream_seq, msg.delivered = delivered);
         async {
+            let parsed = parse_order_id(&key);
+            let holder = Holder {
+                order_id: parsed.as_ref().copied().unwrap_or_default(),
+                delivery: delivered,
+                audit: self.audit.clone(),
+            };
+            let timing_now = LeaseTiming::for_delivery(timing.ack_wait, &timing.backoff, delivered);
+            let lease = Lease::new(timing_now, timing.anchor, holder);
+            if !lease.is_held() {
+                // The node was paused (or starved) between asking for the message and reading it: the
+                // server may have handed it to another node already.
+                tracing::warn!("message read after its lease could have ended; leaving it for redelivery");
+                metrics::counter!(m::SELF_FENCES).increment(1);
+                return;
+            }
             if delivered > 1 {
                 metrics::counter!(m::REDELIVERIES).increment(1);
             }
-            let order_id = match parse_order_id(&key) {
+            let order_id = match parsed {
                 Ok(id) => id,
                 Err(e) => {
                     tracing::warn!(subject = %message.subject, error = %e, "poison message: terminating it");
@@ -211,15 +229,16 @@ impl Worker {
                 stream_seq,
                 published: published.map_or_else(now, |t| t.trunc_subsecs(3)),
             };
-            let lease = Lease::new(LeaseTiming::for_delivery(timing.ack_wait, &timing.backoff, delivered), timing.anchor);
             let message = Arc::new(message);
             let done = CancellationToken::new();
+            // Heartbeats stop with this task, even if processing panics.
+            let _heartbeats = done.clone().drop_guard();
             tokio::spawn(lease.clone().keep_alive(message.clone(), done.clone()));
             let outcome = self
                 .process(&message, &delivery, &lease, &stop)
                 .await;
             done.cancel();
-            self.settle(&message, outcome, &lease, delivered, timing.max_deliver).await;
+            self.settle(&message, &delivery, outcome, &lease, timing.max_deliver).await;
         }
         .instrument(span)
         .await
@@ -290,6 +309,15 @@ impl Worker {
                 return Err(Failure::Poison("duplicate"));
             }
         }
+        if let Some(owner) = order.order.owner.as_ref().filter(|owner| {
+            owner.stream_seq == delivery.stream_seq && owner.delivery >= delivery.delivered
+        }) {
+            // The server hands a message out again only once the previous delivery's window is over,
+            // and every holder stops before its window ends: a claim by an older delivery is stale and
+            // is taken over. A claim by this or a later delivery means this one is stale.
+            tracing::error!(owner.node = %owner.node, owner.delivery = owner.delivery, "the order is claimed by the same or a later delivery of its message; leaving it alone");
+            return Err(Failure::NotOurs);
+        }
         let first_pickup = order.order.attempt == 0;
         let owner = Owner {
             node: self.pipeline.node_id.clone(),
@@ -297,10 +325,12 @@ impl Worker {
             stream_seq: delivery.stream_seq,
             claimed_at: now(),
         };
+        let start = Stamp::now();
         self.pipeline
-            .commit(&mut order, lease, |o| o.claim(owner))
+            .commit(&mut order, lease, "claim", |o| o.claim(owner))
             .await
             .map_err(Failure::Halt)?;
+        lease.claimed(delivery.stream_seq, order.revision, start);
         if first_pickup {
             let waited = (now() - order.order.start_time)
                 .to_std()
@@ -316,7 +346,7 @@ impl Worker {
                 // Record that nobody holds the order any more, then hand it back.
                 let released = self
                     .pipeline
-                    .commit(&mut order, lease, |o| {
+                    .commit(&mut order, lease, "release", |o| {
                         o.release(now());
                         Ok(())
                     })
@@ -351,12 +381,7 @@ impl Worker {
         reason: String,
     ) -> Result<Processed, Failure> {
         tracing::warn!(%reason, bytes = message.payload.len(), "poison message: recording the order as failed and terminating it");
-        let shown = serde_json::to_string(&String::from_utf8_lossy(
-            &message.payload[..message.payload.len().min(256)],
-        ))
-        .expect("a string always serializes");
-        let payload = RawValue::from_string(shown).expect("a JSON string is valid JSON");
-        let order = Order::rejected(order_id, payload, reason, now());
+        let order = Order::rejected(order_id, shown_payload(&message.payload), reason, now());
         match self.store.create(&order).await {
             Ok(created) => self.pipeline.events.created(&created.order).await,
             Err(StoreError::Exists(_)) => {}
@@ -365,13 +390,14 @@ impl Worker {
         Err(Failure::Poison("invalid_payload"))
     }
 
-    /// Gives the message its outcome.
+    /// Gives the message its outcome, but only while the lease is held: a node that lost it (paused,
+    /// cut off, or overtaken) neither acks, naks nor terminates the message.
     async fn settle(
         &self,
         message: &jetstream::Message,
+        delivery: &Delivery,
         outcome: Result<Processed, Failure>,
         lease: &Lease,
-        delivered: u32,
         max_deliver: i64,
     ) {
         match outcome {
@@ -391,40 +417,145 @@ impl Worker {
                     metrics::histogram!(m::ORDER_DURATION).record(took.as_secs_f64());
                 }
                 tracing::info!(state = %state, "order finished");
-                ack(message).await;
+                if lease.end(LeaseEnd::Finished) {
+                    ack(message).await;
+                    lease.settled("ack");
+                } else {
+                    tracing::warn!("lease ended before the ack; the next delivery finds the order finished and acks it");
+                }
             }
-            Ok(Processed::AlreadyTerminal) => ack(message).await,
-            Err(Failure::Poison(reason)) => term(message, reason).await,
+            Ok(Processed::AlreadyTerminal) => {
+                if lease.end(LeaseEnd::Finished) {
+                    ack(message).await;
+                    lease.settled("ack");
+                }
+            }
+            Err(Failure::Poison(reason)) => {
+                if lease.end(LeaseEnd::Dropped) {
+                    term(message, reason).await;
+                    lease.settled("term");
+                }
+            }
             Err(Failure::Halt(Halt::Interrupted)) => {
-                if lease.is_held() {
+                if lease.end(LeaseEnd::Released) {
                     tracing::info!("handing the order back for another node to continue");
                     nak(message, None, "shutdown").await;
+                    lease.settled("nak");
                 }
             }
             Err(Failure::Halt(Halt::Fenced)) => {
                 // Counted where the lease was given up; the message is no longer ours to touch.
+                lease.end(LeaseEnd::Fenced);
                 tracing::warn!("stopped working on the order: lease not confirmed in time");
             }
             Err(Failure::Halt(Halt::LeaseLost(e))) => {
-                lease.give_up();
+                lease.end(LeaseEnd::Lost);
                 metrics::counter!(m::LEASES_LOST).increment(1);
                 tracing::warn!(error = %e, "another writer took the order; dropping it without ack or nak");
             }
+            Err(Failure::NotOurs) => {
+                lease.end(LeaseEnd::Lost);
+                metrics::counter!(m::LEASES_LOST).increment(1);
+            }
             Err(Failure::Halt(Halt::Invalid(e))) => {
                 tracing::error!(error = %e, "order document does not allow the next transition; terminating its message");
-                term(message, "invalid_document").await;
+                if lease.end(LeaseEnd::Dropped) {
+                    term(message, "invalid_document").await;
+                    lease.settled("term");
+                }
             }
             Err(Failure::Halt(Halt::Store(e))) | Err(Failure::Store(e)) => {
-                if i64::from(delivered) >= max_deliver {
-                    tracing::error!(error = %e, "order store failing on the last delivery; the order stays as recorded");
-                }
-                if lease.is_held() {
+                if i64::from(delivery.delivered) >= max_deliver && lease.is_held() {
+                    self.give_up(message, delivery, lease, e).await;
+                } else if lease.end(LeaseEnd::Dropped) {
                     tracing::warn!(error = %e, "order store unavailable; handing the message back for a retry");
                     nak(message, Some(RETRY_DELAY), "store_unavailable").await;
+                    lease.settled("nak");
                 }
             }
         }
-        lease.give_up();
+        lease.end(LeaseEnd::Dropped);
+    }
+
+    /// The last delivery could not get on with the order: it ends `Failed`, written under the lease,
+    /// and the message is terminated. If even that write fails, the message is left alone and the
+    /// server's advisory gives another node the same task once the lease's window is over.
+    async fn give_up(
+        &self,
+        message: &jetstream::Message,
+        delivery: &Delivery,
+        lease: &Lease,
+        error: StoreError,
+    ) {
+        let reason = format!("gave up after {} deliveries: {error}", delivery.delivered);
+        let ending = match ending(&self.store, delivery.order_id, &message.payload, &reason).await {
+            Ok(ending) => ending,
+            Err(e) => {
+                tracing::error!(error = %e, %reason, "cannot end the order on its last delivery; the server's advisory will have another node try");
+                lease.end(LeaseEnd::Dropped);
+                return;
+            }
+        };
+        match ending {
+            Ending::Terminal => {}
+            Ending::Created(created) => {
+                record_given_up("last_delivery", &reason);
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.pipeline.events.created(&created.order).await;
+            }
+            Ending::Replace {
+                revision,
+                before,
+                after,
+            } => {
+                if !lease.is_held() {
+                    lease.end(LeaseEnd::Fenced);
+                    return;
+                }
+                let sent = Stamp::now();
+                let written = tokio::time::timeout_at(
+                    lease.deadline().into(),
+                    self.store.update(&after, revision),
+                )
+                .await;
+                match written {
+                    Ok(Ok(written)) => {
+                        if !lease.is_claimed() {
+                            lease.claimed(delivery.stream_seq, written.revision, sent);
+                        }
+                        lease.committed("give_up", None, written.revision, sent);
+                        record_given_up("last_delivery", &reason);
+                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        match &before {
+                            Some(before) => {
+                                self.pipeline
+                                    .events
+                                    .transition(before, &written.order)
+                                    .await
+                            }
+                            None => self.pipeline.events.created(&written.order).await,
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        if !e.is_conflict() {
+                            lease.unconfirmed("give_up", sent);
+                        }
+                        tracing::error!(error = %e, %reason, "cannot end the order on its last delivery; the server's advisory will have another node try");
+                        lease.end(LeaseEnd::Dropped);
+                        return;
+                    }
+                    Err(_) => {
+                        lease.unconfirmed("give_up", sent);
+                        lease.end(LeaseEnd::Fenced);
+                        return;
+                    }
+                }
+            }
+        }
+        if lease.end(LeaseEnd::Finished) {
+            term(message, "deliveries_exhausted").await;
+            lease.settled("term");
+        }
     }
 }
 
@@ -454,6 +585,8 @@ enum Processed {
 
 enum Failure {
     Poison(&'static str),
+    /// A later delivery of the message holds the order.
+    NotOurs,
     Store(StoreError),
     Halt(Halt),
 }
