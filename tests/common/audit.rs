@@ -1,0 +1,368 @@
+//! Reads the nodes' lease audits (`ORDERLY_AUDIT_LOG`) and the orders' revision history, and checks the
+//! two guarantees order by order:
+//! - every order is terminal, and exactly one revision of its history is terminal;
+//! - no two lease intervals of one order overlap, across all nodes;
+//! - every write a node made lies inside its own interval, by the node's clock and by the server's
+//!   timestamp of the revision; every revision in the history was written by someone the audit names;
+//! - a node acks, naks or terminates a message only after letting go of a lease it still held;
+//! - no step recorded complete was started again.
+
+use async_nats::jetstream::kv;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// How far a stamp converted from a monotonic deadline may be off from a direct clock read.
+const CLOCK_SLACK: chrono::Duration = chrono::Duration::microseconds(200);
+
+/// Every line of every audit file.
+pub fn read(paths: &[&Path]) -> Vec<Value> {
+    let mut lines = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            lines.push(serde_json::from_str(line).unwrap_or_else(|e| {
+                panic!("audit line of {} is not JSON ({e}): {line}", path.display())
+            }));
+        }
+    }
+    lines
+}
+
+fn stamp(line: &Value, field: &str) -> DateTime<Utc> {
+    line[field]
+        .as_str()
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_else(|| panic!("audit line without a time in {field}: {line}"))
+}
+
+/// One node's hold on one delivery of an order.
+#[derive(Debug, Clone)]
+pub struct Interval {
+    pub node: String,
+    pub delivery: u64,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    /// `finished`, `released`, `fenced`, `lost`, `dropped`, or `died` for a node the test killed.
+    pub why: String,
+}
+
+/// One order handed from one node to the next.
+#[derive(Debug, Clone)]
+pub struct Handover {
+    pub order_id: Uuid,
+    pub from: Interval,
+    pub to: Interval,
+}
+
+/// What the check found besides violations (which panic).
+#[derive(Debug, Default)]
+pub struct Report {
+    pub orders: usize,
+    pub intervals: usize,
+    pub handovers: Vec<Handover>,
+    /// Steps started again after an interrupted run.
+    pub steps_rerun: usize,
+    pub given_up: usize,
+    /// Writes a node sent without getting an answer, which the server did apply (inside the node's
+    /// interval).
+    pub unconfirmed_applied: usize,
+    pub completed: usize,
+    pub failed: usize,
+}
+
+impl Report {
+    /// Handovers that started from an interval ended with `why`.
+    pub fn handovers_after(&self, why: &str) -> Vec<&Handover> {
+        self.handovers
+            .iter()
+            .filter(|h| h.from.why == why)
+            .collect()
+    }
+}
+
+/// What the test did outside the nodes: nodes it killed (and when), and revisions it wrote itself.
+#[derive(Debug, Default)]
+pub struct Outside {
+    pub died: HashMap<String, DateTime<Utc>>,
+    pub revisions: HashSet<u64>,
+}
+
+/// Checks `ids` against the audit `lines` and the `orders` bucket. Panics on the first violation.
+pub async fn check(orders: &kv::Store, ids: &[Uuid], lines: &[Value], outside: &Outside) -> Report {
+    let mut by_order: HashMap<Uuid, Vec<&Value>> = HashMap::new();
+    for line in lines {
+        let id: Uuid = line["order_id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("audit line without an order id: {line}"));
+        by_order.entry(id).or_default().push(line);
+    }
+    let mut report = Report {
+        orders: ids.len(),
+        ..Report::default()
+    };
+    for id in ids {
+        let lines = by_order.remove(id).unwrap_or_default();
+        check_order(orders, *id, &lines, outside, &mut report).await;
+    }
+    report
+}
+
+async fn check_order(
+    orders: &kv::Store,
+    id: Uuid,
+    lines: &[&Value],
+    outside: &Outside,
+    report: &mut Report,
+) {
+    // Intervals, from claims and their ends.
+    let mut intervals: Vec<Interval> = Vec::new();
+    for claim in lines.iter().filter(|l| l["event"] == "claim") {
+        let node = claim["node"].as_str().expect("node").to_owned();
+        let delivery = claim["delivery"].as_u64().expect("delivery");
+        let end = lines.iter().find(|l| {
+            l["event"] == "lease_end" && l["node"] == claim["node"] && l["delivery"] == delivery
+        });
+        let (end, why) = match (end, outside.died.get(&node)) {
+            (Some(end), _) => (stamp(end, "end"), end["why"].as_str().expect("why").to_owned()),
+            (None, Some(died)) => (*died, "died".to_owned()),
+            (None, None) => panic!(
+                "order {id}: the interval of {node} (delivery {delivery}) never ended, and the node was not killed"
+            ),
+        };
+        let start = stamp(claim, "start");
+        assert!(
+            end >= start,
+            "order {id}: interval of {node} ends before it starts"
+        );
+        intervals.push(Interval {
+            node,
+            delivery,
+            start,
+            end,
+            why,
+        });
+    }
+    intervals.sort_by_key(|i| i.start);
+    for pair in intervals.windows(2) {
+        assert!(
+            pair[0].end <= pair[1].start,
+            "order {id}: lease intervals overlap: {:?} and {:?}",
+            pair[0],
+            pair[1]
+        );
+        report.handovers.push(Handover {
+            order_id: id,
+            from: pair[0].clone(),
+            to: pair[1].clone(),
+        });
+    }
+    report.intervals += intervals.len();
+    let last_end = intervals.iter().map(|i| i.end).max();
+    let interval_of = |line: &Value| -> &Interval {
+        intervals
+            .iter()
+            .find(|i| line["node"] == i.node.as_str() && line["delivery"] == i.delivery)
+            .unwrap_or_else(|| panic!("order {id}: a write outside any claim of its node: {line}"))
+    };
+
+    // Writes, by revision.
+    let mut writes: HashMap<u64, &Value> = HashMap::new();
+    for line in lines
+        .iter()
+        .filter(|l| matches!(l["event"].as_str(), Some("create" | "commit" | "give_up")))
+    {
+        let revision = line["revision"].as_u64().expect("revision");
+        writes.insert(revision, line);
+        if line["event"] == "commit" {
+            let interval = interval_of(line);
+            assert!(
+                stamp(line, "sent") >= interval.start
+                    && stamp(line, "at") <= interval.end + CLOCK_SLACK,
+                "order {id}: a write outside its node's interval {interval:?}: {line}"
+            );
+        }
+        if line["event"] == "give_up" {
+            report.given_up += 1;
+            if let Some(last_end) = last_end {
+                assert!(
+                    stamp(line, "at") >= last_end,
+                    "order {id}: given up while a node held it: {line}"
+                );
+            }
+        }
+    }
+
+    // A node acks, naks or terminates only a message whose lease it let go while still holding it.
+    for settled in lines.iter().filter(|l| l["event"] == "settled") {
+        let interval = interval_of(settled);
+        assert!(
+            matches!(interval.why.as_str(), "finished" | "released" | "dropped"),
+            "order {id}: {} settled a message whose lease had ended as {}: {settled}",
+            interval.node,
+            interval.why
+        );
+        assert!(
+            stamp(settled, "at") >= interval.end,
+            "order {id}: settled before its interval ended: {settled}"
+        );
+    }
+
+    // No step recorded complete was started again; count steps re-run after an interruption.
+    let mut commits: Vec<&&Value> = lines.iter().filter(|l| l["event"] == "commit").collect();
+    commits.sort_by_key(|l| l["revision"].as_u64());
+    let mut completed = HashSet::new();
+    let mut started = HashSet::new();
+    for commit in commits {
+        let step = commit["step"].as_str().unwrap_or_default().to_owned();
+        match commit["change"].as_str() {
+            Some("start_step") => {
+                assert!(
+                    !completed.contains(&step),
+                    "order {id}: step {step} was started again after it completed: {commit}"
+                );
+                if !started.insert(step) {
+                    report.steps_rerun += 1;
+                }
+            }
+            Some("complete_step") => {
+                completed.insert(step);
+            }
+            _ => {}
+        }
+    }
+
+    // The server's history: each revision was written by someone the audit names, inside their
+    // interval by the server's clock, and exactly one revision is terminal.
+    let mut terminal = 0;
+    let mut last_state = String::new();
+    for entry in history(orders, id).await {
+        let written = entry.written;
+        if let Ok(doc) = serde_json::from_slice::<Value>(&entry.value) {
+            let state = doc["state"].as_str().unwrap_or_default().to_owned();
+            if matches!(state.as_str(), "Completed" | "Failed") {
+                terminal += 1;
+            }
+            last_state = state;
+        }
+        if outside.revisions.contains(&entry.revision) {
+            continue;
+        }
+        let Some(line) = writes.get(&entry.revision) else {
+            // A write whose answer the node never got: it must be one the node sent inside its
+            // interval, and the server must have stored it inside that interval too.
+            let explained = lines
+                .iter()
+                .filter(|l| l["event"] == "unconfirmed")
+                .any(|l| {
+                    let interval = interval_of(l);
+                    stamp(l, "sent") <= written
+                        && written >= interval.start
+                        && written <= interval.end + CLOCK_SLACK
+                });
+            assert!(
+                explained,
+                "order {id}: revision {} (written {written}) is in no node's audit: {}\naudit:\n{}",
+                entry.revision,
+                String::from_utf8_lossy(&entry.value),
+                lines
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            report.unconfirmed_applied += 1;
+            continue;
+        };
+        match line["event"].as_str() {
+            Some("commit") => {
+                let interval = interval_of(line);
+                assert!(
+                    written >= interval.start && written <= interval.end + CLOCK_SLACK,
+                    "order {id}: revision {} was stored at {written}, outside its writer's interval {interval:?}",
+                    entry.revision
+                );
+            }
+            Some("give_up") => {
+                if let Some(last_end) = last_end {
+                    assert!(
+                        written >= last_end,
+                        "order {id}: given up while a node held it"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        terminal, 1,
+        "order {id}: {terminal} terminal revisions in its history (last state {last_state})"
+    );
+    match last_state.as_str() {
+        "Completed" => report.completed += 1,
+        "Failed" => report.failed += 1,
+        other => panic!("order {id} ended in state {other:?}"),
+    }
+}
+
+/// One stored revision of an order's document.
+struct Revision {
+    revision: u64,
+    written: DateTime<Utc>,
+    value: bytes::Bytes,
+}
+
+/// Every stored revision of the order's document, oldest first. Read with direct gets, which any
+/// replica answers, so that it works on a cluster that lost a server.
+async fn history(orders: &kv::Store, id: Uuid) -> Vec<Revision> {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
+    let subject = format!("$KV.orders.{id}");
+    let mut revisions = Vec::new();
+    let mut next = 1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match orders
+            .stream
+            .direct_get_next_for_subject(subject.as_str(), Some(next))
+            .await
+        {
+            Ok(message) => {
+                next = message.sequence + 1;
+                let operation = message.headers.get("KV-Operation").map(|v| v.to_string());
+                if operation.is_some_and(|op| op != "PUT") {
+                    continue;
+                }
+                revisions.push(Revision {
+                    revision: message.sequence,
+                    written: DateTime::from_timestamp_nanos(
+                        i64::try_from(message.time.unix_timestamp_nanos())
+                            .expect("a time in range"),
+                    ),
+                    value: message.payload,
+                });
+            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return revisions,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cannot read the history of order {id}: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Median and maximum of `values`, in seconds.
+pub fn median_max(values: &mut [f64]) -> (f64, f64) {
+    if values.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    values.sort_by(f64::total_cmp);
+    (values[values.len() / 2], values[values.len() - 1])
+}

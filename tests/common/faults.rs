@@ -1,0 +1,186 @@
+//! Fault injection for the fault suite: a TCP proxy that can stop forwarding without closing its
+//! sockets, and a three-server NATS cluster whose servers can be killed one by one.
+
+use super::{free_port, spawn_nats_server, wait_until};
+use async_nats::jetstream;
+use std::process::Child;
+use std::time::Duration;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// A TCP proxy in front of one upstream port. [`Proxy::cut`] makes it stop forwarding in both
+/// directions while every socket stays open (a network that silently drops traffic, not one that
+/// resets connections); [`Proxy::heal`] resumes forwarding, including what was held back.
+pub struct Proxy {
+    pub port: u16,
+    pub url: String,
+    open: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy binds");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (open, watching) = watch::channel(true);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut pumps = JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                pumps.spawn(pump(client_read, server_write, watching.clone()));
+                pumps.spawn(pump(server_read, client_write, watching.clone()));
+            }
+        });
+        Proxy {
+            port,
+            url: format!("nats://127.0.0.1:{port}"),
+            open,
+            tasks,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.open.send_replace(false);
+    }
+
+    pub fn heal(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+/// Copies `from` to `to` while the proxy is open; while it is cut, neither reads nor writes.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut open: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if open.wait_for(|open| *open).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if open.wait_for(|open| *open).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Three JetStream servers on loopback, clustered by routes.
+pub struct NatsCluster {
+    servers: Vec<ClusterServer>,
+    /// Every server's client URL, comma-separated (as `NATS_URL` takes them).
+    pub urls: String,
+}
+
+struct ClusterServer {
+    name: String,
+    port: u16,
+    child: Option<Child>,
+    _dir: TempDir,
+}
+
+impl NatsCluster {
+    pub async fn start() -> NatsCluster {
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers = Vec::new();
+        for (i, cluster_port) in cluster_ports.iter().enumerate() {
+            let dir = tempfile::tempdir().expect("a temp dir");
+            let port = free_port();
+            let name = format!("s{}", i + 1);
+            let extra = [
+                "--server_name".to_owned(),
+                name.clone(),
+                "--cluster_name".to_owned(),
+                "orderly-test".to_owned(),
+                "--cluster".to_owned(),
+                format!("nats://127.0.0.1:{cluster_port}"),
+                "--routes".to_owned(),
+                routes.clone(),
+            ];
+            let child = spawn_nats_server(port, dir.path(), &extra);
+            servers.push(ClusterServer {
+                name,
+                port,
+                child: Some(child),
+                _dir: dir,
+            });
+        }
+        let urls = servers
+            .iter()
+            .map(|s| format!("nats://127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cluster = NatsCluster { servers, urls };
+        let client = cluster.client().await;
+        let js = jetstream::new(client);
+        wait_until(
+            "the cluster to elect a JetStream leader",
+            Duration::from_secs(60),
+            || async { js.query_account().await.ok().map(|_| ()) },
+        )
+        .await;
+        cluster
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        wait_until(
+            "a cluster server to accept clients",
+            Duration::from_secs(30),
+            || async {
+                let servers: Vec<&str> = self.urls.split(',').collect();
+                async_nats::connect(servers).await.ok()
+            },
+        )
+        .await
+    }
+
+    /// Kills (`kill -9`) the server named `name`.
+    pub fn kill(&mut self, name: &str) {
+        let server = self
+            .servers
+            .iter_mut()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no server {name}"));
+        if let Some(mut child) = server.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            if let Some(mut child) = server.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,633 @@
+//! The fault suite: real nats-servers and at least two real `orderly` processes per scenario, short
+//! steps and a short ack wait. After every scenario every accepted order is terminal exactly once, no
+//! order's lease intervals overlap across nodes, no write lies outside its writer's interval, and no
+//! completed step ran again (see `common::audit`).
+//!
+//! The scenarios run one at a time: each loads both cores on its own, and timing faults (a pause, a
+//! cut) should not be blurred by a neighbour's load.
+
+mod common;
+
+use async_nats::jetstream;
+use chrono::{DateTime, Utc};
+use common::audit::{self, Outside, Report};
+use common::faults::{NatsCluster, Proxy};
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use uuid::Uuid;
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The ack wait of every scenario but SIGTERM's: short, so that takeovers happen within seconds.
+const ACK_WAIT: Duration = Duration::from_secs(2);
+
+/// Where the nodes of one scenario write their audits.
+struct Audits {
+    dir: TempDir,
+}
+
+impl Audits {
+    fn new() -> Audits {
+        Audits {
+            dir: tempfile::tempdir().expect("a temp dir"),
+        }
+    }
+
+    fn path(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("{node}.audit.jsonl"))
+    }
+
+    /// A node of this scenario: 200 ms steps, 5 % failures, 2 s ack wait, audited.
+    fn node(&self, nats_url: &str, id: &str) -> NodeBuilder {
+        Node::builder(nats_url)
+            .id(id)
+            .env("ORDERLY_ACK_WAIT", "2s")
+            .env("ORDERLY_STEP_DURATION", "200ms")
+            .env("ORDERLY_FAILURE_RATE", "0.05")
+            .env("ORDERLY_SHUTDOWN_GRACE", "3s")
+            .env("ORDERLY_AUDIT_LOG", self.path(id).display())
+    }
+
+    fn lines(&self) -> Vec<Value> {
+        let paths: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .expect("audit dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        audit::read(&refs)
+    }
+
+    /// Orders `node` holds now: claimed, and the interval not ended.
+    fn held_by(&self, node: &str) -> Vec<Uuid> {
+        let lines = audit::read(&[self.path(node).as_path()]);
+        let key = |l: &Value| (l["order_id"].to_string(), l["delivery"].as_u64());
+        let ended: std::collections::HashSet<_> = lines
+            .iter()
+            .filter(|l| l["event"] == "lease_end")
+            .map(key)
+            .collect();
+        lines
+            .iter()
+            .filter(|l| l["event"] == "claim" && !ended.contains(&key(l)))
+            .filter_map(|l| l["order_id"].as_str()?.parse().ok())
+            .collect()
+    }
+
+    /// The lines `node` wrote about `order`.
+    fn of(&self, node: &str, order: Uuid) -> Vec<Value> {
+        audit::read(&[self.path(node).as_path()])
+            .into_iter()
+            .filter(|l| l["order_id"] == order.to_string())
+            .collect()
+    }
+}
+
+/// Publishes `n` orders straight into the work stream, all at once, and returns their ids.
+async fn publish_orders(js: &jetstream::Context, n: usize) -> Vec<Uuid> {
+    let mut ids = Vec::with_capacity(n);
+    let mut acks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = Uuid::now_v7();
+        let ack = js
+            .publish(format!("orders.submit.{id}"), r#"{"fault":"test"}"#.into())
+            .await
+            .expect("publish");
+        ids.push(id);
+        acks.push(ack);
+    }
+    for ack in acks {
+        ack.await.expect("the stream stores the order");
+    }
+    ids
+}
+
+async fn in_flight(node: &Node) -> f64 {
+    match reqwest::get(format!("{}/metrics", node.http)).await {
+        Ok(response) => metric_sum(
+            &response.text().await.unwrap_or_default(),
+            "orderly_orders_in_flight",
+        ),
+        Err(_) => 0.0,
+    }
+}
+
+/// Waits until `node` works on at least `n` orders.
+async fn wait_busy(node: &Node, n: f64) {
+    wait_until(
+        &format!("node {} to work on {n} orders", node.id),
+        Duration::from_secs(30),
+        || async { (in_flight(node).await >= n).then_some(()) },
+    )
+    .await;
+}
+
+/// Keeps a fault in place until `duration` has passed since `since`. The fault's length is part of
+/// the scenario; nothing waits on it for synchronisation.
+async fn hold_fault(since: Instant, duration: Duration) {
+    tokio::time::sleep_until((since + duration).into()).await;
+}
+
+async fn orders_bucket(js: &jetstream::Context) -> jetstream::kv::Store {
+    wait_until("the orders bucket", Duration::from_secs(30), || async {
+        js.get_key_value("orders").await.ok()
+    })
+    .await
+}
+
+/// Waits for every order to be terminal and the work stream to be empty, then checks the guarantees.
+async fn settle_and_check(
+    js: &jetstream::Context,
+    ids: &[Uuid],
+    audits: &Audits,
+    outside: &Outside,
+    timeout: Duration,
+) -> Report {
+    let kv = orders_bucket(js).await;
+    let docs = wait_all_terminal(&kv, ids, timeout).await;
+    for doc in &docs {
+        if doc["failure_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("simulated"))
+            || doc["state"] == "Completed"
+        {
+            check_terminal_document(doc);
+        }
+    }
+    wait_until("the work stream to be empty", timeout, || async {
+        (stream_messages(js).await == Some(0)).then_some(())
+    })
+    .await;
+    audit::check(&kv, ids, &audits.lines(), outside).await
+}
+
+fn seconds(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    (to - from).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6
+}
+
+fn print_report(scenario: &str, report: &Report) {
+    println!(
+        "[{scenario}] {} orders ({} completed, {} failed), {} lease intervals, {} handovers, {} steps re-run, {} given up, {} unanswered writes applied",
+        report.orders,
+        report.completed,
+        report.failed,
+        report.intervals,
+        report.handovers.len(),
+        report.steps_rerun,
+        report.given_up,
+        report.unconfirmed_applied
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_node_mid_step_under_load() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let server = NatsServer::start().await;
+    let audits = Audits::new();
+    let mut a = audits.node(&server.url, "kill-a").start().await;
+    let _b = audits.node(&server.url, "kill-b").start().await;
+    let js = server.js().await;
+    let ids = publish_orders(&js, 300).await;
+
+    wait_busy(&a, 30.0).await;
+    a.signal("KILL");
+    a.wait_exit(Duration::from_secs(5))
+        .await
+        .expect("killed node exits");
+    let died = Utc::now();
+    let held = audits.held_by("kill-a");
+    assert!(!held.is_empty(), "the killed node held orders");
+
+    let outside = Outside {
+        died: [("kill-a".to_owned(), died)].into(),
+        ..Outside::default()
+    };
+    let report = settle_and_check(&js, &ids, &audits, &outside, Duration::from_secs(60)).await;
+    print_report("kill -9", &report);
+    let takeovers = report.handovers_after("died");
+    assert_eq!(
+        takeovers.len(),
+        held.len(),
+        "every order the killed node held was taken over"
+    );
+    assert!(takeovers.iter().all(|h| h.to.node == "kill-b"));
+    let mut times: Vec<f64> = takeovers
+        .iter()
+        .map(|h| seconds(died, h.to.start))
+        .collect();
+    let (median, max) = audit::median_max(&mut times);
+    println!(
+        "[kill -9] {} orders taken over after the kill: median {median:.3}s, max {max:.3}s (ack wait {ACK_WAIT:?})",
+        times.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_longer_than_two_ack_waits_then_sigcont() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let server = NatsServer::start().await;
+    let audits = Audits::new();
+    let a = audits.node(&server.url, "stop-a").start().await;
+    let _b = audits.node(&server.url, "stop-b").start().await;
+    let js = server.js().await;
+    let mut ids = publish_orders(&js, 150).await;
+
+    wait_busy(&a, 20.0).await;
+    a.signal("STOP");
+    let stopped = Instant::now();
+    let held = audits.held_by("stop-a");
+    assert!(!held.is_empty(), "the paused node held orders");
+    let kv = orders_bucket(&js).await;
+    // Another node finishes every order the paused node held.
+    wait_all_terminal(&kv, &held, Duration::from_secs(30)).await;
+    hold_fault(stopped, 2 * ACK_WAIT + Duration::from_millis(500)).await;
+    a.signal("CONT");
+
+    // On waking the node ends each of those leases as fenced, and writes, acks and naks none of them.
+    wait_until(
+        "the woken node to let go of every order it held",
+        Duration::from_secs(10),
+        || async { audits.held_by("stop-a").is_empty().then_some(()) },
+    )
+    .await;
+    for id in &held {
+        let mine = audits.of("stop-a", *id);
+        let last_claim = mine
+            .iter()
+            .rfind(|l| l["event"] == "claim")
+            .expect("a claim");
+        let after: Vec<&Value> = mine
+            .iter()
+            .skip_while(|l| !std::ptr::eq(*l, last_claim))
+            .skip(1)
+            .collect();
+        assert!(
+            after.iter().all(|l| l["event"] != "settled"),
+            "order {id}: the woken node touched the message: {after:?}"
+        );
+        let end = after
+            .iter()
+            .find(|l| l["event"] == "lease_end")
+            .expect("an end");
+        assert_eq!(end["why"], "fenced", "order {id}: {end}");
+    }
+
+    // Then it goes back to work.
+    let more = publish_orders(&js, 150).await;
+    wait_until(
+        "the woken node to finish a new order",
+        Duration::from_secs(30),
+        || async {
+            more.iter()
+                .any(|id| {
+                    audits
+                        .of("stop-a", *id)
+                        .iter()
+                        .any(|l| l["change"] == "finish")
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    ids.extend(more);
+    let report = settle_and_check(
+        &js,
+        &ids,
+        &audits,
+        &Outside::default(),
+        Duration::from_secs(60),
+    )
+    .await;
+    print_report("SIGSTOP", &report);
+    let fenced = report.handovers_after("fenced");
+    assert!(
+        held.iter().all(|id| fenced
+            .iter()
+            .any(|h| h.order_id == *id && h.from.node == "stop-a" && h.to.node == "stop-b")),
+        "every order of the paused node went to the other node"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_by_a_silent_network_fences_itself_and_rejoins() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let server = NatsServer::start().await;
+    let proxy = Proxy::start(server.port).await;
+    let audits = Audits::new();
+    let a = audits.node(&proxy.url, "cut-a").start().await;
+    let _b = audits.node(&server.url, "cut-b").start().await;
+    let js = server.js().await;
+    let mut ids = publish_orders(&js, 150).await;
+
+    wait_busy(&a, 20.0).await;
+    proxy.cut();
+    let cut = Instant::now();
+    let held = audits.held_by("cut-a");
+    assert!(!held.is_empty(), "the cut-off node held orders");
+    // While still cut off, the node stops working on each of them (it cannot confirm its lease).
+    wait_until(
+        "the cut-off node to fence itself",
+        Duration::from_secs(10),
+        || async { audits.held_by("cut-a").is_empty().then_some(()) },
+    )
+    .await;
+    let kv = orders_bucket(&js).await;
+    wait_all_terminal(&kv, &held, Duration::from_secs(30)).await;
+    hold_fault(cut, 2 * ACK_WAIT + Duration::from_millis(500)).await;
+    let fences = metric_sum(&a.metrics().await, "orderly_self_fences_total");
+    assert!(
+        fences >= held.len() as f64,
+        "{fences} self-fences for {} orders",
+        held.len()
+    );
+    proxy.heal();
+
+    // After healing the node rejoins and works again.
+    let more = publish_orders(&js, 150).await;
+    wait_until(
+        "the healed node to finish a new order",
+        Duration::from_secs(60),
+        || async {
+            more.iter()
+                .any(|id| {
+                    audits
+                        .of("cut-a", *id)
+                        .iter()
+                        .any(|l| l["change"] == "finish")
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    ids.extend(more);
+    let report = settle_and_check(
+        &js,
+        &ids,
+        &audits,
+        &Outside::default(),
+        Duration::from_secs(60),
+    )
+    .await;
+    print_report("network cut", &report);
+    for id in &held {
+        let mine = audits.of("cut-a", *id);
+        assert!(
+            mine.iter().all(|l| l["event"] != "settled"
+                || !mine.iter().any(|e| e["event"] == "lease_end"
+                    && e["why"] == "fenced"
+                    && e["delivery"] == l["delivery"])),
+            "order {id}: the cut-off node settled a message it had fenced"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_hands_orders_back_at_once() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let server = NatsServer::start().await;
+    let audits = Audits::new();
+    // A long ack wait: orders can only be finished in time if they are handed back, not timed out.
+    let node = |id: &str| {
+        audits
+            .node(&server.url, id)
+            .env("ORDERLY_ACK_WAIT", "60s")
+            .env("ORDERLY_SHUTDOWN_GRACE", "5s")
+    };
+    let mut a = node("term-a").start().await;
+    let _b = node("term-b").start().await;
+    let js = server.js().await;
+    let ids = publish_orders(&js, 200).await;
+
+    wait_busy(&a, 20.0).await;
+    a.signal("TERM");
+    let status = a
+        .wait_exit(Duration::from_secs(5 + 3))
+        .await
+        .expect("the node exits within its grace period");
+    assert!(status.success(), "clean exit: {status}");
+
+    let report = settle_and_check(
+        &js,
+        &ids,
+        &audits,
+        &Outside::default(),
+        Duration::from_secs(30),
+    )
+    .await;
+    print_report("SIGTERM", &report);
+    let handed = report.handovers_after("released");
+    assert!(!handed.is_empty(), "the stopped node handed orders back");
+    assert!(handed.iter().all(|h| h.to.node == "term-b"));
+    let mut times: Vec<f64> = handed
+        .iter()
+        .map(|h| seconds(h.from.end, h.to.start))
+        .collect();
+    let (median, max) = audit::median_max(&mut times);
+    println!(
+        "[SIGTERM] {} orders handed back and taken over: median {median:.3}s, max {max:.3}s (ack wait 60s)",
+        times.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_server_restart_under_load_loses_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut server = NatsServer::start().await;
+    let audits = Audits::new();
+    let a = audits.node(&server.url, "restart-a").start().await;
+    let b = audits.node(&server.url, "restart-b").start().await;
+    let js = server.js().await;
+    let mut ids = publish_orders(&js, 200).await;
+
+    wait_busy(&a, 20.0).await;
+    server.restart().await;
+    let js = server.js().await;
+
+    // Both nodes reconnect by themselves and take new work.
+    for node in [&a, &b] {
+        wait_until(
+            &format!("node {} to reconnect", node.id),
+            Duration::from_secs(30),
+            || async {
+                let scrape = node.metrics().await;
+                (metric_sum(&scrape, "orderly_nats_reconnects_total") >= 1.0
+                    && metric_sum(&scrape, "orderly_nats_connected") == 1.0)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    ids.extend(publish_orders(&js, 100).await);
+    let report = settle_and_check(
+        &js,
+        &ids,
+        &audits,
+        &Outside::default(),
+        Duration::from_secs(60),
+    )
+    .await;
+    print_report("nats-server restart", &report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_stream_leader_of_a_three_server_cluster_loses_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut cluster = NatsCluster::start().await;
+    let audits = Audits::new();
+    let node = |id: &str| audits.node(&cluster.urls, id).env("ORDERLY_REPLICAS", 3);
+    let a = node("raft-a").start().await;
+    let _b = node("raft-b").start().await;
+    let js = jetstream::new(cluster.client().await);
+    let ids = publish_orders(&js, 200).await;
+
+    let mut stream = js.get_stream("ORDERS").await.expect("stream ORDERS");
+    let info = stream.info().await.expect("stream info");
+    assert_eq!(info.config.num_replicas, 3);
+    let leader = info
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("the stream has a leader");
+    wait_busy(&a, 20.0).await;
+    cluster.kill(&leader);
+
+    let js = jetstream::new(cluster.client().await);
+    let report = settle_and_check(
+        &js,
+        &ids,
+        &audits,
+        &Outside::default(),
+        Duration::from_secs(90),
+    )
+    .await;
+    print_report("stream leader killed", &report);
+    let mut stream = js.get_stream("ORDERS").await.expect("stream ORDERS");
+    let info = stream.info().await.expect("stream info");
+    let new_leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+    assert!(
+        new_leader.is_some() && new_leader != Some(leader.clone()),
+        "a new leader ({new_leader:?}) replaced {leader}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_and_ever_failing_orders_end_within_the_delivery_cap() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let server = NatsServer::start().await;
+    let js = server.js().await;
+    let layout = orderly::nats::Layout {
+        replicas: 1,
+        ack_wait: ACK_WAIT,
+        max_deliver: 3,
+    };
+    let setup = orderly::nats::setup(&js, layout)
+        .await
+        .expect("JetStream set up");
+    let mut outside = Outside::default();
+
+    // An order whose every delivery goes to a worker that dies with it: here the test takes each
+    // delivery from the shared consumer and never answers.
+    let abandoned = Uuid::now_v7();
+    publish_order(&js, abandoned).await;
+    let mut deliveries = 0;
+    while deliveries < layout.max_deliver {
+        use futures::StreamExt;
+        let mut batch = setup
+            .consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(10))
+            .messages()
+            .await
+            .expect("fetch");
+        if let Some(message) = batch.next().await {
+            let message = message.expect("a delivery");
+            deliveries = message.info().expect("metadata").delivered;
+        }
+    }
+
+    // An order whose processing keeps erroring: its stored document is unreadable.
+    let unreadable = Uuid::now_v7();
+    let revision = setup
+        .orders
+        .put(unreadable.to_string(), "not an order".into())
+        .await
+        .expect("kv put");
+    outside.revisions.insert(revision);
+    publish_order(&js, unreadable).await;
+    // A message that can never be processed, and an order whose payload is not JSON.
+    js.publish("orders.submit.not-an-order-id", "{}".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let not_json = Uuid::now_v7();
+    js.publish(format!("orders.submit.{not_json}"), "{oops".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let healthy = publish_orders(&js, 100).await;
+
+    let audits = Audits::new();
+    let node = |id: &str| {
+        audits
+            .node(&server.url, id)
+            .env("ORDERLY_MAX_DELIVER", 3)
+            .env("ORDERLY_FAILURE_RATE", "0")
+    };
+    let a = node("poison-a").start().await;
+    let b = node("poison-b").start().await;
+
+    let mut ids = healthy.clone();
+    ids.extend([abandoned, unreadable, not_json]);
+    let report = settle_and_check(&js, &ids, &audits, &outside, Duration::from_secs(60)).await;
+    print_report("poison", &report);
+    assert_eq!(
+        report.completed,
+        healthy.len(),
+        "healthy orders all complete"
+    );
+
+    let kv = orders_bucket(&js).await;
+    for (id, expected) in [
+        (abandoned, "gave up after 3 deliveries"),
+        (unreadable, "gave up after 3 deliveries"),
+        (not_json, "not valid JSON"),
+    ] {
+        let doc = document(&kv, id).await.expect("a document");
+        assert_eq!(doc["state"], "Failed", "{doc}");
+        let reason = doc["failure_reason"].as_str().unwrap_or_default();
+        assert!(reason.contains(expected), "order {id}: {reason}");
+    }
+    let mut scrapes = String::new();
+    for node in [&a, &b] {
+        scrapes.push_str(&node.metrics().await);
+    }
+    assert_eq!(
+        metric_with(
+            &scrapes,
+            "orderly_orders_given_up_total",
+            r#"path="advisory""#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_with(
+            &scrapes,
+            "orderly_orders_given_up_total",
+            r#"path="last_delivery""#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_with(
+            &scrapes,
+            "orderly_messages_terminated_total",
+            r#"reason="invalid_id""#
+        ),
+        1.0
+    );
+}
