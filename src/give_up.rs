@@ -80,7 +80,11 @@ pub async fn ending(
             after: Order::rejected(
                 order_id,
                 shown_payload(payload),
-                format!("{reason} (the stored document was unreadable: {unreadable})"),
+                if reason.contains(&unreadable) {
+                    reason.to_owned()
+                } else {
+                    format!("{reason} (the stored document was unreadable: {unreadable})")
+                },
                 now(),
             ),
         }),

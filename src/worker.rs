@@ -468,7 +468,7 @@ impl Worker {
                 if i64::from(delivery.delivered) >= max_deliver && lease.is_held() {
                     self.give_up(message, delivery, lease, e).await;
                 } else if lease.end(LeaseEnd::Dropped) {
-                    tracing::warn!(error = %e, "order store unavailable; handing the message back for a retry");
+                    tracing::warn!(error = %e, "cannot get on with the order (order store); handing the message back for a retry");
                     nak(message, Some(RETRY_DELAY), "store_unavailable").await;
                     lease.settled("nak");
                 }
