@@ -55,6 +55,90 @@ pub struct Lease {
     inner: Arc<Inner>,
 }
 
+/// The node's connection to NATS, as leases see it: a lease lasts no longer than the connection it was
+/// taken on. After a reconnect the node may be talking to a restarted server that lost track of the
+/// delivery (a crashed server can forget the last moments of a consumer's state and hand the message
+/// out again at once), and the server answers in-progress acks for messages it no longer has, so a
+/// confirmation after a reconnect proves nothing. Cheap to clone; all clones see the same state.
+#[derive(Clone, Default)]
+pub struct Connection {
+    inner: Arc<ConnectionInner>,
+}
+
+#[derive(Default)]
+struct ConnectionInner {
+    /// When each loss happened, in order: the connection's epoch is the number of losses.
+    losses: Mutex<Vec<Instant>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Connection {
+    /// The connection was lost: every lease taken before now ends now.
+    pub fn lost(&self) {
+        self.inner
+            .losses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Instant::now());
+        self.inner.changed.notify_waiters();
+    }
+
+    fn epoch(&self) -> usize {
+        self.inner
+            .losses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// When the connection was first lost after `epoch`, if it was.
+    fn lost_since(&self, epoch: usize) -> Option<Instant> {
+        self.inner
+            .losses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(epoch)
+            .copied()
+    }
+
+    /// The connection as it is now, for a lease taken now.
+    pub fn current(&self) -> Epoch {
+        Epoch {
+            connection: self.clone(),
+            epoch: self.epoch(),
+        }
+    }
+}
+
+/// The connection a lease was taken on.
+#[derive(Clone)]
+pub struct Epoch {
+    connection: Connection,
+    epoch: usize,
+}
+
+impl std::fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Epoch").field("epoch", &self.epoch).finish()
+    }
+}
+
+impl Epoch {
+    fn ended(&self) -> Option<Instant> {
+        self.connection.lost_since(self.epoch)
+    }
+
+    async fn wait_ended(&self) {
+        loop {
+            let changed = self.connection.inner.changed.notified();
+            if self.ended().is_some() {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
 /// Which delivery of which order a lease is for, and where its audit goes.
 #[derive(Clone)]
 pub struct Holder {
@@ -78,6 +162,7 @@ impl Holder {
 struct Inner {
     timing: LeaseTiming,
     holder: Holder,
+    connection: Epoch,
     /// Set once the node's claim on the order was written: from then on the lease is an interval in
     /// the audit, which [`Lease::end`] closes.
     claimed: AtomicBool,
@@ -88,12 +173,14 @@ struct Inner {
 }
 
 impl Lease {
-    /// A lease anchored at `anchor`, a moment no later than the server's delivery of the message.
-    pub fn new(timing: LeaseTiming, anchor: Instant, holder: Holder) -> Lease {
+    /// A lease anchored at `anchor`, a moment no later than the server's delivery of the message, on
+    /// `connection` as it was at that moment.
+    pub fn new(timing: LeaseTiming, anchor: Instant, holder: Holder, connection: Epoch) -> Lease {
         Lease {
             inner: Arc::new(Inner {
                 timing,
                 holder,
+                connection,
                 claimed: AtomicBool::new(false),
                 ended: AtomicBool::new(false),
                 deadline: Mutex::new(anchor + timing.window - timing.margin),
@@ -191,12 +278,18 @@ impl Lease {
         held
     }
 
+    /// When the holder must stop: the heartbeat deadline, or the loss of the connection the lease was
+    /// taken on, whichever comes first.
     pub fn deadline(&self) -> Instant {
-        *self
+        let heartbeats = *self
             .inner
             .deadline
             .lock()
-            .expect("lease lock is never poisoned")
+            .expect("lease lock is never poisoned");
+        match self.inner.connection.ended() {
+            Some(lost) => heartbeats.min(lost),
+            None => heartbeats,
+        }
     }
 
     /// True while the holder may still write, ack or nak.
@@ -235,6 +328,7 @@ impl Lease {
             tokio::select! {
                 _ = done.cancelled() => return,
                 _ = self.lost() => return,
+                _ = self.inner.connection.wait_ended() => {}
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
             if Instant::now() >= self.deadline() {
@@ -244,6 +338,10 @@ impl Lease {
             let sent = Instant::now();
             let confirmed = tokio::select! {
                 _ = done.cancelled() => return,
+                _ = self.inner.connection.wait_ended() => {
+                    self.fence();
+                    return;
+                }
                 result = tokio::time::timeout_at(self.deadline().into(), message.double_ack_with(AckKind::Progress)) => result,
             };
             match confirmed {
@@ -298,7 +396,12 @@ mod tests {
     fn lease_ends_a_margin_before_the_window() {
         let timing = LeaseTiming::for_window(Duration::from_secs(10));
         let anchor = Instant::now();
-        let lease = Lease::new(timing, anchor, Holder::unaudited(Uuid::nil(), 1));
+        let lease = Lease::new(
+            timing,
+            anchor,
+            Holder::unaudited(Uuid::nil(), 1),
+            Connection::default().current(),
+        );
         assert_eq!(lease.deadline(), anchor + Duration::from_secs(8));
         assert!(lease.is_held());
         lease.renewed(anchor + Duration::from_secs(1));
@@ -317,7 +420,45 @@ mod tests {
             timing,
             Instant::now() - Duration::from_secs(5),
             Holder::unaudited(Uuid::nil(), 1),
+            Connection::default().current(),
         );
         assert!(!lease.is_held());
+    }
+}
+
+#[cfg(test)]
+mod connection_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lease_ends_when_its_connection_is_lost() {
+        let connection = Connection::default();
+        let timing = LeaseTiming::for_window(Duration::from_secs(30));
+        let lease = Lease::new(
+            timing,
+            Instant::now(),
+            Holder::unaudited(Uuid::nil(), 1),
+            connection.current(),
+        );
+        assert!(lease.is_held());
+        connection.lost();
+        assert!(!lease.is_held());
+        assert!(lease.deadline() <= Instant::now());
+        // A lease taken after the loss is not affected by it.
+        let later = Lease::new(
+            timing,
+            Instant::now(),
+            Holder::unaudited(Uuid::nil(), 1),
+            connection.current(),
+        );
+        assert!(later.is_held());
+        // The heartbeat task notices the loss at once.
+        tokio::time::timeout(Duration::from_secs(1), later.inner.connection.wait_ended())
+            .await
+            .expect_err("no loss yet");
+        connection.lost();
+        tokio::time::timeout(Duration::from_secs(1), later.inner.connection.wait_ended())
+            .await
+            .expect("the loss wakes it");
     }
 }

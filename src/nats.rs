@@ -316,16 +316,22 @@ pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
 pub async fn connect(
     servers: &[async_nats::ServerAddr],
     node_id: &str,
+    connection: &crate::lease::Connection,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Option<async_nats::Client> {
     let connected_once = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         let connected_once = connected_once.clone();
+        let lost = connection.clone();
         let options = async_nats::ConnectOptions::new()
             .name(format!("orderly {node_id}"))
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(3))
             .event_callback(move |event| {
+                if matches!(event, async_nats::Event::Disconnected) {
+                    // At once, not in the spawned handler: leases on this connection end now.
+                    lost.lost();
+                }
                 let connected_once = connected_once.clone();
                 async move {
                     match event {

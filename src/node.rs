@@ -9,6 +9,7 @@ use crate::events::Events;
 use crate::give_up::Exhausted;
 use crate::http::{self, AppState};
 use crate::intake::Intake;
+use crate::lease::Connection;
 use crate::nats::{self, EmbeddedServer, Layout};
 use crate::pipeline::{FailureDraw, Pipeline, Stop};
 use crate::store::OrderStore;
@@ -90,8 +91,9 @@ async fn run_connected(
         .map_err(anyhow::Error::msg)
         .context("NATS_URL")?;
     let drain = CancellationToken::new();
+    let connection = Connection::default();
     let client = tokio::select! {
-        client = nats::connect(&servers, &node_id, &drain) => client,
+        client = nats::connect(&servers, &node_id, &connection, &drain) => client,
         _ = shutdown.as_mut() => None,
     };
     let Some(client) = client else {
@@ -145,6 +147,7 @@ async fn run_connected(
         workers: config.workers as usize,
         stats: stats.clone(),
         audit: audit.clone(),
+        connection,
     };
     let exhausted = Exhausted {
         stream: setup.stream.clone(),

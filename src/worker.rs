@@ -7,7 +7,7 @@
 
 use crate::audit::{Audit, LeaseEnd, Stamp};
 use crate::give_up::{ending, record_given_up, shown_payload, Ending};
-use crate::lease::{Holder, Lease, LeaseTiming};
+use crate::lease::{Connection, Epoch, Holder, Lease, LeaseTiming};
 use crate::metrics as m;
 use crate::nats::{SUBMIT_PREFIX, VIA_HEADER};
 use crate::order::{parse_order_id, Interface, Order, Owner, State};
@@ -54,6 +54,8 @@ pub struct Worker {
     pub workers: usize,
     pub stats: Arc<WorkerStats>,
     pub audit: Audit,
+    /// The NATS connection as leases see it: a lease ends when the connection it was taken on is lost.
+    pub connection: Connection,
 }
 
 /// Checks a submitted payload: a JSON object of at most [`MAX_PAYLOAD`] bytes.
@@ -108,6 +110,7 @@ impl Worker {
             }
             // The server cannot deliver before it was asked: a safe anchor for the leases.
             let asked = Instant::now();
+            let connection = this.connection.current();
             let batch = this
                 .consumer
                 .fetch()
@@ -151,6 +154,7 @@ impl Worker {
                     backoff: backoff.clone(),
                     max_deliver,
                     anchor: asked,
+                    connection: connection.clone(),
                 };
                 tasks.spawn(async move {
                     worker.stats.busy.fetch_add(1, Ordering::Relaxed);
@@ -204,7 +208,7 @@ impl Worker {
                 audit: self.audit.clone(),
             };
             let timing_now = LeaseTiming::for_delivery(timing.ack_wait, &timing.backoff, delivered);
-            let lease = Lease::new(timing_now, timing.anchor, holder);
+            let lease = Lease::new(timing_now, timing.anchor, holder, timing.connection);
             if !lease.is_held() {
                 // The node was paused (or starved) between asking for the message and reading it: the
                 // server may have handed it to another node already.
@@ -576,6 +580,7 @@ struct Timing {
     backoff: Vec<Duration>,
     max_deliver: i64,
     anchor: Instant,
+    connection: Epoch,
 }
 
 enum Processed {

@@ -169,7 +169,7 @@ fn seconds(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
 
 fn print_report(scenario: &str, report: &Report) {
     println!(
-        "[{scenario}] {} orders ({} completed, {} failed), {} lease intervals, {} handovers, {} steps re-run, {} given up, {} unanswered writes applied",
+        "[{scenario}] {} orders ({} completed, {} failed), {} lease intervals, {} handovers, {} steps re-run, {} given up, {} unanswered writes applied ({} after their sender fenced)",
         report.orders,
         report.completed,
         report.failed,
@@ -177,7 +177,8 @@ fn print_report(scenario: &str, report: &Report) {
         report.handovers.len(),
         report.steps_rerun,
         report.given_up,
-        report.unconfirmed_applied
+        report.unconfirmed_applied,
+        report.unconfirmed_applied_late
     );
 }
 
@@ -224,48 +225,82 @@ async fn kill_9_of_a_node_mid_step_under_load() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigstop_longer_than_two_ack_waits_then_sigcont() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let server = NatsServer::start().await;
-    let audits = Audits::new();
-    let a = audits.node(&server.url, "stop-a").start().await;
-    let _b = audits.node(&server.url, "stop-b").start().await;
-    let js = server.js().await;
-    let mut ids = publish_orders(&js, 150).await;
+/// How a node is separated from the others for a while.
+enum Isolation<'a> {
+    /// `SIGSTOP`, then `SIGCONT`: the process does nothing at all meanwhile.
+    Paused(&'a Node),
+    /// Its connection to NATS stops forwarding, sockets open; the process keeps running.
+    CutOff(&'a Proxy),
+}
 
-    wait_busy(&a, 20.0).await;
-    a.signal("STOP");
-    let stopped = Instant::now();
-    let held = audits.held_by("stop-a");
-    assert!(!held.is_empty(), "the paused node held orders");
-    let kv = orders_bucket(&js).await;
-    // Another node finishes every order the paused node held.
+impl Isolation<'_> {
+    fn begin(&self) {
+        match self {
+            Isolation::Paused(node) => node.signal("STOP"),
+            Isolation::CutOff(proxy) => proxy.cut(),
+        }
+    }
+
+    fn end(&self) {
+        match self {
+            Isolation::Paused(node) => node.signal("CONT"),
+            Isolation::CutOff(proxy) => proxy.heal(),
+        }
+    }
+}
+
+/// Node `a` is isolated while it holds orders, for more than 2 × the ack wait, then comes back. Each
+/// order it held is finished by node `b`; `a` ends its lease on each as fenced and acks, naks or
+/// terminates none of them; back at work, it finishes new orders; and the guarantees hold throughout.
+async fn isolated_node_is_taken_over_and_returns(
+    scenario: &str,
+    js: &jetstream::Context,
+    audits: &Audits,
+    (a, b): (&Node, &str),
+    isolation: Isolation<'_>,
+) {
+    let mut ids = publish_orders(js, 150).await;
+    wait_busy(a, 20.0).await;
+    isolation.begin();
+    let began = Instant::now();
+    let held = audits.held_by(&a.id);
+    assert!(!held.is_empty(), "the isolated node held orders");
+    if let Isolation::CutOff(_) = isolation {
+        // Still cut off, the node stops working on each order: it cannot confirm its lease.
+        wait_until(
+            "the cut-off node to fence itself",
+            Duration::from_secs(10),
+            || async { audits.held_by(&a.id).is_empty().then_some(()) },
+        )
+        .await;
+        let fences = metric_sum(&a.metrics().await, "orderly_self_fences_total");
+        assert!(
+            fences >= held.len() as f64,
+            "{fences} self-fences for {} orders",
+            held.len()
+        );
+    }
+    let kv = orders_bucket(js).await;
     wait_all_terminal(&kv, &held, Duration::from_secs(30)).await;
-    hold_fault(stopped, 2 * ACK_WAIT + Duration::from_millis(500)).await;
-    a.signal("CONT");
+    hold_fault(began, 2 * ACK_WAIT + Duration::from_millis(500)).await;
+    isolation.end();
 
-    // On waking the node ends each of those leases as fenced, and writes, acks and naks none of them.
     wait_until(
-        "the woken node to let go of every order it held",
+        "the returned node to let go of every order it held",
         Duration::from_secs(10),
-        || async { audits.held_by("stop-a").is_empty().then_some(()) },
+        || async { audits.held_by(&a.id).is_empty().then_some(()) },
     )
     .await;
     for id in &held {
-        let mine = audits.of("stop-a", *id);
+        let mine = audits.of(&a.id, *id);
         let last_claim = mine
             .iter()
-            .rfind(|l| l["event"] == "claim")
+            .rposition(|l| l["event"] == "claim")
             .expect("a claim");
-        let after: Vec<&Value> = mine
-            .iter()
-            .skip_while(|l| !std::ptr::eq(*l, last_claim))
-            .skip(1)
-            .collect();
+        let after = &mine[last_claim + 1..];
         assert!(
             after.iter().all(|l| l["event"] != "settled"),
-            "order {id}: the woken node touched the message: {after:?}"
+            "order {id}: the isolated node touched the message: {after:?}"
         );
         let end = after
             .iter()
@@ -274,16 +309,16 @@ async fn sigstop_longer_than_two_ack_waits_then_sigcont() {
         assert_eq!(end["why"], "fenced", "order {id}: {end}");
     }
 
-    // Then it goes back to work.
-    let more = publish_orders(&js, 150).await;
+    // Back at work.
+    let more = publish_orders(js, 150).await;
     wait_until(
-        "the woken node to finish a new order",
-        Duration::from_secs(30),
+        "the returned node to finish a new order",
+        Duration::from_secs(60),
         || async {
             more.iter()
                 .any(|id| {
                     audits
-                        .of("stop-a", *id)
+                        .of(&a.id, *id)
                         .iter()
                         .any(|l| l["change"] == "finish")
                 })
@@ -293,21 +328,39 @@ async fn sigstop_longer_than_two_ack_waits_then_sigcont() {
     .await;
     ids.extend(more);
     let report = settle_and_check(
-        &js,
+        js,
         &ids,
-        &audits,
+        audits,
         &Outside::default(),
         Duration::from_secs(60),
     )
     .await;
-    print_report("SIGSTOP", &report);
+    print_report(scenario, &report);
     let fenced = report.handovers_after("fenced");
     assert!(
         held.iter().all(|id| fenced
             .iter()
-            .any(|h| h.order_id == *id && h.from.node == "stop-a" && h.to.node == "stop-b")),
-        "every order of the paused node went to the other node"
+            .any(|h| h.order_id == *id && h.from.node == a.id && h.to.node == b)),
+        "every order of the isolated node went to the other node"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_longer_than_two_ack_waits_then_sigcont() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let server = NatsServer::start().await;
+    let audits = Audits::new();
+    let a = audits.node(&server.url, "stop-a").start().await;
+    let _b = audits.node(&server.url, "stop-b").start().await;
+    let js = server.js().await;
+    isolated_node_is_taken_over_and_returns(
+        "SIGSTOP",
+        &js,
+        &audits,
+        (&a, "stop-b"),
+        Isolation::Paused(&a),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,68 +372,14 @@ async fn a_node_cut_off_by_a_silent_network_fences_itself_and_rejoins() {
     let a = audits.node(&proxy.url, "cut-a").start().await;
     let _b = audits.node(&server.url, "cut-b").start().await;
     let js = server.js().await;
-    let mut ids = publish_orders(&js, 150).await;
-
-    wait_busy(&a, 20.0).await;
-    proxy.cut();
-    let cut = Instant::now();
-    let held = audits.held_by("cut-a");
-    assert!(!held.is_empty(), "the cut-off node held orders");
-    // While still cut off, the node stops working on each of them (it cannot confirm its lease).
-    wait_until(
-        "the cut-off node to fence itself",
-        Duration::from_secs(10),
-        || async { audits.held_by("cut-a").is_empty().then_some(()) },
-    )
-    .await;
-    let kv = orders_bucket(&js).await;
-    wait_all_terminal(&kv, &held, Duration::from_secs(30)).await;
-    hold_fault(cut, 2 * ACK_WAIT + Duration::from_millis(500)).await;
-    let fences = metric_sum(&a.metrics().await, "orderly_self_fences_total");
-    assert!(
-        fences >= held.len() as f64,
-        "{fences} self-fences for {} orders",
-        held.len()
-    );
-    proxy.heal();
-
-    // After healing the node rejoins and works again.
-    let more = publish_orders(&js, 150).await;
-    wait_until(
-        "the healed node to finish a new order",
-        Duration::from_secs(60),
-        || async {
-            more.iter()
-                .any(|id| {
-                    audits
-                        .of("cut-a", *id)
-                        .iter()
-                        .any(|l| l["change"] == "finish")
-                })
-                .then_some(())
-        },
-    )
-    .await;
-    ids.extend(more);
-    let report = settle_and_check(
+    isolated_node_is_taken_over_and_returns(
+        "network cut",
         &js,
-        &ids,
         &audits,
-        &Outside::default(),
-        Duration::from_secs(60),
+        (&a, "cut-b"),
+        Isolation::CutOff(&proxy),
     )
     .await;
-    print_report("network cut", &report);
-    for id in &held {
-        let mine = audits.of("cut-a", *id);
-        assert!(
-            mine.iter().all(|l| l["event"] != "settled"
-                || !mine.iter().any(|e| e["event"] == "lease_end"
-                    && e["why"] == "fenced"
-                    && e["delivery"] == l["delivery"])),
-            "order {id}: the cut-off node settled a message it had fenced"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -65,12 +65,16 @@ pub struct Report {
     pub orders: usize,
     pub intervals: usize,
     pub handovers: Vec<Handover>,
-    /// Steps started again after an interrupted run.
+    /// Step runs beyond the first, from the final documents' `runs`: steps started again after their
+    /// node stopped in the middle of them.
     pub steps_rerun: usize,
     pub given_up: usize,
     /// Writes a node sent without getting an answer, which the server did apply (inside the node's
     /// interval).
     pub unconfirmed_applied: usize,
+    /// Of those, writes the server stored after their sender's interval ended (and before anyone
+    /// else's began).
+    pub unconfirmed_applied_late: usize,
     pub completed: usize,
     pub failed: usize,
 }
@@ -213,11 +217,10 @@ async fn check_order(
         );
     }
 
-    // No step recorded complete was started again; count steps re-run after an interruption.
+    // No step recorded complete was started again, by the nodes' own account.
     let mut commits: Vec<&&Value> = lines.iter().filter(|l| l["event"] == "commit").collect();
     commits.sort_by_key(|l| l["revision"].as_u64());
     let mut completed = HashSet::new();
-    let mut started = HashSet::new();
     for commit in commits {
         let step = commit["step"].as_str().unwrap_or_default().to_owned();
         match commit["change"].as_str() {
@@ -226,9 +229,6 @@ async fn check_order(
                     !completed.contains(&step),
                     "order {id}: step {step} was started again after it completed: {commit}"
                 );
-                if !started.insert(step) {
-                    report.steps_rerun += 1;
-                }
             }
             Some("complete_step") => {
                 completed.insert(step);
@@ -241,6 +241,9 @@ async fn check_order(
     // interval by the server's clock, and exactly one revision is terminal.
     let mut terminal = 0;
     let mut last_state = String::new();
+    let mut last_doc = Value::Null;
+    // By the server's account too: no revision shows a step running again after one showed it complete.
+    let mut completed_steps = HashSet::new();
     for entry in history(orders, id).await {
         let written = entry.written;
         if let Ok(doc) = serde_json::from_slice::<Value>(&entry.value) {
@@ -248,23 +251,50 @@ async fn check_order(
             if matches!(state.as_str(), "Completed" | "Failed") {
                 terminal += 1;
             }
+            for step in doc["steps"].as_array().into_iter().flatten() {
+                let name = step["step_name"].as_str().unwrap_or_default().to_owned();
+                match step["status"].as_str() {
+                    Some("Completed") => {
+                        completed_steps.insert(name);
+                    }
+                    Some("Running") => assert!(
+                        !completed_steps.contains(&name),
+                        "order {id}: revision {} runs step {name} again after it completed",
+                        entry.revision
+                    ),
+                    _ => {}
+                }
+            }
             last_state = state;
+            last_doc = doc;
         }
         if outside.revisions.contains(&entry.revision) {
             continue;
         }
         let Some(line) = writes.get(&entry.revision) else {
-            // A write whose answer the node never got: it must be one the node sent inside its
-            // interval, and the server must have stored it inside that interval too.
+            // A write whose answer the node never got: the node sent it inside its interval, and the
+            // server stored it before any later holder's interval began. (A write held up in the
+            // network, or in the client across a reconnect, can arrive after its sender fenced; the
+            // compare-and-set then refuses it if another node claimed the order in between.)
             let explained = lines
                 .iter()
                 .filter(|l| l["event"] == "unconfirmed")
-                .any(|l| {
+                .find(|l| {
                     let interval = interval_of(l);
-                    stamp(l, "sent") <= written
-                        && written >= interval.start
-                        && written <= interval.end + CLOCK_SLACK
-                });
+                    let sent = stamp(l, "sent");
+                    sent <= written
+                        && sent >= interval.start
+                        && sent <= interval.end + CLOCK_SLACK
+                        && intervals
+                            .iter()
+                            .filter(|later| later.start > interval.start)
+                            .all(|later| later.start >= written)
+                })
+                .map(|l| written > interval_of(l).end + CLOCK_SLACK);
+            if explained == Some(true) {
+                report.unconfirmed_applied_late += 1;
+            }
+            let explained = explained.is_some();
             assert!(
                 explained,
                 "order {id}: revision {} (written {written}) is in no node's audit: {}\naudit:\n{}",
@@ -303,6 +333,15 @@ async fn check_order(
         terminal, 1,
         "order {id}: {terminal} terminal revisions in its history (last state {last_state})"
     );
+    report.steps_rerun += last_doc["steps"]
+        .as_array()
+        .map(|steps| {
+            steps
+                .iter()
+                .map(|s| s["runs"].as_u64().unwrap_or(1).saturating_sub(1) as usize)
+                .sum::<usize>()
+        })
+        .unwrap_or_default();
     match last_state.as_str() {
         "Completed" => report.completed += 1,
         "Failed" => report.failed += 1,

@@ -101,7 +101,29 @@ struct ClusterServer {
 }
 
 impl NatsCluster {
+    /// Starts three servers and waits until they elect a JetStream leader. A server that cannot
+    /// start (a port taken in the meantime) makes it start over on new ports.
     pub async fn start() -> NatsCluster {
+        for _ in 0..3 {
+            let cluster = NatsCluster::spawn();
+            if cluster.wait_ready(Duration::from_secs(40)).await {
+                return cluster;
+            }
+            eprintln!("the NATS cluster did not come up; starting it again on new ports");
+            for server in &cluster.servers {
+                let log = std::fs::read_to_string(server._dir.path().join("server.log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                eprintln!("--- {} ---", server.name);
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        panic!("the NATS cluster did not come up in three attempts");
+    }
+
+    fn spawn() -> NatsCluster {
         let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes = cluster_ports
             .iter()
@@ -122,8 +144,10 @@ impl NatsCluster {
                 format!("nats://127.0.0.1:{cluster_port}"),
                 "--routes".to_owned(),
                 routes.clone(),
+                "-l".to_owned(),
+                dir.path().join("server.log").display().to_string(),
             ];
-            let child = spawn_nats_server(port, dir.path(), &extra);
+            let child = spawn_nats_server(port, &dir.path().join("store"), &extra);
             servers.push(ClusterServer {
                 name,
                 port,
@@ -136,16 +160,22 @@ impl NatsCluster {
             .map(|s| format!("nats://127.0.0.1:{}", s.port))
             .collect::<Vec<_>>()
             .join(",");
-        let cluster = NatsCluster { servers, urls };
-        let client = cluster.client().await;
-        let js = jetstream::new(client);
-        wait_until(
-            "the cluster to elect a JetStream leader",
-            Duration::from_secs(60),
-            || async { js.query_account().await.ok().map(|_| ()) },
-        )
-        .await;
-        cluster
+        NatsCluster { servers, urls }
+    }
+
+    async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            let servers: Vec<&str> = self.urls.split(',').collect();
+            if let Ok(client) = async_nats::connect(servers).await {
+                let js = jetstream::new(client);
+                if js.query_account().await.is_ok() {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
     }
 
     pub async fn client(&self) -> async_nats::Client {
