@@ -215,13 +215,24 @@ impl Pipeline {
             return Err(Halt::Fenced);
         }
         let sent = Stamp::now();
-        let written = tokio::time::timeout_at(
-            lease.deadline().into(),
-            self.store.update(&next, order.revision),
-        )
-        .await;
+        let written = tokio::select! {
+            written = tokio::time::timeout_at(
+                lease.deadline().into(),
+                self.store.update(&next, order.revision),
+            ) => written,
+            _ = lease.lost() => {
+                lease.unconfirmed(what, sent);
+                return Err(Halt::Fenced);
+            }
+        };
         let written = match written {
-            Ok(Ok(written)) => written,
+            Ok(Ok(written)) if lease.is_held() => written,
+            Ok(Ok(_)) => {
+                // Answered, but after the lease ended (its connection was lost meanwhile): the write
+                // may have been stored after the node's interval, so it counts as unanswered.
+                lease.unconfirmed(what, sent);
+                return Err(Halt::Fenced);
+            }
             Ok(Err(e)) => {
                 if !e.is_conflict() {
                     lease.unconfirmed(what, sent);

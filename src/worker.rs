@@ -523,6 +523,11 @@ impl Worker {
                 )
                 .await;
                 match written {
+                    Ok(Ok(_)) if !lease.is_held() => {
+                        lease.unconfirmed("give_up", sent);
+                        lease.end(LeaseEnd::Fenced);
+                        return;
+                    }
                     Ok(Ok(written)) => {
                         if !lease.is_claimed() {
                             lease.claimed(delivery.stream_seq, written.revision, sent);

@@ -156,11 +156,63 @@ async fn settle_and_check(
             check_terminal_document(doc);
         }
     }
-    wait_until("the work stream to be empty", timeout, || async {
-        (stream_messages(js).await == Some(0)).then_some(())
-    })
-    .await;
+    let deadline = Instant::now() + timeout;
+    while stream_messages(js).await != Some(0) {
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for the work stream to be empty\n{}",
+                queue_report(js, &kv).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     audit::check(&kv, ids, &audits.lines(), outside).await
+}
+
+/// What is left in the work queue: the stream and consumer state, and each message left with its
+/// order's state.
+async fn queue_report(js: &jetstream::Context, kv: &jetstream::kv::Store) -> String {
+    let mut report = String::new();
+    let Ok(mut stream) = js.get_stream("ORDERS").await else {
+        return "stream ORDERS unavailable".into();
+    };
+    let Ok(info) = stream.info().await else {
+        return "stream info unavailable".into();
+    };
+    let state = info.state.clone();
+    report.push_str(&format!("stream: {state:?}\n"));
+    if let Ok(mut consumer) = stream
+        .get_consumer::<jetstream::consumer::pull::Config>("workers")
+        .await
+    {
+        if let Ok(info) = consumer.info().await {
+            report.push_str(&format!(
+                "consumer: pending {} ack pending {} redelivered {} delivered {:?} ack floor {:?}\n",
+                info.num_pending,
+                info.num_ack_pending,
+                info.num_redelivered,
+                info.delivered,
+                info.ack_floor
+            ));
+        }
+    }
+    for seq in state.first_sequence..=state.last_sequence.min(state.first_sequence + 20) {
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            let id = message
+                .subject
+                .trim_start_matches("orders.submit.")
+                .to_owned();
+            let doc = match id.parse::<Uuid>() {
+                Ok(id) => document(kv, id).await.map(|d| d["state"].to_string()),
+                Err(_) => None,
+            };
+            report.push_str(&format!(
+                "message {seq} {}: order {doc:?}\n",
+                message.subject
+            ));
+        }
+    }
+    report
 }
 
 fn seconds(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
