@@ -286,9 +286,12 @@ enum Isolation<'a> {
 }
 
 impl Isolation<'_> {
-    fn begin(&self) {
+    async fn begin(&self) {
         match self {
-            Isolation::Paused(node) => node.signal("STOP"),
+            Isolation::Paused(node) => {
+                node.signal("STOP");
+                node.wait_stopped().await;
+            }
             Isolation::CutOff(proxy) => proxy.cut(),
         }
     }
@@ -313,7 +316,7 @@ async fn isolated_node_is_taken_over_and_returns(
 ) {
     let mut ids = publish_orders(js, 150).await;
     wait_busy(a, 20.0).await;
-    isolation.begin();
+    isolation.begin().await;
     let began = Instant::now();
     let held = audits.held_by(&a.id);
     assert!(!held.is_empty(), "the isolated node held orders");

@@ -18,12 +18,14 @@ use uuid::Uuid;
 /// How far a stamp converted from a monotonic deadline may be off from a direct clock read.
 const CLOCK_SLACK: chrono::Duration = chrono::Duration::microseconds(200);
 
-/// Every line of every audit file.
+/// Every complete line of every audit file. A last line without its newline is one the node is still
+/// writing while the file is read; it is left for the next read.
 pub fn read(paths: &[&Path]) -> Vec<Value> {
     let mut lines = Vec::new();
     for path in paths {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+        for line in complete.lines().filter(|l| !l.trim().is_empty()) {
             lines.push(serde_json::from_str(line).unwrap_or_else(|e| {
                 panic!("audit line of {} is not JSON ({e}): {line}", path.display())
             }));

@@ -247,6 +247,23 @@ impl Node {
         assert!(status.success(), "kill -{signal} failed");
     }
 
+    /// Waits until the process is stopped (after `SIGSTOP`): a signal only takes effect once the system
+    /// call the process is in has returned.
+    pub async fn wait_stopped(&self) {
+        let stat = format!("/proc/{}/stat", self.pid());
+        wait_until(
+            &format!("node {} to stop", self.id),
+            Duration::from_secs(10),
+            || async {
+                let text = std::fs::read_to_string(&stat).unwrap_or_default();
+                // The state follows the command name in parentheses: "pid (comm) T ...".
+                let state = text.rsplit(')').next()?.split_whitespace().next()?;
+                (state == "T" || state == "t").then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Waits for the process to exit, up to `timeout`.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
