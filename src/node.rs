@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use futures::FutureExt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -101,12 +101,26 @@ async fn run_connected(
         return Ok(());
     };
     let js = async_nats::jetstream::new(client.clone());
+    let setup_deadline = Instant::now() + SETUP_PATIENCE;
     let layout = Layout {
         replicas: config.replicas,
         ack_wait: config.ack_wait,
         max_deliver: config.max_deliver,
     };
-    let setup = nats::setup(&js, layout).await?;
+    let setup = loop {
+        match nats::setup(&js, layout).await {
+            Ok(setup) => break setup,
+            // A cluster that is still forming cannot place replicas yet; JetStream may come up later.
+            Err(e @ nats::SetupError::Nats { .. }) if Instant::now() < setup_deadline => {
+                tracing::warn!(error = %e, "JetStream not ready; retrying in 1s");
+                tokio::select! {
+                    _ = shutdown.as_mut() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {} (ORDERLY_HTTP_ADDR)", config.http_addr))?;
@@ -280,5 +294,7 @@ async fn run_connected(
 }
 
 const HEARTBEAT_TASK: &str = "node heartbeat";
+/// How long a node retries setting up its JetStream objects before it gives up and exits.
+const SETUP_PATIENCE: Duration = Duration::from_secs(60);
 /// How often the work queue's state is read for the metrics.
 const QUEUE_POLL: Duration = Duration::from_secs(5);
