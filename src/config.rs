@@ -68,7 +68,9 @@ pub struct Config {
     #[arg(long, env = "ORDERLY_ACK_WAIT", default_value = "30s", value_parser = parse_ack_wait)]
     pub ack_wait: Duration,
 
-    /// How many times an order's message is delivered before Orderly gives up on it.
+    /// How many deliveries an order gets before Orderly gives up on it. Orderly counts them itself (the
+    /// consumer has no limit): the delivery after the last ends the order `Failed`. A store outage,
+    /// however long, uses up none.
     #[arg(long, env = "ORDERLY_MAX_DELIVER", default_value_t = 10, value_parser = clap::value_parser!(i64).range(2..=1000))]
     pub max_deliver: i64,
 

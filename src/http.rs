@@ -23,6 +23,8 @@ pub struct AppState {
     pub intake: Intake,
     pub cluster: Cluster,
     pub client: async_nats::Client,
+    /// Whether the shared consumer can be worked from.
+    pub health: crate::follow::Health,
     pub metrics: PrometheusHandle,
     pub draining: CancellationToken,
 }
@@ -142,17 +144,21 @@ async fn healthz() -> Json<serde_json::Value> {
 async fn readyz(State(state): State<AppState>) -> Response {
     let connected = state.client.connection_state() == async_nats::connection::State::Connected;
     let draining = state.draining.is_cancelled();
-    let ready = connected && !draining;
+    let problem = state.health.problem();
+    let ready = connected && !draining && problem.is_none();
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
+    let mut body = json!({
         "status": if ready { "ready" } else { "not ready" },
         "nats_connected": connected,
         "draining": draining,
     });
+    if let Some(problem) = problem {
+        body["reason"] = json!(problem);
+    }
     (status, Json(body)).into_response()
 }
 

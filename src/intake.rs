@@ -7,7 +7,7 @@
 
 use crate::events::Events;
 use crate::metrics as m;
-use crate::nats::{submit_subject, CREATE_SUBJECT, GET_SUBJECT, VIA_HEADER};
+use crate::nats::{submit_subject, CREATE_SUBJECT, DUPLICATE_WINDOW, GET_SUBJECT, VIA_HEADER};
 use crate::order::{parse_order_id, Interface, Order};
 use crate::pipeline::now;
 use crate::store::{OrderStore, StoreError};
@@ -41,6 +41,9 @@ pub enum IntakeError {
     TooLarge(String),
     #[error("no order {0}")]
     NotFound(Uuid),
+    /// The id is taken by something that is not this order; submitting again will not help.
+    #[error("{0}")]
+    Conflict(String),
     /// NATS could not take or give the order now; the caller may retry.
     #[error("order service unavailable: {0}")]
     Unavailable(String),
@@ -56,6 +59,7 @@ impl IntakeError {
         match self {
             IntakeError::BadRequest(_) => 400,
             IntakeError::NotFound(_) => 404,
+            IntakeError::Conflict(_) => 409,
             IntakeError::TooLarge(_) => 413,
             IntakeError::Unavailable(_) | IntakeError::Uncertain { .. } => 503,
         }
@@ -65,6 +69,7 @@ impl IntakeError {
         match self {
             IntakeError::BadRequest(_) => "bad_request",
             IntakeError::NotFound(_) => "not_found",
+            IntakeError::Conflict(_) => "conflict",
             IntakeError::TooLarge(_) => "payload_too_large",
             IntakeError::Unavailable(_) => "unavailable",
             IntakeError::Uncertain { .. } => "uncertain",
@@ -137,12 +142,11 @@ impl Intake {
             reason: e.to_string(),
         })?;
         if stored.duplicate {
-            // The same id within the duplicate window: the same order, answered as before.
+            // The id was used within the duplicate window. JetStream says only that some message
+            // carried it: it is the same order only if that message (or, once processed, the order's
+            // document) is this order's.
+            let start_time = self.existing(order_id, stored.sequence).await?;
             tracing::info!(order.id = %order_id, "repeated submission of an accepted order");
-            let start_time = match self.store.get(order_id).await? {
-                Some(existing) => existing.order.start_time,
-                None => order.start_time,
-            };
             return Ok(Submitted {
                 order_id,
                 start_time,
@@ -169,6 +173,29 @@ impl Intake {
             order_id,
             start_time,
         })
+    }
+
+    /// The start time of order `order_id`, which JetStream reports as already carried by message
+    /// `seq`, after checking that the message or the document really is that order.
+    async fn existing(&self, order_id: Uuid, seq: u64) -> Result<DateTime<Utc>, IntakeError> {
+        let carrier = crate::sweep::peek_exact(&self.js, seq)
+            .await
+            .map_err(|e| IntakeError::Unavailable(e.to_string()))?;
+        let document = self.store.get(order_id).await?;
+        let expected = submit_subject(&order_id);
+        match (carrier, document) {
+            (_, Some(existing)) => Ok(existing.order.start_time),
+            (Some(message), None) if message.subject == expected => Ok(now()),
+            (Some(message), None) => Err(IntakeError::Conflict(format!(
+                "id {order_id} was used as the message id of another message ({}, stream sequence {seq}) within the last {}s; choose another Idempotency-Key",
+                message.subject,
+                DUPLICATE_WINDOW.as_secs()
+            ))),
+            (None, None) => Err(IntakeError::Conflict(format!(
+                "id {order_id} was used as a message id within the last {}s, but no order {order_id} exists; choose another Idempotency-Key",
+                DUPLICATE_WINDOW.as_secs()
+            ))),
+        }
     }
 
     /// The order's document as stored, byte for byte.

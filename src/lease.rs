@@ -4,16 +4,70 @@
 //! it received) + the redelivery window. A node therefore counts its lease from the moment it *sent*
 //! the last in-progress ack the server confirmed (or from before it asked for the message), and stops
 //! working on the order at `anchor + window - margin`: before the server could redeliver it.
+//!
+//! The window is the one the consumer has *now*: an operator can edit it while orders run, and the
+//! server applies a new window to deliveries already out. Leases read it from [`Windows`], which the
+//! node keeps equal to the consumer's configuration, so a shorter window shortens every lease at once.
 
 use crate::audit::{Audit, LeaseEnd, Stamp};
 use crate::metrics as m;
 use crate::order::Step;
 use async_nats::jetstream::{self, AckKind};
+use chrono::{DateTime, Utc};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// The longest interval between two in-progress acks, whatever the window. A window shortened while
+/// orders run takes effect on the server at once, counted from the last in-progress ack it received;
+/// the node learns of it within the consumer poll (`follow::POLL`). Frequent heartbeats keep that sum
+/// well inside any window an operator may set (see `follow::SAFE_SHRINK`).
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// The consumer's redelivery windows, as the node last read them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Windows {
+    pub ack_wait: Duration,
+    /// With a backoff list the server uses `backoff[n-1]` for delivery n (the last entry repeats)
+    /// and ignores `ack_wait`.
+    pub backoff: Vec<Duration>,
+    /// When the consumer was created: a claim older than this was made through a consumer that no
+    /// longer exists.
+    pub created: DateTime<Utc>,
+}
+
+impl Windows {
+    /// Windows of a consumer with no backoff list.
+    pub fn fixed(ack_wait: Duration) -> Windows {
+        Windows {
+            ack_wait,
+            backoff: Vec::new(),
+            created: DateTime::<Utc>::MIN_UTC,
+        }
+    }
+
+    pub fn timing(&self, delivered: u32) -> LeaseTiming {
+        LeaseTiming::for_delivery(self.ack_wait, &self.backoff, delivered)
+    }
+
+    /// The shortest window any delivery gets.
+    pub fn shortest(&self) -> Duration {
+        self.backoff.iter().copied().min().unwrap_or(self.ack_wait)
+    }
+
+    /// The longest window any delivery gets.
+    pub fn longest(&self) -> Duration {
+        self.backoff.iter().copied().max().unwrap_or(self.ack_wait)
+    }
+
+    /// A source of windows that never changes (for tools and tests).
+    pub fn constant(self) -> watch::Receiver<Windows> {
+        watch::channel(self).1
+    }
+}
 
 /// The timing of a lease, derived from the redelivery window in force for a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +84,7 @@ impl LeaseTiming {
     pub fn for_window(window: Duration) -> LeaseTiming {
         LeaseTiming {
             window,
-            heartbeat: window / 5,
+            heartbeat: (window / 5).min(MAX_HEARTBEAT),
             margin: window / 5,
         }
     }
@@ -101,6 +155,22 @@ impl Connection {
             .copied()
     }
 
+    /// How many times the connection was lost so far.
+    pub fn losses(&self) -> usize {
+        self.epoch()
+    }
+
+    /// Completes once the connection has been lost more than `seen` times.
+    pub async fn wait_loss_after(&self, seen: usize) {
+        loop {
+            let changed = self.inner.changed.notified();
+            if self.epoch() > seen {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     /// The connection as it is now, for a lease taken now.
     pub fn current(&self) -> Epoch {
         Epoch {
@@ -160,37 +230,44 @@ impl Holder {
 }
 
 struct Inner {
-    timing: LeaseTiming,
+    windows: watch::Receiver<Windows>,
     holder: Holder,
     connection: Epoch,
     /// Set once the node's claim on the order was written: from then on the lease is an interval in
     /// the audit, which [`Lease::end`] closes.
     claimed: AtomicBool,
     ended: AtomicBool,
-    /// When the holder must stop working: last confirmed anchor + window - margin.
-    deadline: Mutex<Instant>,
+    /// When the holder last knew the server had the delivery alive: before it asked for the message,
+    /// then the sending of each confirmed in-progress ack. The lease ends at anchor + window - margin.
+    anchor: Mutex<Instant>,
     lost: CancellationToken,
 }
 
 impl Lease {
     /// A lease anchored at `anchor`, a moment no later than the server's delivery of the message, on
-    /// `connection` as it was at that moment.
-    pub fn new(timing: LeaseTiming, anchor: Instant, holder: Holder, connection: Epoch) -> Lease {
+    /// `connection` as it was at that moment, with the windows `windows` says are in force.
+    pub fn new(
+        windows: watch::Receiver<Windows>,
+        anchor: Instant,
+        holder: Holder,
+        connection: Epoch,
+    ) -> Lease {
         Lease {
             inner: Arc::new(Inner {
-                timing,
+                windows,
                 holder,
                 connection,
                 claimed: AtomicBool::new(false),
                 ended: AtomicBool::new(false),
-                deadline: Mutex::new(anchor + timing.window - timing.margin),
+                anchor: Mutex::new(anchor),
                 lost: CancellationToken::new(),
             }),
         }
     }
 
+    /// The timing in force now for this lease's delivery.
     pub fn timing(&self) -> LeaseTiming {
-        self.inner.timing
+        self.inner.windows.borrow().timing(self.inner.holder.delivery)
     }
 
     pub fn holder(&self) -> &Holder {
@@ -281,11 +358,13 @@ impl Lease {
     /// When the holder must stop: the heartbeat deadline, or the loss of the connection the lease was
     /// taken on, whichever comes first.
     pub fn deadline(&self) -> Instant {
-        let heartbeats = *self
+        let timing = self.timing();
+        let anchor = *self
             .inner
-            .deadline
+            .anchor
             .lock()
             .expect("lease lock is never poisoned");
+        let heartbeats = anchor + timing.window - timing.margin;
         match self.inner.connection.ended() {
             Some(lost) => heartbeats.min(lost),
             None => heartbeats,
@@ -309,19 +388,19 @@ impl Lease {
 
     /// The server confirmed an in-progress ack sent at `sent`.
     fn renewed(&self, sent: Instant) {
-        let timing = self.inner.timing;
-        let mut deadline = self
+        let mut anchor = self
             .inner
-            .deadline
+            .anchor
             .lock()
             .expect("lease lock is never poisoned");
-        *deadline = (*deadline).max(sent + timing.window - timing.margin);
+        *anchor = (*anchor).max(sent);
     }
 
     /// Keeps the lease alive with confirmed in-progress acks until `done` fires, and gives it up when
     /// a confirmation does not arrive before the deadline.
     pub async fn keep_alive(self, message: Arc<jetstream::Message>, done: CancellationToken) {
-        let heartbeat = self.inner.timing.heartbeat;
+        let mut windows = self.inner.windows.clone();
+        windows.borrow_and_update();
         let mut next = Instant::now();
         loop {
             let wake = next.min(self.deadline());
@@ -330,6 +409,11 @@ impl Lease {
                 _ = self.lost() => return,
                 _ = self.inner.connection.wait_ended() => {}
                 _ = tokio::time::sleep_until(wake.into()) => {}
+                // A new window applies at once: the deadline and the heartbeat follow it.
+                _ = changed(&mut windows) => {
+                    next = next.min(Instant::now() + self.timing().heartbeat);
+                    continue;
+                }
             }
             if Instant::now() >= self.deadline() {
                 self.fence();
@@ -344,6 +428,7 @@ impl Lease {
                 }
                 result = tokio::time::timeout_at(self.deadline().into(), message.double_ack_with(AckKind::Progress)) => result,
             };
+            let heartbeat = self.timing().heartbeat;
             match confirmed {
                 Ok(Ok(())) => {
                     self.renewed(sent);
@@ -366,6 +451,13 @@ impl Lease {
             tracing::warn!("lease not confirmed in time: stopping work on this order before it can be redelivered");
             self.inner.lost.cancel();
         }
+    }
+}
+
+/// Completes when the windows change; never, once nobody can change them any more.
+async fn changed(windows: &mut watch::Receiver<Windows>) {
+    if windows.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -394,10 +486,9 @@ mod tests {
 
     #[test]
     fn lease_ends_a_margin_before_the_window() {
-        let timing = LeaseTiming::for_window(Duration::from_secs(10));
         let anchor = Instant::now();
         let lease = Lease::new(
-            timing,
+            Windows::fixed(Duration::from_secs(10)).constant(),
             anchor,
             Holder::unaudited(Uuid::nil(), 1),
             Connection::default().current(),
@@ -414,10 +505,31 @@ mod tests {
     }
 
     #[test]
-    fn an_expired_lease_is_not_held() {
-        let timing = LeaseTiming::for_window(Duration::from_secs(1));
+    fn a_shorter_window_shortens_the_lease_at_once() {
+        let (edit, windows) = watch::channel(Windows::fixed(Duration::from_secs(30)));
+        let anchor = Instant::now();
         let lease = Lease::new(
-            timing,
+            windows,
+            anchor,
+            Holder::unaudited(Uuid::nil(), 2),
+            Connection::default().current(),
+        );
+        assert_eq!(lease.deadline(), anchor + Duration::from_secs(24));
+        assert_eq!(lease.timing().heartbeat, MAX_HEARTBEAT);
+        // An operator sets a backoff list: delivery 2 now has the second entry as its window.
+        let mut edited = Windows::fixed(Duration::from_secs(2));
+        edited.backoff = vec![Duration::from_secs(2), Duration::from_secs(5)];
+        edit.send_replace(edited);
+        assert_eq!(lease.deadline(), anchor + Duration::from_secs(4));
+        // A window that has run out already ends the lease.
+        edit.send_replace(Windows::fixed(Duration::from_millis(1)));
+        assert!(!lease.is_held());
+    }
+
+    #[test]
+    fn an_expired_lease_is_not_held() {
+        let lease = Lease::new(
+            Windows::fixed(Duration::from_secs(1)).constant(),
             Instant::now() - Duration::from_secs(5),
             Holder::unaudited(Uuid::nil(), 1),
             Connection::default().current(),
@@ -433,9 +545,9 @@ mod connection_tests {
     #[tokio::test]
     async fn a_lease_ends_when_its_connection_is_lost() {
         let connection = Connection::default();
-        let timing = LeaseTiming::for_window(Duration::from_secs(30));
+        let windows = Windows::fixed(Duration::from_secs(30));
         let lease = Lease::new(
-            timing,
+            windows.clone().constant(),
             Instant::now(),
             Holder::unaudited(Uuid::nil(), 1),
             connection.current(),
@@ -446,7 +558,7 @@ mod connection_tests {
         assert!(lease.deadline() <= Instant::now());
         // A lease taken after the loss is not affected by it.
         let later = Lease::new(
-            timing,
+            windows.constant(),
             Instant::now(),
             Holder::unaudited(Uuid::nil(), 1),
             connection.current(),

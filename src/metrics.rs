@@ -37,6 +37,8 @@ pub const QUEUE_WAITING_PULLS: &str = "orderly_queue_waiting_pulls";
 pub const STREAM_MESSAGES: &str = "orderly_stream_messages";
 pub const QUEUE_POLL_ERRORS: &str = "orderly_queue_poll_errors_total";
 pub const UP_SINCE: &str = "orderly_node_start_time_seconds";
+pub const STORE_RETRIES: &str = "orderly_store_retries_total";
+pub const MESSAGES_REQUEUED: &str = "orderly_messages_requeued_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -106,8 +108,12 @@ fn zero_counters() {
     ] {
         metrics::counter!(MESSAGES_TERMINATED, "reason" => reason).absolute(0);
     }
-    for path in ["last_delivery", "advisory"] {
-        metrics::counter!(ORDERS_GIVEN_UP, "path" => path).absolute(0);
+    metrics::counter!(ORDERS_GIVEN_UP, "path" => "last_delivery").absolute(0);
+    for reason in ["malformed_headers", "status_headers"] {
+        metrics::counter!(MESSAGES_REQUEUED, "reason" => reason).absolute(0);
+    }
+    for connection in ["work", "public"] {
+        metrics::counter!(NATS_RECONNECTS, "connection" => connection).absolute(0);
     }
     for name in [
         MESSAGES_ACKED,
@@ -115,8 +121,8 @@ fn zero_counters() {
         LEASES_LOST,
         SELF_FENCES,
         KV_CONFLICTS,
-        NATS_RECONNECTS,
         QUEUE_POLL_ERRORS,
+        STORE_RETRIES,
     ] {
         metrics::counter!(name).absolute(0);
     }
@@ -135,7 +141,7 @@ fn describe() {
     );
     describe_counter!(
         ORDERS_GIVEN_UP,
-        "Orders ended Failed because their deliveries were exhausted, by how the node learnt of it (last_delivery, advisory)."
+        "Orders ended Failed because they used up the deliveries ORDERLY_MAX_DELIVER allows (path: last_delivery)."
     );
     describe_gauge!(ORDERS_IN_FLIGHT, "Orders this node is working on.");
     describe_histogram!(
@@ -185,8 +191,22 @@ fn describe() {
         KV_CONFLICTS,
         "Compare-and-set writes refused because the order had changed."
     );
-    describe_gauge!(NATS_CONNECTED, "1 while connected to NATS.");
-    describe_counter!(NATS_RECONNECTS, "Reconnections to NATS after a disconnect.");
+    describe_gauge!(
+        NATS_CONNECTED,
+        "1 while connected to NATS, by connection (work: fetches and leases; public: the NATS service)."
+    );
+    describe_counter!(
+        NATS_RECONNECTS,
+        "Reconnections to NATS after a disconnect, by connection (work, public)."
+    );
+    describe_counter!(
+        STORE_RETRIES,
+        "Tries of an order kept while the order store was unavailable."
+    );
+    describe_counter!(
+        MESSAGES_REQUEUED,
+        "Work messages with a header block no node can receive, published again without it, by reason."
+    );
     describe_counter!(HTTP_REQUESTS, "HTTP requests, by route and status.");
     describe_histogram!(
         HTTP_DURATION,

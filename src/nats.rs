@@ -43,7 +43,6 @@ pub fn submit_subject(order_id: &uuid::Uuid) -> String {
 pub struct Layout {
     pub replicas: u8,
     pub ack_wait: Duration,
-    pub max_deliver: i64,
 }
 
 pub fn stream_config(layout: Layout) -> stream::Config {
@@ -63,12 +62,17 @@ pub fn stream_config(layout: Layout) -> stream::Config {
 
 /// The consumer's redelivery windows, one per delivery (the last repeats): the ack wait for the first
 /// two deliveries, then twice and four times as long, so that an order whose node keeps dying with it
-/// is retried ever more slowly until `max_deliver` ends it. The server takes `backoff[0]` as the ack
-/// wait and wants no more entries than `max_deliver`.
-pub fn backoff(ack_wait: Duration, max_deliver: i64) -> Vec<Duration> {
-    let entries = usize::try_from(max_deliver).unwrap_or(1).clamp(1, 4);
-    [ack_wait, ack_wait, ack_wait * 2, ack_wait * 4][..entries].to_vec()
+/// is retried ever more slowly. The server takes `backoff[0]` as the ack wait.
+pub fn backoff(ack_wait: Duration) -> Vec<Duration> {
+    vec![ack_wait, ack_wait, ack_wait * 2, ack_wait * 4]
 }
+
+/// The consumer's own delivery limit: none. The server would stop delivering a message after its
+/// limit and leave it in the work-queue stream for nobody, whatever the cause (a store outage, a
+/// server restart, a node that died), and the only word of it is an advisory any client can forge.
+/// Orderly counts deliveries itself (`ORDERLY_MAX_DELIVER`) and ends an order that used them all up
+/// under the lease of the delivery after the last.
+pub const CONSUMER_MAX_DELIVER: i64 = -1;
 
 pub fn consumer_config(layout: Layout) -> consumer::pull::Config {
     consumer::pull::Config {
@@ -77,8 +81,8 @@ pub fn consumer_config(layout: Layout) -> consumer::pull::Config {
         deliver_policy: consumer::DeliverPolicy::All,
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: layout.ack_wait,
-        max_deliver: layout.max_deliver,
-        backoff: backoff(layout.ack_wait, layout.max_deliver),
+        max_deliver: CONSUMER_MAX_DELIVER,
+        backoff: backoff(layout.ack_wait),
         max_ack_pending: MAX_ACK_PENDING,
         filter_subject: format!("{SUBMIT_PREFIX}.*"),
         ..Default::default()
@@ -194,7 +198,7 @@ pub async fn setup(js: &jetstream::Context, layout: Layout) -> Result<Setup, Set
     );
     differ(
         &mut diffs,
-        "max_deliver (ORDERLY_MAX_DELIVER)",
+        "max_deliver (Orderly counts deliveries itself: the consumer must have no limit, -1)",
         &wanted.max_deliver,
         &actual.max_deliver,
     );
@@ -206,7 +210,7 @@ pub async fn setup(js: &jetstream::Context, layout: Layout) -> Result<Setup, Set
     };
     differ(
         &mut diffs,
-        "backoff (from ORDERLY_ACK_WAIT and ORDERLY_MAX_DELIVER)",
+        "backoff (from ORDERLY_ACK_WAIT)",
         &windows(&wanted.backoff),
         &windows(&actual.backoff),
     );
@@ -311,20 +315,42 @@ pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
         })
 }
 
+/// What a node's connection to NATS is for. A node has two, so that what any client can send to the
+/// public one (a request with a header block the client library cannot read drops the connection
+/// that receives it) never reaches the connection its leases live on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Fetches work, holds leases, writes orders under them.
+    Work,
+    /// Serves the `orders` NATS service (`orders.create`, `orders.get`, `$SRV.*`) and intake.
+    Public,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Work => "work",
+            Role::Public => "public",
+        }
+    }
+}
+
 /// Connects to NATS, logging and counting connection changes. Retries until it succeeds or
-/// `cancel` fires.
+/// `cancel` fires. Each loss of the connection is recorded in `connection` (leases taken on it end).
 pub async fn connect(
     servers: &[async_nats::ServerAddr],
     node_id: &str,
+    role: Role,
     connection: &crate::lease::Connection,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Option<async_nats::Client> {
+    let label = role.as_str();
     let connected_once = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         let connected_once = connected_once.clone();
         let lost = connection.clone();
         let options = async_nats::ConnectOptions::new()
-            .name(format!("orderly {node_id}"))
+            .name(format!("orderly {node_id} {label}"))
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(3))
             .event_callback(move |event| {
@@ -336,26 +362,26 @@ pub async fn connect(
                 async move {
                     match event {
                         async_nats::Event::Connected => {
-                            metrics::gauge!(m::NATS_CONNECTED).set(1.0);
+                            metrics::gauge!(m::NATS_CONNECTED, "connection" => label).set(1.0);
                             if connected_once.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                                tracing::info!("reconnected to NATS");
-                                metrics::counter!(m::NATS_RECONNECTS).increment(1);
+                                tracing::info!(connection = label, "reconnected to NATS");
+                                metrics::counter!(m::NATS_RECONNECTS, "connection" => label).increment(1);
                             } else {
-                                tracing::info!("connected to NATS");
+                                tracing::info!(connection = label, "connected to NATS");
                             }
                         }
                         async_nats::Event::Disconnected => {
-                            tracing::warn!("disconnected from NATS; reconnecting");
-                            metrics::gauge!(m::NATS_CONNECTED).set(0.0);
+                            tracing::warn!(connection = label, "disconnected from NATS; reconnecting");
+                            metrics::gauge!(m::NATS_CONNECTED, "connection" => label).set(0.0);
                         }
-                        async_nats::Event::Closed => tracing::info!("NATS connection closed"),
-                        other => tracing::warn!(event = %other, "NATS connection event"),
+                        async_nats::Event::Closed => tracing::info!(connection = label, "NATS connection closed"),
+                        other => tracing::warn!(connection = label, event = %other, "NATS connection event"),
                     }
                 }
             });
         match options.connect(servers).await {
             Ok(client) => {
-                metrics::gauge!(m::NATS_CONNECTED).set(1.0);
+                metrics::gauge!(m::NATS_CONNECTED, "connection" => label).set(1.0);
                 return Some(client);
             }
             Err(e) => tracing::warn!(error = %e, "cannot connect to NATS; retrying in 1s"),
@@ -478,8 +504,7 @@ mod tests {
     #[test]
     fn redelivery_windows_grow_and_fit_max_deliver() {
         let w = Duration::from_secs(30);
-        assert_eq!(backoff(w, 10), [w, w, w * 2, w * 4]);
-        assert_eq!(backoff(w, 2), [w, w]);
+        assert_eq!(backoff(w), [w, w, w * 2, w * 4]);
     }
 
     #[test]

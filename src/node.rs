@@ -6,13 +6,14 @@ use crate::audit::Audit;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::events::Events;
-use crate::give_up::Exhausted;
+use crate::follow::Follow;
 use crate::http::{self, AppState};
 use crate::intake::Intake;
 use crate::lease::Connection;
-use crate::nats::{self, EmbeddedServer, Layout};
+use crate::nats::{self, EmbeddedServer, Layout, Role};
 use crate::pipeline::{FailureDraw, Pipeline, Stop};
 use crate::store::OrderStore;
+use crate::sweep::Sweep;
 use crate::worker::{Worker, WorkerStats};
 use anyhow::Context as _;
 use futures::FutureExt;
@@ -92,20 +93,25 @@ async fn run_connected(
         .context("NATS_URL")?;
     let drain = CancellationToken::new();
     let connection = Connection::default();
-    let client = tokio::select! {
-        client = nats::connect(&servers, &node_id, &connection, &drain) => client,
+    let connections = tokio::select! {
+        work = nats::connect(&servers, &node_id, Role::Work, &connection, &drain) => match work {
+            Some(work) => nats::connect(&servers, &node_id, Role::Public, &Connection::default(), &drain)
+                .await
+                .map(|public| (work, public)),
+            None => None,
+        },
         _ = shutdown.as_mut() => None,
     };
-    let Some(client) = client else {
+    let Some((client, public)) = connections else {
         tracing::info!("stopped before connecting to NATS");
         return Ok(());
     };
     let js = async_nats::jetstream::new(client.clone());
+    let public_js = async_nats::jetstream::new(public.clone());
     let setup_deadline = Instant::now() + SETUP_PATIENCE;
     let layout = Layout {
         replicas: config.replicas,
         ack_wait: config.ack_wait,
-        max_deliver: config.max_deliver,
     };
     let setup = loop {
         match nats::setup(&js, layout).await {
@@ -136,7 +142,19 @@ async fn run_connected(
         None => Audit::off(),
     };
     let store = OrderStore::new(setup.orders.clone(), audit.clone());
+    let public_orders = public_js
+        .get_key_value(crate::store::BUCKET)
+        .await
+        .context("cannot open the orders bucket")?;
+    let public_store = OrderStore::new(public_orders, audit.clone());
     let events = Events::new(client.clone(), node_id.clone());
+    let follow = Follow::new(
+        setup.stream.clone(),
+        layout,
+        setup.consumer.cached_info(),
+        connection.clone(),
+    );
+    let health = follow.health();
     let stats = Arc::new(WorkerStats::default());
     let stop = Stop {
         drain: drain.clone(),
@@ -161,14 +179,18 @@ async fn run_connected(
         workers: config.workers as usize,
         stats: stats.clone(),
         audit: audit.clone(),
+        connection: connection.clone(),
+        windows: follow.windows(),
+        health: health.clone(),
+        max_deliver: u32::try_from(config.max_deliver).unwrap_or(u32::MAX),
+    };
+    let sweep = Sweep::new(
+        js.clone(),
+        setup.stream.clone(),
+        setup.nodes.clone(),
+        node_id.clone(),
         connection,
-    };
-    let exhausted = Exhausted {
-        stream: setup.stream.clone(),
-        store: store.clone(),
-        events: events.clone(),
-        audit,
-    };
+    );
     let cluster = Cluster {
         kv: setup.nodes.clone(),
         node_id: node_id.clone(),
@@ -180,11 +202,16 @@ async fn run_connected(
         draining: drain.clone(),
         last_beat: Default::default(),
     };
-    let intake = Intake { js, store, events };
+    let intake = Intake {
+        js: public_js,
+        store: public_store,
+        events: Events::new(public.clone(), node_id.clone()),
+    };
     let app = http::router(AppState {
         intake: intake.clone(),
         cluster: cluster.clone(),
         client: client.clone(),
+        health,
         metrics,
         draining: drain.clone(),
     });
@@ -215,14 +242,11 @@ async fn run_connected(
             .await;
         ("http server", served.map_err(anyhow::Error::from))
     });
-    tasks.spawn(
-        exhausted
-            .watch(client.clone(), drain.clone())
-            .map(|r| ("exhausted-delivery watch", r)),
-    );
+    tasks.spawn(follow.run(drain.clone()).map(|r| ("consumer follower", r)));
+    tasks.spawn(sweep.run(drain.clone()).map(|r| ("sweep", r)));
     tasks.spawn(
         intake
-            .serve_nats(client.clone(), node_id.clone(), drain.clone())
+            .serve_nats(public.clone(), node_id.clone(), drain.clone())
             .map(|r| ("nats service", r)),
     );
     tracing::info!(
@@ -284,10 +308,12 @@ async fn run_connected(
         tasks.abort_all();
     }
     // Bounded: with NATS unreachable a flush would wait for the connection to come back.
-    match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "cannot flush the NATS connection"),
-        Err(_) => tracing::warn!("NATS unreachable; exiting without flushing"),
+    for client in [&client, &public] {
+        match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot flush the NATS connection"),
+            Err(_) => tracing::warn!("NATS unreachable; exiting without flushing"),
+        }
     }
     tracing::info!("node stopped");
     failure.map_or(Ok(()), Err)

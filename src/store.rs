@@ -35,6 +35,11 @@ impl StoreError {
     pub fn is_conflict(&self) -> bool {
         matches!(self, StoreError::Conflict { .. })
     }
+
+    /// Whether the failure is the store's, not the order's, and may pass: trying again later helps.
+    pub fn is_passing(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
 
 /// An order as read from the bucket, with the revision a compare-and-set must name.

@@ -6,8 +6,9 @@
 //! the node lost the lease (then it is another node's, and touching it would be wrong).
 
 use crate::audit::{Audit, LeaseEnd, Stamp};
+use crate::follow::{Health, RateLimited};
 use crate::give_up::{ending, record_given_up, shown_payload, Ending};
-use crate::lease::{Connection, Epoch, Holder, Lease, LeaseTiming};
+use crate::lease::{Connection, Epoch, Holder, Lease, Windows};
 use crate::metrics as m;
 use crate::nats::{SUBMIT_PREFIX, VIA_HEADER};
 use crate::order::{parse_order_id, Interface, Order, Owner, State};
@@ -35,8 +36,11 @@ const FETCH_EXPIRES: Duration = Duration::from_secs(2);
 fn fetch_expiry(window: Duration) -> Duration {
     (window / 5).clamp(Duration::from_millis(100), FETCH_EXPIRES)
 }
-/// Delay before a message handed back because of a passing store failure is redelivered.
+/// Delay before a message handed back because of a store failure is redelivered.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// The longest pause between two tries of an order whose store is unavailable. The node keeps the
+/// order (and its lease) meanwhile: an outage of the store, however long, uses up no delivery.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// Counters the node shows in its diagnostics and cluster heartbeat.
 #[derive(Debug, Default)]
@@ -56,6 +60,12 @@ pub struct Worker {
     pub audit: Audit,
     /// The NATS connection as leases see it: a lease ends when the connection it was taken on is lost.
     pub connection: Connection,
+    /// The consumer's redelivery windows as they are now.
+    pub windows: tokio::sync::watch::Receiver<Windows>,
+    /// Whether the consumer can be fetched from.
+    pub health: Health,
+    /// Deliveries after which the order is given up (`ORDERLY_MAX_DELIVER`).
+    pub max_deliver: u32,
 }
 
 /// Checks a submitted payload: a JSON object of at most [`MAX_PAYLOAD`] bytes.
@@ -78,16 +88,7 @@ impl Worker {
     /// Runs until `stop.drain` fires, then waits for in-flight orders to be finished or handed back.
     pub async fn run(self, stop: Stop) {
         let this = Arc::new(self);
-        let info = this.consumer.cached_info().config.clone();
-        let (ack_wait, backoff) = (info.ack_wait, info.backoff);
-        let max_deliver = info.max_deliver;
-        let shortest_window = backoff
-            .iter()
-            .copied()
-            .chain([ack_wait])
-            .min()
-            .unwrap_or(ack_wait);
-        let expires = fetch_expiry(shortest_window);
+        let mut pull_errors = RateLimited::new(Duration::from_secs(10));
         let slots = Arc::new(Semaphore::new(this.workers));
         let mut tasks = JoinSet::new();
         metrics::gauge!(m::WORKERS_TOTAL).set(this.workers as f64);
@@ -108,6 +109,18 @@ impl Worker {
                     permits.merge(more);
                 }
             }
+            if let Some(problem) = this.health.problem() {
+                // No consumer to fetch from (it is being recreated): take no work meanwhile.
+                drop(permits);
+                if let Some(skipped) = pull_errors.allow() {
+                    tracing::warn!(%problem, skipped, "not taking work");
+                }
+                tokio::select! {
+                    _ = stop.drain.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => continue,
+                }
+            }
+            let expires = fetch_expiry(this.windows.borrow().shortest());
             // The server cannot deliver before it was asked: a safe anchor for the leases.
             let asked = Instant::now();
             let connection = this.connection.current();
@@ -121,7 +134,9 @@ impl Worker {
             let mut batch = match batch {
                 Ok(batch) => batch,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot pull from the work queue; retrying");
+                    if let Some(skipped) = pull_errors.allow() {
+                        tracing::warn!(error = %e, skipped, "cannot pull from the work queue; retrying");
+                    }
                     drop(permits);
                     tokio::select! {
                         _ = stop.drain.cancelled() => break,
@@ -138,7 +153,9 @@ impl Worker {
                     None => break,
                     Some(Ok(message)) => message,
                     Some(Err(e)) => {
-                        tracing::warn!(error = %e, "error while pulling from the work queue");
+                        if let Some(skipped) = pull_errors.allow() {
+                            tracing::warn!(error = %e, skipped, "error while pulling from the work queue");
+                        }
                         break;
                     }
                 };
@@ -150,9 +167,6 @@ impl Worker {
                 let worker = this.clone();
                 let stop = stop.clone();
                 let timing = Timing {
-                    ack_wait,
-                    backoff: backoff.clone(),
-                    max_deliver,
                     anchor: asked,
                     connection: connection.clone(),
                 };
@@ -207,8 +221,7 @@ impl Worker {
                 delivery: delivered,
                 audit: self.audit.clone(),
             };
-            let timing_now = LeaseTiming::for_delivery(timing.ack_wait, &timing.backoff, delivered);
-            let lease = Lease::new(timing_now, timing.anchor, holder, timing.connection);
+            let lease = Lease::new(self.windows.clone(), timing.anchor, holder, timing.connection);
             if !lease.is_held() {
                 // The node was paused (or starved) between asking for the message and reading it: the
                 // server may have handed it to another node already.
@@ -238,14 +251,53 @@ impl Worker {
             // Heartbeats stop with this task, even if processing panics.
             let _heartbeats = done.clone().drop_guard();
             tokio::spawn(lease.clone().keep_alive(message.clone(), done.clone()));
-            let outcome = self
-                .process(&message, &delivery, &lease, &stop)
-                .await;
+            if delivered > self.max_deliver {
+                // Every delivery the order was allowed ended without an outcome (its holders died or
+                // lost it): it ends here, under this delivery's lease.
+                let reason = format!(
+                    "gave up after {} deliveries: no node finished the order within the delivery limit (ORDERLY_MAX_DELIVER)",
+                    self.max_deliver
+                );
+                self.give_up(&message, &delivery, &lease, reason).await;
+            } else {
+                let outcome = self.process_until_done(&message, &delivery, &lease, &stop).await;
+                self.settle(&message, &delivery, outcome, &lease).await;
+            }
             done.cancel();
-            self.settle(&message, &delivery, outcome, &lease, timing.max_deliver).await;
         }
         .instrument(span)
         .await
+    }
+
+    /// Processes the order, trying again while the order store is unavailable for as long as the
+    /// lease is held: an outage of the store is no fault of the order and uses up no delivery.
+    async fn process_until_done(
+        &self,
+        message: &jetstream::Message,
+        delivery: &Delivery,
+        lease: &Lease,
+        stop: &Stop,
+    ) -> Result<Processed, Failure> {
+        let mut pause = RETRY_DELAY;
+        let mut tries = 0u32;
+        loop {
+            let outcome = self.process(message, delivery, lease, stop).await;
+            let error = match &outcome {
+                Err(Failure::Store(e)) | Err(Failure::Halt(Halt::Store(e))) if e.is_passing() => e,
+                _ => return outcome,
+            };
+            tries += 1;
+            if tries == 1 || tries % 10 == 0 {
+                tracing::warn!(error = %error, tries, "order store unavailable; keeping the order and trying again");
+            }
+            metrics::counter!(m::STORE_RETRIES).increment(1);
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = lease.lost() => return outcome,
+                _ = stop.drain.cancelled() => return outcome,
+            }
+            pause = (pause * 2).min(MAX_RETRY_DELAY);
+        }
     }
 
     /// Loads (or creates) the order, claims it and runs its pipeline.
@@ -313,8 +365,21 @@ impl Worker {
                 return Err(Failure::Poison("duplicate"));
             }
         }
+        let consumer_created = self.windows.borrow().created;
+        let ours = order.order.owner.as_ref().is_some_and(|owner| {
+            owner.node == self.pipeline.node_id
+                && owner.stream_seq == delivery.stream_seq
+                && owner.delivery == delivery.delivered
+                && lease.is_claimed()
+        });
         if let Some(owner) = order.order.owner.as_ref().filter(|owner| {
-            owner.stream_seq == delivery.stream_seq && owner.delivery >= delivery.delivered
+            // A claim made through a consumer that was since deleted and created again is stale
+            // whatever its delivery number: the new consumer counts from 1 and was paused until
+            // every old lease had ended.
+            !ours
+                && owner.stream_seq == delivery.stream_seq
+                && owner.delivery >= delivery.delivered
+                && owner.claimed_at >= consumer_created
         }) {
             // The server hands a message out again only once the previous delivery's window is over,
             // and every holder stops before its window ends: a claim by an older delivery is stale and
@@ -323,18 +388,21 @@ impl Worker {
             return Err(Failure::NotOurs);
         }
         let first_pickup = order.order.attempt == 0;
-        let owner = Owner {
-            node: self.pipeline.node_id.clone(),
-            delivery: delivery.delivered,
-            stream_seq: delivery.stream_seq,
-            claimed_at: now(),
-        };
-        let start = Stamp::now();
-        self.pipeline
-            .commit(&mut order, lease, "claim", |o| o.claim(owner))
-            .await
-            .map_err(Failure::Halt)?;
-        lease.claimed(delivery.stream_seq, order.revision, start);
+        if !ours {
+            // (A retry after a store outage finds its own claim and goes on under it.)
+            let owner = Owner {
+                node: self.pipeline.node_id.clone(),
+                delivery: delivery.delivered,
+                stream_seq: delivery.stream_seq,
+                claimed_at: now(),
+            };
+            let start = Stamp::now();
+            self.pipeline
+                .commit(&mut order, lease, "claim", |o| o.claim(owner))
+                .await
+                .map_err(Failure::Halt)?;
+            lease.claimed(delivery.stream_seq, order.revision, start);
+        }
         if first_pickup {
             let waited = (now() - order.order.start_time)
                 .to_std()
@@ -402,7 +470,6 @@ impl Worker {
         delivery: &Delivery,
         outcome: Result<Processed, Failure>,
         lease: &Lease,
-        max_deliver: i64,
     ) {
         match outcome {
             Ok(Processed::Finished(state, order)) => {
@@ -469,8 +536,10 @@ impl Worker {
                 }
             }
             Err(Failure::Halt(Halt::Store(e))) | Err(Failure::Store(e)) => {
-                if i64::from(delivery.delivered) >= max_deliver && lease.is_held() {
-                    self.give_up(message, delivery, lease, e).await;
+                if !e.is_passing() && delivery.delivered >= self.max_deliver && lease.is_held() {
+                    // The order's own fault (its document is unreadable) on its last delivery.
+                    let reason = format!("gave up after {} deliveries: {e}", delivery.delivered);
+                    self.give_up(message, delivery, lease, reason).await;
                 } else if lease.end(LeaseEnd::Dropped) {
                     tracing::warn!(error = %e, "cannot get on with the order (order store); handing the message back for a retry");
                     nak(message, Some(RETRY_DELAY), "store_unavailable").await;
@@ -481,89 +550,116 @@ impl Worker {
         lease.end(LeaseEnd::Dropped);
     }
 
-    /// The last delivery could not get on with the order: it ends `Failed`, written under the lease,
-    /// and the message is terminated. If even that write fails, the message is left alone and the
-    /// server's advisory gives another node the same task once the lease's window is over.
+    /// Ends the order `Failed` with `reason`, written under the lease, then terminates its message.
+    /// While the order store is unavailable it keeps the lease and tries again: the order is not
+    /// left for nobody to end.
     async fn give_up(
         &self,
         message: &jetstream::Message,
         delivery: &Delivery,
         lease: &Lease,
-        error: StoreError,
+        reason: String,
     ) {
-        let reason = format!("gave up after {} deliveries: {error}", delivery.delivered);
-        let ending = match ending(&self.store, delivery.order_id, &message.payload, &reason).await {
-            Ok(ending) => ending,
-            Err(e) => {
-                tracing::error!(error = %e, %reason, "cannot end the order on its last delivery; the server's advisory will have another node try");
-                lease.end(LeaseEnd::Dropped);
-                return;
-            }
-        };
-        match ending {
-            Ending::Terminal => {}
-            Ending::Created(created) => {
-                record_given_up("last_delivery", &reason);
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                self.pipeline.events.created(&created.order).await;
-            }
-            Ending::Replace {
-                revision,
-                before,
-                after,
-            } => {
-                if !lease.is_held() {
-                    lease.end(LeaseEnd::Fenced);
-                    return;
-                }
-                let sent = Stamp::now();
-                let written = tokio::time::timeout_at(
-                    lease.deadline().into(),
-                    self.store.update(&after, revision),
-                )
-                .await;
-                match written {
-                    Ok(Ok(_)) if !lease.is_held() => {
-                        lease.unconfirmed("give_up", sent);
-                        lease.end(LeaseEnd::Fenced);
-                        return;
+        let mut pause = RETRY_DELAY;
+        let mut tries = 0u32;
+        loop {
+            match self.try_give_up(message, delivery, lease, &reason).await {
+                Ok(true) => break,
+                Ok(false) => return,
+                Err(e) => {
+                    tries += 1;
+                    if tries == 1 || tries % 10 == 0 {
+                        tracing::error!(error = %e, %reason, tries, "cannot end the order yet; keeping it and trying again");
                     }
-                    Ok(Ok(written)) => {
-                        if !lease.is_claimed() {
-                            lease.claimed(delivery.stream_seq, written.revision, sent);
-                        }
-                        lease.committed("give_up", None, written.revision, sent);
-                        record_given_up("last_delivery", &reason);
-                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                        match &before {
-                            Some(before) => {
-                                self.pipeline
-                                    .events
-                                    .transition(before, &written.order)
-                                    .await
-                            }
-                            None => self.pipeline.events.created(&written.order).await,
+                    metrics::counter!(m::STORE_RETRIES).increment(1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = lease.lost() => {
+                            lease.end(LeaseEnd::Fenced);
+                            return;
                         }
                     }
-                    Ok(Err(e)) => {
-                        if !e.is_conflict() {
-                            lease.unconfirmed("give_up", sent);
-                        }
-                        tracing::error!(error = %e, %reason, "cannot end the order on its last delivery; the server's advisory will have another node try");
-                        lease.end(LeaseEnd::Dropped);
-                        return;
-                    }
-                    Err(_) => {
-                        lease.unconfirmed("give_up", sent);
-                        lease.end(LeaseEnd::Fenced);
-                        return;
-                    }
+                    pause = (pause * 2).min(MAX_RETRY_DELAY);
                 }
             }
         }
         if lease.end(LeaseEnd::Finished) {
             term(message, "deliveries_exhausted").await;
             lease.settled("term");
+        }
+    }
+
+    /// One try of [`Worker::give_up`]: `Ok(true)` once the order is terminal, `Ok(false)` when the
+    /// lease ended (nothing more may be done), `Err` for a store failure that may pass.
+    async fn try_give_up(
+        &self,
+        message: &jetstream::Message,
+        delivery: &Delivery,
+        lease: &Lease,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        let ending = ending(&self.store, delivery.order_id, &message.payload, reason).await?;
+        let (revision, before, after) = match ending {
+            Ending::Terminal => return Ok(true),
+            Ending::Created(created) => {
+                record_given_up("last_delivery", reason);
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.pipeline.events.created(&created.order).await;
+                return Ok(true);
+            }
+            Ending::Replace {
+                revision,
+                before,
+                after,
+            } => (revision, before, after),
+        };
+        if !lease.is_held() {
+            lease.end(LeaseEnd::Fenced);
+            return Ok(false);
+        }
+        let sent = Stamp::now();
+        let written =
+            tokio::time::timeout_at(lease.deadline().into(), self.store.update(&after, revision))
+                .await;
+        match written {
+            Ok(Ok(_)) if !lease.is_held() => {
+                lease.unconfirmed("give_up", sent);
+                lease.end(LeaseEnd::Fenced);
+                Ok(false)
+            }
+            Ok(Ok(written)) => {
+                if !lease.is_claimed() {
+                    lease.claimed(delivery.stream_seq, written.revision, sent);
+                }
+                lease.committed("give_up", None, written.revision, sent);
+                record_given_up("last_delivery", reason);
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                match &before {
+                    Some(before) => {
+                        self.pipeline
+                            .events
+                            .transition(before, &written.order)
+                            .await
+                    }
+                    None => self.pipeline.events.created(&written.order).await,
+                }
+                Ok(true)
+            }
+            Ok(Err(e)) if e.is_conflict() => {
+                lease.end(LeaseEnd::Lost);
+                metrics::counter!(m::LEASES_LOST).increment(1);
+                tracing::warn!(error = %e, "another writer took the order while it was being given up; dropping it");
+                Ok(false)
+            }
+            Ok(Err(e)) => {
+                lease.unconfirmed("give_up", sent);
+                Err(e)
+            }
+            Err(_) => {
+                lease.unconfirmed("give_up", sent);
+                lease.end(LeaseEnd::Fenced);
+                Ok(false)
+            }
         }
     }
 }
@@ -581,9 +677,6 @@ struct Delivery {
 
 #[derive(Debug, Clone)]
 struct Timing {
-    ack_wait: Duration,
-    backoff: Vec<Duration>,
-    max_deliver: i64,
     anchor: Instant,
     connection: Epoch,
 }
@@ -644,7 +737,7 @@ mod tests {
             fetch_expiry(Duration::from_secs(1)),
             Duration::from_millis(200)
         );
-        let timing = LeaseTiming::for_window(Duration::from_secs(1));
+        let timing = crate::lease::LeaseTiming::for_window(Duration::from_secs(1));
         assert!(fetch_expiry(timing.window) < timing.window - timing.margin);
     }
 

@@ -1,0 +1,229 @@
+//! Following the shared consumer as it is now, not as it was when the node started.
+//!
+//! An operator can edit the `workers` consumer while nodes run (`nats consumer edit`), and the server
+//! applies a new redelivery window at once, to deliveries already out. An operator (or a script) can
+//! also delete it. The node therefore reads the consumer's configuration every [`POLL`]:
+//! - a changed window is published to every lease at once ([`Windows`]): a shorter one shortens
+//!   every lease, and one that has already run out ends it (the lease self-fences);
+//! - a deleted consumer ends every lease at once (its deliveries are forgotten by the server), and
+//!   the consumer is created again, paused for longer than any old lease can last, so that no order
+//!   is handed out again while a node may still be working on it. While it is missing the node takes
+//!   no work and reports not ready, saying why.
+
+use crate::lease::{Connection, Windows};
+use crate::metrics as m;
+use crate::nats::{consumer_config, Layout, CONSUMER};
+use async_nats::jetstream::{consumer, context::ConsumerInfoErrorKind, stream::Stream};
+use chrono::{DateTime, Utc};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// How often the consumer's configuration is read.
+pub const POLL: Duration = Duration::from_millis(250);
+
+/// A window may be shortened while orders run only to a length that leaves the node time to learn of
+/// it: the server counts the new window from the last in-progress ack it received, which is at most
+/// one heartbeat old, and the node learns within one poll; the lease must still have its margin
+/// (a fifth of the window) left then. Longer windows are always safe.
+pub const SAFE_SHRINK: Duration = Duration::from_secs(2);
+
+/// What the node knows of the consumer, for readiness and for the fetch loop.
+#[derive(Clone, Default)]
+pub struct Health {
+    problem: Arc<Mutex<Option<String>>>,
+}
+
+impl Health {
+    /// Why the node cannot take work now, if it cannot.
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set(&self, problem: Option<String>) {
+        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
+    }
+}
+
+/// The windows of a consumer's configuration.
+pub fn windows_of(info: &consumer::Info) -> Windows {
+    Windows {
+        ack_wait: info.config.ack_wait,
+        backoff: info.config.backoff.clone(),
+        created: to_chrono(info.created),
+    }
+}
+
+fn to_chrono(t: time::OffsetDateTime) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.unix_timestamp(), t.nanosecond()).unwrap_or_default()
+}
+
+/// Reads the consumer every [`POLL`] and keeps the node's [`Windows`] and [`Health`] equal to it.
+pub struct Follow {
+    stream: Stream,
+    layout: Layout,
+    windows: watch::Sender<Windows>,
+    health: Health,
+    /// Ended (as a lost connection ends them) when the consumer is deleted.
+    leases: Connection,
+}
+
+impl Follow {
+    pub fn new(stream: Stream, layout: Layout, first: &consumer::Info, leases: Connection) -> Follow {
+        Follow {
+            stream,
+            layout,
+            windows: watch::channel(windows_of(first)).0,
+            health: Health::default(),
+            leases,
+        }
+    }
+
+    /// The windows leases read; always the consumer's latest.
+    pub fn windows(&self) -> watch::Receiver<Windows> {
+        self.windows.subscribe()
+    }
+
+    pub fn health(&self) -> Health {
+        self.health.clone()
+    }
+
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let mut errors = RateLimited::new(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            match self.stream.consumer_info(CONSUMER).await {
+                Ok(info) => {
+                    self.health.set(None);
+                    self.adopt(windows_of(&info));
+                }
+                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+                    self.recreate().await;
+                }
+                Err(e) => {
+                    metrics::counter!(m::QUEUE_POLL_ERRORS).increment(1);
+                    if let Some(skipped) = errors.allow() {
+                        tracing::warn!(error = %e, skipped, "cannot read the consumer's configuration; leases keep their own deadlines");
+                    }
+                }
+            }
+        }
+    }
+
+    fn adopt(&self, new: Windows) {
+        let old = self.windows.borrow().clone();
+        if old == new {
+            return;
+        }
+        let shrank = new.shortest() < old.shortest();
+        tracing::warn!(
+            ack_wait = %humantime::format_duration(new.ack_wait),
+            backoff = ?new.backoff,
+            was_ack_wait = %humantime::format_duration(old.ack_wait),
+            was_backoff = ?old.backoff,
+            shrank,
+            "the consumer's redelivery windows changed; leases follow them from now on"
+        );
+        if new.shortest() < SAFE_SHRINK && shrank {
+            tracing::error!(
+                window = %humantime::format_duration(new.shortest()),
+                "a window shorter than {} was set while orders run: leases that cannot be confirmed in time end now",
+                humantime::format_duration(SAFE_SHRINK)
+            );
+        }
+        self.windows.send_replace(new);
+    }
+
+    /// The consumer is gone: every delivery it made is forgotten by the server. End every lease,
+    /// then create it again, paused until no old lease can still be running.
+    async fn recreate(&self) {
+        let problem = format!("consumer {CONSUMER} is missing; recreating it");
+        if self.health.problem().as_deref() != Some(problem.as_str()) {
+            tracing::error!("the consumer {CONSUMER} was deleted: ending every lease and recreating it");
+            self.health.set(Some(problem));
+        }
+        self.leases.lost();
+        let longest = self
+            .windows
+            .borrow()
+            .longest()
+            .max(self.layout.ack_wait * 4);
+        let paused_for = longest + Duration::from_secs(1);
+        let mut config = consumer_config(self.layout);
+        config.pause_until = Some(time::OffsetDateTime::now_utc() + paused_for);
+        let started = Instant::now();
+        match self.stream.create_consumer(config).await {
+            Ok(_) => tracing::warn!(
+                paused_for = %humantime::format_duration(paused_for),
+                took_ms = started.elapsed().as_millis() as u64,
+                "recreated the consumer {CONSUMER}, paused until every old lease has ended"
+            ),
+            // Another node recreated it first: its next read finds it.
+            Err(e) => tracing::info!(error = %e, "did not recreate the consumer (another node may have)"),
+        }
+    }
+}
+
+/// Lets a repeated log line through at most once per period, counting what it held back.
+pub struct RateLimited {
+    period: Duration,
+    last: Option<Instant>,
+    skipped: u64,
+}
+
+impl RateLimited {
+    pub fn new(period: Duration) -> RateLimited {
+        RateLimited {
+            period,
+            last: None,
+            skipped: 0,
+        }
+    }
+
+    /// `Some(number held back since the last one)` when this occurrence may be logged.
+    pub fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        match self.last {
+            Some(last) if now.duration_since(last) < self.period => {
+                self.skipped += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.skipped))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeaseTiming;
+
+    #[test]
+    fn a_shrink_to_the_safe_length_is_learnt_before_the_server_can_redeliver() {
+        // The server may redeliver at last heartbeat + new window; the node learns at most one
+        // heartbeat and one poll after that heartbeat, and must still be inside its margin.
+        let timing = LeaseTiming::for_window(SAFE_SHRINK);
+        let learnt = crate::lease::MAX_HEARTBEAT + POLL;
+        assert!(learnt < timing.window - timing.margin, "{learnt:?} vs {timing:?}");
+    }
+
+    #[test]
+    fn repeated_lines_are_held_back_and_counted() {
+        let mut limit = RateLimited::new(Duration::from_secs(60));
+        assert_eq!(limit.allow(), Some(0));
+        assert_eq!(limit.allow(), None);
+        assert_eq!(limit.allow(), None);
+        limit.last = Some(Instant::now() - Duration::from_secs(61));
+        assert_eq!(limit.allow(), Some(2));
+    }
+}
