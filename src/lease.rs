@@ -507,7 +507,7 @@ mod tests {
     #[test]
     fn a_shorter_window_shortens_the_lease_at_once() {
         let (edit, windows) = watch::channel(Windows::fixed(Duration::from_secs(30)));
-        let anchor = Instant::now();
+        let anchor = Instant::now() - Duration::from_secs(1);
         let lease = Lease::new(
             windows,
             anchor,
