@@ -506,8 +506,20 @@ async fn nats_server_restart_under_load_loses_nothing() {
             Duration::from_secs(30),
             || async {
                 let scrape = node.metrics().await;
-                (metric_sum(&scrape, "orderly_nats_reconnects_total") >= 1.0
-                    && metric_sum(&scrape, "orderly_nats_connected") == 1.0)
+                let connected = |connection: &str| {
+                    metric_with(
+                        &scrape,
+                        "orderly_nats_connected",
+                        &format!(r#"connection="{connection}""#),
+                    )
+                };
+                (metric_with(
+                    &scrape,
+                    "orderly_nats_reconnects_total",
+                    r#"connection="work""#,
+                ) >= 1.0
+                    && connected("work") == 1.0
+                    && connected("public") == 1.0)
                     .then_some(())
             },
         )
