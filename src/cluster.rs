@@ -82,13 +82,16 @@ impl Cluster {
     pub async fn run(self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut errors = crate::follow::RateLimited::new(Duration::from_secs(30));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
             if let Err(e) = self.beat().await {
-                tracing::warn!(error = %e, "cannot write the node heartbeat");
+                if let Some(skipped) = errors.allow() {
+                    tracing::warn!(error = %e, skipped, "cannot write the node heartbeat");
+                }
             }
         }
         if let Err(e) = self.kv.delete(&self.node_id).await {

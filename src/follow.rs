@@ -101,7 +101,13 @@ impl Follow {
             }
             match self.stream.consumer_info(CONSUMER).await {
                 Ok(info) => {
-                    self.health.set(None);
+                    self.health.set(info.paused.then(|| {
+                        let remaining = info.pause_remaining.unwrap_or_default();
+                        format!(
+                            "consumer {CONSUMER} is paused for another {}",
+                            humantime::format_duration(Duration::from_secs(remaining.as_secs()))
+                        )
+                    }));
                     self.adopt(windows_of(&info));
                 }
                 Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
