@@ -73,7 +73,12 @@ pub struct Follow {
 }
 
 impl Follow {
-    pub fn new(stream: Stream, layout: Layout, first: &consumer::Info, leases: Connection) -> Follow {
+    pub fn new(
+        stream: Stream,
+        layout: Layout,
+        first: &consumer::Info,
+        leases: Connection,
+    ) -> Follow {
         Follow {
             stream,
             layout,
@@ -152,7 +157,9 @@ impl Follow {
     async fn recreate(&self) {
         let problem = format!("consumer {CONSUMER} is missing; recreating it");
         if self.health.problem().as_deref() != Some(problem.as_str()) {
-            tracing::error!("the consumer {CONSUMER} was deleted: ending every lease and recreating it");
+            tracing::error!(
+                "the consumer {CONSUMER} was deleted: ending every lease and recreating it"
+            );
             self.health.set(Some(problem));
         }
         self.leases.lost();
@@ -172,7 +179,9 @@ impl Follow {
                 "recreated the consumer {CONSUMER}, paused until every old lease has ended"
             ),
             // Another node recreated it first: its next read finds it.
-            Err(e) => tracing::info!(error = %e, "did not recreate the consumer (another node may have)"),
+            Err(e) => {
+                tracing::info!(error = %e, "did not recreate the consumer (another node may have)")
+            }
         }
     }
 }
@@ -220,7 +229,10 @@ mod tests {
         // heartbeat and one poll after that heartbeat, and must still be inside its margin.
         let timing = LeaseTiming::for_window(SAFE_SHRINK);
         let learnt = crate::lease::MAX_HEARTBEAT + POLL;
-        assert!(learnt < timing.window - timing.margin, "{learnt:?} vs {timing:?}");
+        assert!(
+            learnt < timing.window - timing.margin,
+            "{learnt:?} vs {timing:?}"
+        );
     }
 
     #[test]

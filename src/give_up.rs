@@ -99,4 +99,3 @@ pub fn shown_payload(payload: &[u8]) -> Box<RawValue> {
     let quoted = serde_json::to_string(&text).expect("a string always serializes");
     RawValue::from_string(quoted).expect("a JSON string is valid JSON")
 }
-

@@ -267,7 +267,10 @@ impl Lease {
 
     /// The timing in force now for this lease's delivery.
     pub fn timing(&self) -> LeaseTiming {
-        self.inner.windows.borrow().timing(self.inner.holder.delivery)
+        self.inner
+            .windows
+            .borrow()
+            .timing(self.inner.holder.delivery)
     }
 
     pub fn holder(&self) -> &Holder {

@@ -67,7 +67,9 @@ pub fn check_header_block(block: &[u8]) -> Result<(), BadHeaders> {
         .ok_or(BadHeaders::Malformed)?
         .trim();
     if !rest.is_empty() {
-        let status = rest.split_once(' ').map_or(rest, |(status, _)| status.trim());
+        let status = rest
+            .split_once(' ')
+            .map_or(rest, |(status, _)| status.trim());
         return match status.parse::<u16>() {
             Ok(100..=999) if status.len() == 3 => Err(BadHeaders::Status),
             _ => Err(BadHeaders::Malformed),
@@ -81,7 +83,10 @@ pub fn check_header_block(block: &[u8]) -> Result<(), BadHeaders> {
         if name.contains(|c: char| !c.is_ascii_graphic()) {
             return Err(BadHeaders::Malformed);
         }
-        while lines.next_if(|l| l.starts_with(char::is_whitespace)).is_some() {}
+        while lines
+            .next_if(|l| l.starts_with(char::is_whitespace))
+            .is_some()
+        {}
     }
     Ok(())
 }
@@ -144,7 +149,9 @@ async fn peek_request(
     js: &jetstream::Context,
     request: &serde_json::Value,
 ) -> Result<Option<Found>, PeekError> {
-    let reply: MsgGetReply = js.request(format!("STREAM.MSG.GET.{STREAM}"), request).await?;
+    let reply: MsgGetReply = js
+        .request(format!("STREAM.MSG.GET.{STREAM}"), request)
+        .await?;
     if let Some(error) = reply.error {
         // 10037: no message found.
         return if error.err_code == 10037 {
