@@ -278,25 +278,16 @@ impl Worker {
         lease: &Lease,
         stop: &Stop,
     ) -> Result<Processed, Failure> {
-        let mut pause = RETRY_DELAY;
-        let mut tries = 0u32;
+        let mut retry = StoreRetry::default();
         loop {
             let outcome = self.process(message, delivery, lease, stop).await;
             let error = match &outcome {
                 Err(Failure::Store(e)) | Err(Failure::Halt(Halt::Store(e))) if e.is_passing() => e,
                 _ => return outcome,
             };
-            tries += 1;
-            if tries == 1 || tries % 10 == 0 {
-                tracing::warn!(error = %error, tries, "order store unavailable; keeping the order and trying again");
+            if !retry.wait(error, lease, &stop.drain).await {
+                return outcome;
             }
-            metrics::counter!(m::STORE_RETRIES).increment(1);
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = lease.lost() => return outcome,
-                _ = stop.drain.cancelled() => return outcome,
-            }
-            pause = (pause * 2).min(MAX_RETRY_DELAY);
         }
     }
 
@@ -560,26 +551,16 @@ impl Worker {
         lease: &Lease,
         reason: String,
     ) {
-        let mut pause = RETRY_DELAY;
-        let mut tries = 0u32;
+        let mut retry = StoreRetry::default();
         loop {
             match self.try_give_up(message, delivery, lease, &reason).await {
                 Ok(true) => break,
                 Ok(false) => return,
                 Err(e) => {
-                    tries += 1;
-                    if tries == 1 || tries % 10 == 0 {
-                        tracing::error!(error = %e, %reason, tries, "cannot end the order yet; keeping it and trying again");
+                    if !retry.wait(&e, lease, &CancellationToken::new()).await {
+                        lease.end(LeaseEnd::Fenced);
+                        return;
                     }
-                    metrics::counter!(m::STORE_RETRIES).increment(1);
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = lease.lost() => {
-                            lease.end(LeaseEnd::Fenced);
-                            return;
-                        }
-                    }
-                    pause = (pause * 2).min(MAX_RETRY_DELAY);
                 }
             }
         }
@@ -661,6 +642,40 @@ impl Worker {
                 Ok(false)
             }
         }
+    }
+}
+
+/// Paces the tries of an order that is kept while the order store is unavailable.
+struct StoreRetry {
+    pause: Duration,
+    tries: u32,
+}
+
+impl Default for StoreRetry {
+    fn default() -> StoreRetry {
+        StoreRetry {
+            pause: RETRY_DELAY,
+            tries: 0,
+        }
+    }
+}
+
+impl StoreRetry {
+    /// Logs (the first and every tenth time) and counts a failed try, then waits before the next.
+    /// Returns false when the lease was lost or `stop` fired meanwhile: no more tries.
+    async fn wait(&mut self, error: &StoreError, lease: &Lease, stop: &CancellationToken) -> bool {
+        self.tries += 1;
+        if self.tries == 1 || self.tries.is_multiple_of(10) {
+            tracing::warn!(%error, tries = self.tries, "order store unavailable; keeping the order and trying again");
+        }
+        metrics::counter!(m::STORE_RETRIES).increment(1);
+        let waited = tokio::select! {
+            _ = tokio::time::sleep(self.pause) => true,
+            _ = lease.lost() => false,
+            _ = stop.cancelled() => false,
+        };
+        self.pause = (self.pause * 2).min(MAX_RETRY_DELAY);
+        waited
     }
 }
 
