@@ -175,13 +175,24 @@ pub async fn setup(js: &jetstream::Context, layout: Layout) -> Result<Setup, Set
     conflict("stream ORDERS", diffs)?;
 
     let wanted = consumer_config(layout);
-    let consumer: consumer::PullConsumer = match stream.get_consumer(CONSUMER).await {
+    let mut consumer: consumer::PullConsumer = match stream.get_consumer(CONSUMER).await {
         Ok(consumer) => consumer,
         Err(_) => stream
             .get_or_create_consumer(CONSUMER, wanted.clone())
             .await
             .map_err(|e| nats_err("consumer ORDERS/workers")(e.into()))?,
     };
+    if let Some(upgraded) = without_delivery_limit(consumer.cached_info(), &wanted) {
+        let limit = consumer.cached_info().config.max_deliver;
+        consumer = stream
+            .update_consumer(upgraded)
+            .await
+            .map_err(|e| nats_err("consumer ORDERS/workers")(e.into()))?;
+        tracing::warn!(
+            limit,
+            "the consumer {CONSUMER} had a delivery limit (an earlier Orderly created it); Orderly counts deliveries itself now, so it was removed. Messages the limit had stranded are delivered again"
+        );
+    }
     let actual = &consumer.cached_info().config;
     let mut diffs = Vec::new();
     differ(
@@ -230,6 +241,26 @@ pub async fn setup(js: &jetstream::Context, layout: Layout) -> Result<Setup, Set
         orders,
         nodes,
     })
+}
+
+/// The configuration that upgrades a consumer an earlier Orderly created (with a delivery limit, and
+/// its backoff cut to that many entries) to today's, if that is the only difference.
+fn without_delivery_limit(
+    info: &consumer::Info,
+    wanted: &consumer::pull::Config,
+) -> Option<consumer::pull::Config> {
+    let actual = &info.config;
+    let earlier = actual.max_deliver != wanted.max_deliver
+        && actual.ack_wait == wanted.ack_wait
+        && wanted.backoff.starts_with(&actual.backoff);
+    if !earlier {
+        return None;
+    }
+    use consumer::FromConsumer;
+    let mut upgraded = consumer::pull::Config::try_from_consumer_config(actual.clone()).ok()?;
+    upgraded.max_deliver = wanted.max_deliver;
+    upgraded.backoff = wanted.backoff.clone();
+    Some(upgraded)
 }
 
 async fn bucket(js: &jetstream::Context, wanted: kv::Config) -> Result<kv::Store, SetupError> {
