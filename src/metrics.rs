@@ -112,8 +112,8 @@ fn zero_counters() {
     for reason in ["malformed_headers", "status_headers"] {
         metrics::counter!(MESSAGES_REQUEUED, "reason" => reason).absolute(0);
     }
-    for connection in ["work", "public"] {
-        metrics::counter!(NATS_RECONNECTS, "connection" => connection).absolute(0);
+    for connection in crate::nats::Role::ALL {
+        metrics::counter!(NATS_RECONNECTS, "connection" => connection.as_str()).absolute(0);
     }
     for name in [
         MESSAGES_ACKED,
@@ -193,11 +193,11 @@ fn describe() {
     );
     describe_gauge!(
         NATS_CONNECTED,
-        "1 while connected to NATS, by connection (work: fetches and leases; public: the NATS service)."
+        "1 while connected to NATS, by connection (work: leases and writes; fetch: work messages; public: the NATS service)."
     );
     describe_counter!(
         NATS_RECONNECTS,
-        "Reconnections to NATS after a disconnect, by connection (work, public)."
+        "Reconnections to NATS after a disconnect, by connection (work, fetch, public)."
     );
     describe_counter!(
         STORE_RETRIES,

@@ -346,21 +346,28 @@ pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
         })
 }
 
-/// What a node's connection to NATS is for. A node has two, so that what any client can send to the
-/// public one (a request with a header block the client library cannot read drops the connection
-/// that receives it) never reaches the connection its leases live on.
+/// What a node's connection to NATS is for. The NATS client drops a whole connection when it receives
+/// a message whose header block it cannot read, and any client can send one: to the node's service
+/// subjects, or into the work stream, from where it is delivered to a node. So what a node receives
+/// from others comes in on connections of its own, and the connection its leases live on receives
+/// nothing but replies to its own requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// Fetches work, holds leases, writes orders under them.
+    /// Holds leases: in-progress acks, acks, naks, terms, and every write to the orders bucket.
     Work,
+    /// Fetches work messages (a message stored with a bad header block drops this one).
+    Fetch,
     /// Serves the `orders` NATS service (`orders.create`, `orders.get`, `$SRV.*`) and intake.
     Public,
 }
 
 impl Role {
+    pub const ALL: [Role; 3] = [Role::Work, Role::Fetch, Role::Public];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Work => "work",
+            Role::Fetch => "fetch",
             Role::Public => "public",
         }
     }

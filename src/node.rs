@@ -93,16 +93,17 @@ async fn run_connected(
         .context("NATS_URL")?;
     let drain = CancellationToken::new();
     let connection = Connection::default();
+    let fetching = Connection::default();
     let connections = tokio::select! {
-        work = nats::connect(&servers, &node_id, Role::Work, &connection, &drain) => match work {
-            Some(work) => nats::connect(&servers, &node_id, Role::Public, &Connection::default(), &drain)
-                .await
-                .map(|public| (work, public)),
-            None => None,
-        },
+        connected = async {
+            let work = nats::connect(&servers, &node_id, Role::Work, &connection, &drain).await?;
+            let fetch = nats::connect(&servers, &node_id, Role::Fetch, &fetching, &drain).await?;
+            let public = nats::connect(&servers, &node_id, Role::Public, &Connection::default(), &drain).await?;
+            Some((work, fetch, public))
+        } => connected,
         _ = shutdown.as_mut() => None,
     };
-    let Some((client, public)) = connections else {
+    let Some((client, fetch, public)) = connections else {
         tracing::info!("stopped before connecting to NATS");
         return Ok(());
     };
@@ -171,9 +172,14 @@ async fn run_connected(
         store: store.clone(),
         events: events.clone(),
     });
+    let fetch_consumer = async_nats::jetstream::new(fetch.clone())
+        .get_consumer_from_stream(nats::CONSUMER, nats::STREAM)
+        .await
+        .context("cannot open the consumer on the fetch connection")?;
     let worker = Worker {
         stream: setup.stream.clone(),
-        consumer: setup.consumer.clone(),
+        consumer: fetch_consumer,
+        leases: js.clone(),
         store: store.clone(),
         pipeline,
         workers: config.workers as usize,
@@ -189,7 +195,7 @@ async fn run_connected(
         setup.stream.clone(),
         setup.nodes.clone(),
         node_id.clone(),
-        connection,
+        fetching,
     );
     let cluster = Cluster {
         kv: setup.nodes.clone(),
@@ -308,7 +314,7 @@ async fn run_connected(
         tasks.abort_all();
     }
     // Bounded: with NATS unreachable a flush would wait for the connection to come back.
-    for client in [&client, &public] {
+    for client in [&client, &fetch, &public] {
         match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot flush the NATS connection"),

@@ -16,8 +16,9 @@
 //! receive, and the copy is an ordinary work message that goes through the usual checks (its id, its
 //! payload, a second message for the same order).
 //!
-//! A node sweeps right after its connection was lost (a bad block may have caused it: it then costs
-//! one reconnect of one node) and every [`EVERY`], one node of the cluster at a time.
+//! A node sweeps right after its fetch connection was lost (a bad block may have caused it: it then
+//! costs one reconnect of one node's fetch connection, and no lease) and every [`EVERY`], one node of
+//! the cluster at a time.
 
 use crate::follow::RateLimited;
 use crate::lease::Connection;
@@ -182,6 +183,7 @@ pub struct Sweep {
     stream: Stream,
     nodes: kv::Store,
     node_id: String,
+    /// The fetch connection: a bad header block drops it.
     connection: Connection,
     /// Messages already read and found receivable (messages never change).
     checked: BTreeSet<u64>,

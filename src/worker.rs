@@ -52,7 +52,10 @@ pub struct WorkerStats {
 
 pub struct Worker {
     pub stream: jetstream::stream::Stream,
+    /// The shared consumer, on the connection that fetches (and only fetches).
     pub consumer: PullConsumer,
+    /// The connection leases live on: every in-progress ack, ack, nak and term goes through it.
+    pub leases: jetstream::Context,
     pub store: OrderStore,
     pub pipeline: Arc<Pipeline>,
     pub workers: usize,
@@ -158,6 +161,11 @@ impl Worker {
                         }
                         break;
                     }
+                };
+                // Settled through the lease connection, which a bad message cannot drop.
+                let message = jetstream::Message {
+                    message: message.message,
+                    context: this.leases.clone(),
                 };
                 let Some(permit) = permits.split(1) else {
                     tracing::error!("received more messages than requested; handing one back");
