@@ -560,10 +560,10 @@ impl Worker {
         reason: String,
     ) {
         let mut retry = StoreRetry::default();
-        loop {
+        let settle = loop {
             match self.try_give_up(message, delivery, lease, &reason).await {
-                Ok(true) => break,
-                Ok(false) => return,
+                Ok(GaveUp::LeaseEnded) => return,
+                Ok(settle) => break settle,
                 Err(e) => {
                     if !retry.wait(&e, lease, &CancellationToken::new()).await {
                         lease.end(LeaseEnd::Fenced);
@@ -571,30 +571,41 @@ impl Worker {
                     }
                 }
             }
-        }
+        };
         if lease.end(LeaseEnd::Finished) {
-            term(message, "deliveries_exhausted").await;
-            lease.settled("term");
+            match settle {
+                GaveUp::AlreadyTerminal => {
+                    ack(message).await;
+                    lease.settled("ack");
+                }
+                GaveUp::Duplicate => {
+                    term(message, "duplicate").await;
+                    lease.settled("term");
+                }
+                _ => {
+                    term(message, "deliveries_exhausted").await;
+                    lease.settled("term");
+                }
+            }
         }
     }
 
-    /// One try of [`Worker::give_up`]: `Ok(true)` once the order is terminal, `Ok(false)` when the
-    /// lease ended (nothing more may be done), `Err` for a store failure that may pass.
+    /// One try of [`Worker::give_up`]; `Err` for a store failure that may pass.
     async fn try_give_up(
         &self,
         message: &jetstream::Message,
         delivery: &Delivery,
         lease: &Lease,
         reason: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<GaveUp, StoreError> {
         let ending = ending(&self.store, delivery.order_id, &message.payload, reason).await?;
         let (revision, before, after) = match ending {
-            Ending::Terminal => return Ok(true),
+            Ending::Terminal => return Ok(GaveUp::AlreadyTerminal),
             Ending::Created(created) => {
                 record_given_up("last_delivery", reason);
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 self.pipeline.events.created(&created.order).await;
-                return Ok(true);
+                return Ok(GaveUp::Ended);
             }
             Ending::Replace {
                 revision,
@@ -602,9 +613,36 @@ impl Worker {
                 after,
             } => (revision, before, after),
         };
+        let carrier = before.as_ref().and_then(|order| order.message_seq);
+        if let Some(carrier) = carrier.filter(|seq| *seq != delivery.stream_seq) {
+            // Another message carries the order (it may be running under that message's lease):
+            // only this copy is spent.
+            return match self.message_exists(carrier).await {
+                Ok(true) => Ok(GaveUp::Duplicate),
+                Ok(false) => {
+                    self.write_given_up(delivery, lease, reason, revision, before, after)
+                        .await
+                }
+                Err(Failure::Store(e)) => Err(e),
+                Err(_) => Ok(GaveUp::LeaseEnded),
+            };
+        }
+        self.write_given_up(delivery, lease, reason, revision, before, after)
+            .await
+    }
+
+    async fn write_given_up(
+        &self,
+        delivery: &Delivery,
+        lease: &Lease,
+        reason: &str,
+        revision: u64,
+        before: Option<Order>,
+        after: Order,
+    ) -> Result<GaveUp, StoreError> {
         if !lease.is_held() {
             lease.end(LeaseEnd::Fenced);
-            return Ok(false);
+            return Ok(GaveUp::LeaseEnded);
         }
         let sent = Stamp::now();
         let written =
@@ -614,7 +652,7 @@ impl Worker {
             Ok(Ok(_)) if !lease.is_held() => {
                 lease.unconfirmed("give_up", sent);
                 lease.end(LeaseEnd::Fenced);
-                Ok(false)
+                Ok(GaveUp::LeaseEnded)
             }
             Ok(Ok(written)) => {
                 if !lease.is_claimed() {
@@ -632,13 +670,13 @@ impl Worker {
                     }
                     None => self.pipeline.events.created(&written.order).await,
                 }
-                Ok(true)
+                Ok(GaveUp::Ended)
             }
             Ok(Err(e)) if e.is_conflict() => {
                 lease.end(LeaseEnd::Lost);
                 metrics::counter!(m::LEASES_LOST).increment(1);
                 tracing::warn!(error = %e, "another writer took the order while it was being given up; dropping it");
-                Ok(false)
+                Ok(GaveUp::LeaseEnded)
             }
             Ok(Err(e)) => {
                 lease.unconfirmed("give_up", sent);
@@ -647,10 +685,22 @@ impl Worker {
             Err(_) => {
                 lease.unconfirmed("give_up", sent);
                 lease.end(LeaseEnd::Fenced);
-                Ok(false)
+                Ok(GaveUp::LeaseEnded)
             }
         }
     }
+}
+
+/// How a give-up try ended.
+enum GaveUp {
+    /// The order was written `Failed` (or created so): terminate the message.
+    Ended,
+    /// The order was terminal already: ack the message.
+    AlreadyTerminal,
+    /// Another message carries the order: only this copy is spent.
+    Duplicate,
+    /// The lease ended: nothing more may be done with the message.
+    LeaseEnded,
 }
 
 /// Paces the tries of an order that is kept while the order store is unavailable.
