@@ -14,7 +14,7 @@ use crate::metrics as m;
 use crate::order::Step;
 use async_nats::jetstream::{self, AckKind};
 use chrono::{DateTime, Utc};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -231,6 +231,10 @@ impl Holder {
 
 struct Inner {
     windows: watch::Receiver<Windows>,
+    /// The shortest window in force since the lease was taken, in nanoseconds. A longer window set
+    /// later is not trusted for this delivery (the server may keep the timer it started with); a
+    /// shorter one is obeyed at once.
+    shortest_window: AtomicU64,
     holder: Holder,
     connection: Epoch,
     /// Set once the node's claim on the order was written: from then on the lease is an interval in
@@ -252,9 +256,11 @@ impl Lease {
         holder: Holder,
         connection: Epoch,
     ) -> Lease {
+        let first_window = windows.borrow().timing(holder.delivery).window;
         Lease {
             inner: Arc::new(Inner {
                 windows,
+                shortest_window: AtomicU64::new(nanos(first_window)),
                 holder,
                 connection,
                 claimed: AtomicBool::new(false),
@@ -265,12 +271,18 @@ impl Lease {
         }
     }
 
-    /// The timing in force now for this lease's delivery.
+    /// The timing in force now for this lease's delivery: the shortest window the consumer has had
+    /// since the lease was taken.
     pub fn timing(&self) -> LeaseTiming {
-        self.inner
-            .windows
-            .borrow()
-            .timing(self.inner.holder.delivery)
+        let now = nanos(
+            self.inner
+                .windows
+                .borrow()
+                .timing(self.inner.holder.delivery)
+                .window,
+        );
+        let before = self.inner.shortest_window.fetch_min(now, Ordering::SeqCst);
+        LeaseTiming::for_window(Duration::from_nanos(before.min(now)))
     }
 
     pub fn holder(&self) -> &Holder {
@@ -457,6 +469,10 @@ impl Lease {
     }
 }
 
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Completes when the windows change; never, once nobody can change them any more.
 async fn changed(windows: &mut watch::Receiver<Windows>) {
     if windows.changed().await.is_err() {
@@ -523,6 +539,9 @@ mod tests {
         let mut edited = Windows::fixed(Duration::from_secs(2));
         edited.backoff = vec![Duration::from_secs(2), Duration::from_secs(5)];
         edit.send_replace(edited);
+        assert_eq!(lease.deadline(), anchor + Duration::from_secs(4));
+        // A longer window set later is not trusted for this delivery.
+        edit.send_replace(Windows::fixed(Duration::from_secs(60)));
         assert_eq!(lease.deadline(), anchor + Duration::from_secs(4));
         // A window that has run out already ends the lease.
         edit.send_replace(Windows::fixed(Duration::from_millis(1)));
