@@ -106,13 +106,24 @@ impl Follow {
             }
             match self.stream.consumer_info(CONSUMER).await {
                 Ok(info) => {
-                    self.health.set(info.paused.then(|| {
-                        let remaining = info.pause_remaining.unwrap_or_default();
-                        format!(
-                            "consumer {CONSUMER} is paused for another {}",
-                            humantime::format_duration(Duration::from_secs(remaining.as_secs()))
-                        )
-                    }));
+                    let problem = self.incompatible(&info.config).or_else(|| {
+                        info.paused.then(|| {
+                            let remaining = info.pause_remaining.unwrap_or_default();
+                            format!(
+                                "consumer {CONSUMER} is paused for another {}",
+                                humantime::format_duration(Duration::from_secs(
+                                    remaining.as_secs()
+                                ))
+                            )
+                        })
+                    });
+                    if problem.is_some() && problem != self.health.problem() {
+                        tracing::error!(
+                            problem = problem.as_deref().unwrap_or_default(),
+                            "not taking work"
+                        );
+                    }
+                    self.health.set(problem);
                     self.adopt(windows_of(&info));
                 }
                 Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
@@ -126,6 +137,31 @@ impl Follow {
                 }
             }
         }
+    }
+
+    /// What in the consumer's configuration, as edited since the node started, this node cannot
+    /// work with: it then takes no new work until the consumer is put right.
+    fn incompatible(&self, actual: &consumer::Config) -> Option<String> {
+        let wanted = consumer_config(self.layout);
+        let mut wrong = Vec::new();
+        if actual.ack_policy != wanted.ack_policy {
+            wrong.push(format!("ack_policy is {:?}", actual.ack_policy));
+        }
+        if actual.filter_subject != wanted.filter_subject {
+            wrong.push(format!("filter_subject is {:?}", actual.filter_subject));
+        }
+        if actual.max_deliver != wanted.max_deliver {
+            wrong.push(format!(
+                "max_deliver is {} (a limit strands orders in the stream)",
+                actual.max_deliver
+            ));
+        }
+        (!wrong.is_empty()).then(|| {
+            format!(
+                "consumer {CONSUMER} was changed: {}; see nats/README.md",
+                wrong.join(", ")
+            )
+        })
     }
 
     fn adopt(&self, new: Windows) {

@@ -152,6 +152,58 @@ async fn a_consumer_with_a_delivery_limit_is_upgraded_and_its_stranded_order_run
     );
 }
 
+/// `nats consumer edit ORDERS workers --max-deliver 5` while nodes run: a limit would strand orders
+/// again, so the node takes no work and says why until the consumer is put right.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_edited_into_something_the_node_cannot_work_with_makes_it_not_ready() {
+    let server = NatsServer::start().await;
+    let node = Node::builder(&server.url).start().await;
+    let js = server.js().await;
+    let stream = js.get_stream("ORDERS").await.expect("stream");
+    let readyz = |node: &Node| {
+        let url = format!("{}/readyz", node.http);
+        async move {
+            let response = reqwest::get(url).await.expect("readyz answers");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.expect("JSON"))
+        }
+    };
+    let edit = |max_deliver: i64| {
+        let stream = stream.clone();
+        async move {
+            use async_nats::jetstream::consumer::{pull, FromConsumer, PullConsumer};
+            let consumer: PullConsumer = stream.get_consumer("workers").await.expect("consumer");
+            let mut config =
+                pull::Config::try_from_consumer_config(consumer.cached_info().config.clone())
+                    .expect("a pull consumer");
+            config.max_deliver = max_deliver;
+            stream
+                .update_consumer(config)
+                .await
+                .expect("edit the consumer");
+        }
+    };
+    edit(5).await;
+    let body = wait_until(
+        "the node to report not ready",
+        Duration::from_secs(10),
+        || async {
+            let (status, body) = readyz(&node).await;
+            (status == 503).then_some(body)
+        },
+    )
+    .await;
+    let reason = body["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("max_deliver is 5"), "{body}");
+    edit(-1).await;
+    wait_until(
+        "the node to be ready again",
+        Duration::from_secs(10),
+        || async { (readyz(&node).await.0 == 200).then_some(()) },
+    )
+    .await;
+}
+
 /// `nats stream edit KV_orders --max-age=30d`: an operator bounds how long finished orders are kept,
 /// and nodes started afterwards keep that setting and work with it.
 #[tokio::test(flavor = "multi_thread")]
