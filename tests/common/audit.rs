@@ -91,11 +91,24 @@ impl Report {
     }
 }
 
-/// What the test did outside the nodes: nodes it killed (and when), and revisions it wrote itself.
+/// What the test did outside the nodes: nodes it killed (and when: a node restarted under the same id
+/// can die more than once), and revisions it wrote itself.
 #[derive(Debug, Default)]
 pub struct Outside {
-    pub died: HashMap<String, DateTime<Utc>>,
+    pub died: HashMap<String, Vec<DateTime<Utc>>>,
     pub revisions: HashSet<u64>,
+}
+
+impl Outside {
+    /// The first time `node` was killed at or after `since`.
+    fn death_after(&self, node: &str, since: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.died
+            .get(node)?
+            .iter()
+            .copied()
+            .filter(|died| *died >= since)
+            .min()
+    }
 }
 
 /// Checks `ids` against the audit `lines` and the `orders` bucket. Panics on the first violation.
@@ -128,20 +141,26 @@ async fn check_order(
 ) {
     // Intervals, from claims and their ends.
     let mut intervals: Vec<Interval> = Vec::new();
-    for claim in lines.iter().filter(|l| l["event"] == "claim") {
+    for (at, claim) in lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l["event"] == "claim")
+    {
         let node = claim["node"].as_str().expect("node").to_owned();
         let delivery = claim["delivery"].as_u64().expect("delivery");
-        let end = lines.iter().find(|l| {
+        let start = stamp(claim, "start");
+        // The node's own lines are in the order it wrote them: its claim's end is the next end it
+        // wrote for that delivery (a server that lost a delivery can hand out the same number again).
+        let end = lines[at + 1..].iter().find(|l| {
             l["event"] == "lease_end" && l["node"] == claim["node"] && l["delivery"] == delivery
         });
-        let (end, why) = match (end, outside.died.get(&node)) {
+        let (end, why) = match (end, outside.death_after(&node, start)) {
             (Some(end), _) => (stamp(end, "end"), end["why"].as_str().expect("why").to_owned()),
-            (None, Some(died)) => (*died, "died".to_owned()),
+            (None, Some(died)) => (died, "died".to_owned()),
             (None, None) => panic!(
                 "order {id}: the interval of {node} (delivery {delivery}) never ended, and the node was not killed"
             ),
         };
-        let start = stamp(claim, "start");
         assert!(
             end >= start,
             "order {id}: interval of {node} ends before it starts"
@@ -171,9 +190,12 @@ async fn check_order(
     report.intervals += intervals.len();
     let last_end = intervals.iter().map(|i| i.end).max();
     let interval_of = |line: &Value| -> &Interval {
+        // The latest interval of the line's node and delivery that began before the line was written.
+        let at = stamp(line, "at");
         intervals
             .iter()
-            .find(|i| line["node"] == i.node.as_str() && line["delivery"] == i.delivery)
+            .filter(|i| line["node"] == i.node.as_str() && line["delivery"] == i.delivery)
+            .rfind(|i| i.start <= at)
             .unwrap_or_else(|| panic!("order {id}: a write outside any claim of its node: {line}"))
     };
 

@@ -4,6 +4,8 @@
 
 pub mod audit;
 pub mod faults;
+pub mod hostile;
+pub mod scenario;
 
 use async_nats::jetstream;
 use serde_json::Value;
@@ -50,13 +52,24 @@ pub struct NatsServer {
     pub port: u16,
     pub url: String,
     pub dir: TempDir,
+    /// Arguments after the address and port: JetStream on the store, or a configuration file.
+    args: Vec<String>,
 }
 
 fn spawn_nats_server(port: u16, store: &std::path::Path, extra: &[String]) -> Child {
+    let mut args = vec![
+        "-js".to_owned(),
+        "-sd".to_owned(),
+        store.display().to_string(),
+    ];
+    args.extend_from_slice(extra);
+    spawn_nats_server_with(port, &args)
+}
+
+fn spawn_nats_server_with(port: u16, args: &[String]) -> Child {
     Command::new(nats_server_binary())
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-        .arg(store)
-        .args(extra)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -65,15 +78,39 @@ fn spawn_nats_server(port: u16, store: &std::path::Path, extra: &[String]) -> Ch
 
 impl NatsServer {
     pub async fn start() -> NatsServer {
+        NatsServer::start_with(|dir| vec!["-js".into(), "-sd".into(), dir.display().to_string()])
+            .await
+    }
+
+    /// A server whose JetStream block also holds `jetstream_settings`, for example
+    /// `max_file_store: 8MB` (the store stays in the server's temp dir).
+    pub async fn start_with_config(jetstream_settings: &str) -> NatsServer {
+        NatsServer::start_with(|dir| {
+            let store = dir.join("store");
+            let conf = dir.join("server.conf");
+            let text = format!(
+                "jetstream {{\n  store_dir: {:?}\n  {jetstream_settings}\n}}\n",
+                store.display().to_string()
+            );
+            std::fs::write(&conf, text).expect("the server configuration is written");
+            vec!["-c".into(), conf.display().to_string()]
+        })
+        .await
+    }
+
+    /// Starts a server with the arguments `args` makes for its temp dir.
+    async fn start_with(args: impl Fn(&std::path::Path) -> Vec<String>) -> NatsServer {
         let mut dir = tempfile::tempdir().expect("a temp dir");
         for _ in 0..5 {
             let port = free_port();
-            let child = spawn_nats_server(port, dir.path(), &[]);
+            let args = args(dir.path());
+            let child = spawn_nats_server_with(port, &args);
             let mut server = NatsServer {
                 child,
                 port,
                 url: format!("nats://127.0.0.1:{port}"),
                 dir,
+                args,
             };
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
@@ -103,7 +140,7 @@ impl NatsServer {
 
     /// Starts the server again on its port and store after [`NatsServer::kill`].
     pub async fn start_again(&mut self) {
-        self.child = spawn_nats_server(self.port, self.dir.path(), &[]);
+        self.child = spawn_nats_server_with(self.port, &self.args);
         wait_until(
             "the restarted nats-server to accept clients",
             Duration::from_secs(20),
