@@ -169,6 +169,11 @@ impl Follow {
         if old == new {
             return;
         }
+        if old.ack_wait == new.ack_wait && old.backoff == new.backoff {
+            // Only `created` moved: the consumer was created again.
+            self.windows.send_replace(new);
+            return;
+        }
         let shrank = new.shortest() < old.shortest();
         tracing::warn!(
             ack_wait = %humantime::format_duration(new.ack_wait),

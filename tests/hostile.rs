@@ -449,7 +449,14 @@ async fn a_deleted_consumer_is_recreated_without_a_storm_of_logs() {
     let ids = publish_orders(&js, 60).await;
     wait_busy(&a, 1.0).await;
 
-    let lines = |node: &Node| node.logs().lines().count();
+    // Warnings and errors: a node logs a line or two for each lease the deletion ends, and must not
+    // log one per failed pull (thousands a second before).
+    let lines = |node: &Node| {
+        node.logs()
+            .lines()
+            .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+            .count()
+    };
     let before = [lines(&a), lines(&b)];
     let stream = js.get_stream("ORDERS").await.expect("stream ORDERS");
     stream
@@ -460,12 +467,13 @@ async fn a_deleted_consumer_is_recreated_without_a_storm_of_logs() {
     hold_fault(deleted, Duration::from_secs(5)).await;
     let grown = [lines(&a) - before[0], lines(&b) - before[1]];
     println!(
-        "[deleted consumer] log lines in the 5 s after the deletion: {} on {}, {} on {}",
+        "[deleted consumer] warnings in the 5 s after the deletion: {} on {}, {} on {}",
         grown[0], a.id, grown[1], b.id
     );
     assert!(
-        grown.iter().all(|n| *n < 100),
-        "the nodes logged {grown:?} lines in 5 s"
+        grown.iter().all(|n| *n < 2 * ids.len() + 20),
+        "the nodes logged {grown:?} warnings in 5 s for {} orders",
+        ids.len()
     );
     let report = settle_and_check(
         &js,
