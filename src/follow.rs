@@ -6,7 +6,8 @@
 //! - a changed window is published to every lease at once ([`Windows`]): a shorter one shortens
 //!   every lease, and one that has already run out ends it (the lease self-fences);
 //! - a deleted consumer ends every lease at once (its deliveries are forgotten by the server), and
-//!   the consumer is created again, paused for longer than any old lease can last, so that no order
+//!   so does one found created again since the last read (another node recreated it first); the
+//!   consumer is created again, paused for longer than any old lease can last, so that no order
 //!   is handed out again while a node may still be working on it. While it is missing the node takes
 //!   no work and reports not ready, saying why.
 
@@ -169,8 +170,15 @@ impl Follow {
         if old == new {
             return;
         }
+        if old.created != new.created {
+            // The consumer was deleted and created again (by another node, or by an operator)
+            // between two reads: every delivery this node holds came from the old one, which the
+            // server has forgotten. Its in-progress acks would still be answered, so end the leases
+            // here; the new consumer is paused for longer than a poll.
+            tracing::error!("the consumer {CONSUMER} was created again: ending every lease taken through the old one");
+            self.leases.lost();
+        }
         if old.ack_wait == new.ack_wait && old.backoff == new.backoff {
-            // Only `created` moved: the consumer was created again.
             self.windows.send_replace(new);
             return;
         }
