@@ -22,11 +22,21 @@ use tokio_util::sync::CancellationToken;
 pub struct AppState {
     pub intake: Intake,
     pub cluster: Cluster,
-    pub client: async_nats::Client,
+    /// The node's connections to NATS: work, fetch and public.
+    pub clients: [async_nats::Client; 3],
     /// Whether the shared consumer can be worked from.
     pub health: crate::follow::Health,
     pub metrics: PrometheusHandle,
     pub draining: CancellationToken,
+}
+
+impl AppState {
+    /// Whether every connection of the node to NATS is up.
+    fn nats_connected(&self) -> bool {
+        self.clients
+            .iter()
+            .all(|c| c.connection_state() == async_nats::connection::State::Connected)
+    }
 }
 
 /// An HTTP error with a JSON body.
@@ -142,7 +152,7 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let connected = state.client.connection_state() == async_nats::connection::State::Connected;
+    let connected = state.nats_connected();
     let draining = state.draining.is_cancelled();
     let problem = state.health.problem();
     let ready = connected && !draining && problem.is_none();
@@ -174,7 +184,7 @@ async fn heartbeat(State(state): State<AppState>) -> Json<serde_json::Value> {
         "started_at": status.started_at,
         "uptime_seconds": uptime,
         "http_addr": status.http_addr,
-        "nats_connected": state.client.connection_state() == async_nats::connection::State::Connected,
+        "nats_connected": state.nats_connected(),
         "workers_busy": status.workers_busy,
         "workers_total": status.workers_total,
         "orders_completed": status.orders_completed,
@@ -197,7 +207,7 @@ async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
         "workers_total": status.workers_total,
         "heartbeat_age_seconds": heartbeat_age,
         "heartbeat_interval_seconds": state.cluster.interval.as_secs_f64(),
-        "nats_connected": state.client.connection_state() == async_nats::connection::State::Connected,
+        "nats_connected": state.nats_connected(),
     }))
 }
 

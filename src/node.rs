@@ -216,7 +216,7 @@ async fn run_connected(
     let app = http::router(AppState {
         intake: intake.clone(),
         cluster: cluster.clone(),
-        client: client.clone(),
+        clients: [client.clone(), fetch.clone(), public.clone()],
         health,
         metrics,
         draining: drain.clone(),
