@@ -90,11 +90,6 @@ enum Event<'a> {
         delivery: u32,
         outcome: &'a str,
     },
-    GiveUp {
-        revision: u64,
-        stream_seq: u64,
-        reason: &'a str,
-    },
 }
 
 #[derive(Serialize)]
@@ -216,17 +211,6 @@ impl Audit {
 
     pub fn settled(&self, order_id: Uuid, delivery: u32, outcome: &str) {
         self.write(order_id, Event::Settled { delivery, outcome });
-    }
-
-    pub fn gave_up(&self, order_id: Uuid, revision: u64, stream_seq: u64, reason: &str) {
-        self.write(
-            order_id,
-            Event::GiveUp {
-                revision,
-                stream_seq,
-                reason,
-            },
-        );
     }
 
     fn write(&self, order_id: Uuid, event: Event<'_>) {
