@@ -190,7 +190,7 @@ pub async fn setup(js: &jetstream::Context, layout: Layout) -> Result<Setup, Set
             .map_err(|e| nats_err("consumer ORDERS/workers")(e.into()))?;
         tracing::warn!(
             limit,
-            "the consumer {CONSUMER} had a delivery limit (an earlier Orderly created it); Orderly counts deliveries itself now, so it was removed. Messages the limit had stranded are delivered again"
+            "the consumer {CONSUMER} had a delivery limit (an earlier Orderly created it); Orderly counts deliveries itself now, so it was removed. A message the limit had already stranded stays in the stream (see nats/README.md)"
         );
     }
     let actual = &consumer.cached_info().config;
