@@ -66,7 +66,9 @@ async fn malformed_headers_on_service_subjects_end_no_lease() {
     }
     let kv = orders_bucket(&js).await;
     let finished = terminal_within(&kv, &ids, Duration::from_secs(20)).await;
-    let sent = barrage.stop().await;
+    let shots = barrage.stop().await;
+    assert_eq!(shots.missed, 0, "the server took every hostile message");
+    let sent = shots.taken;
     let fences = metric_over(&[&a, &b], "orderly_self_fences_total").await;
     let reconnects = metric_over(&[&a, &b], "orderly_nats_reconnects_total").await;
     println!("[malformed headers] {sent} hostile messages, {fences} self-fences, {reconnects} reconnects over both nodes");

@@ -97,7 +97,19 @@ struct ClusterServer {
     name: String,
     port: u16,
     child: Option<Child>,
+    /// The arguments it was started with, to start it again on the same port and store.
+    extra: Vec<String>,
     _dir: TempDir,
+}
+
+impl ClusterServer {
+    fn spawn(&mut self) {
+        self.child = Some(spawn_nats_server(
+            self.port,
+            &self._dir.path().join("store"),
+            &self.extra,
+        ));
+    }
 }
 
 impl NatsCluster {
@@ -146,14 +158,19 @@ impl NatsCluster {
                 routes.clone(),
                 "-l".to_owned(),
                 dir.path().join("server.log").display().to_string(),
+                // Clients keep to the URLs they were given: a proxy in front of a server is never
+                // bypassed through a discovered address.
+                "--no_advertise=true".to_owned(),
             ];
-            let child = spawn_nats_server(port, &dir.path().join("store"), &extra);
-            servers.push(ClusterServer {
+            let mut server = ClusterServer {
                 name,
                 port,
-                child: Some(child),
+                child: None,
+                extra: extra.to_vec(),
                 _dir: dir,
-            });
+            };
+            server.spawn();
+            servers.push(server);
         }
         let urls = servers
             .iter()
@@ -190,17 +207,71 @@ impl NatsCluster {
         .await
     }
 
-    /// Kills (`kill -9`) the server named `name`.
-    pub fn kill(&mut self, name: &str) {
-        let server = self
-            .servers
+    fn server(&mut self, name: &str) -> &mut ClusterServer {
+        self.servers
             .iter_mut()
             .find(|s| s.name == name)
-            .unwrap_or_else(|| panic!("no server {name}"));
-        if let Some(mut child) = server.child.take() {
+            .unwrap_or_else(|| panic!("no server {name}"))
+    }
+
+    /// The servers' names and client ports.
+    pub fn servers(&self) -> Vec<(String, u16)> {
+        self.servers
+            .iter()
+            .map(|s| (s.name.clone(), s.port))
+            .collect()
+    }
+
+    /// Kills (`kill -9`) the server named `name`.
+    pub fn kill(&mut self, name: &str) {
+        if let Some(mut child) = self.server(name).child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    pub fn is_running(&self, name: &str) -> bool {
+        self.servers
+            .iter()
+            .any(|s| s.name == name && s.child.is_some())
+    }
+
+    /// Starts a killed server again on its port and store, without waiting for it.
+    pub fn start_again(&mut self, name: &str) {
+        let server = self.server(name);
+        if server.child.is_none() {
+            server.spawn();
+        }
+    }
+
+    /// Waits until every server accepts clients and the cluster answers JetStream requests.
+    pub async fn wait_all_up(&self, timeout: Duration) {
+        for server in &self.servers {
+            let url = format!("nats://127.0.0.1:{}", server.port);
+            wait_until(
+                &format!("server {} to accept clients", server.name),
+                timeout,
+                || async { async_nats::connect(&url).await.ok().map(|_| ()) },
+            )
+            .await;
+        }
+        assert!(
+            self.wait_ready(timeout).await,
+            "JetStream did not answer within {timeout:?}"
+        );
+    }
+
+    /// The server that leads the replicas of stream `stream`, if the cluster says in time.
+    pub async fn stream_leader(&self, js: &jetstream::Context, stream: &str) -> Option<String> {
+        let info = async {
+            let mut stream = js.get_stream(stream).await.ok()?;
+            let info = stream.info().await.ok()?;
+            info.cluster.as_ref()?.leader.clone()
+        };
+        tokio::time::timeout(Duration::from_secs(3), info)
+            .await
+            .ok()
+            .flatten()
     }
 }
 

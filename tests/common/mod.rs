@@ -315,6 +315,11 @@ impl Node {
         }
     }
 
+    /// Whether the process has exited (by itself, or after a signal).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -1,0 +1,676 @@
+//! The storm: three nodes on a three-server cluster (replicas 3) under steady load, while a seeded
+//! schedule injects several faults at once: node kill -9, SIGSTOP, SIGTERM and silent network cuts,
+//! server and stream-leader kills, live edits of the redelivery windows, malformed headers and forged
+//! advisories. Then everything is healed, and every accepted order must end exactly once with no
+//! overlapping leases, no write outside its interval, no completed step re-run, nothing lost and
+//! nothing stranded (see `common::audit`).
+//!
+//! `ORDERLY_STORM_SEED` picks the schedule (the same seed, the same schedule), `ORDERLY_STORM_SECS` its
+//! length (default 120).
+//!
+//! Not injected: a full store. The cluster's servers run from flags with no store limit, and filling
+//! three replicated stores in step would stop every other fault from having any effect while it lasts;
+//! `hostile::a_full_store_strands_nothing` covers it on one server.
+
+mod common;
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use chrono::Utc;
+use common::audit::Outside;
+use common::faults::{NatsCluster, Proxy};
+use common::hostile::{Barrage, RawClient, Shots, MALFORMED};
+use common::scenario::*;
+use common::*;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+const NODES: [&str; 3] = ["storm-a", "storm-b", "storm-c"];
+const DEFAULT_SEED: u64 = 20_251_122;
+/// The nodes' failure draws (`ORDERLY_SEED`), fixed so that a run's simulated failures repeat too.
+const NODE_SEED: u64 = 7;
+/// Orders submitted per second, through the whole run.
+const RATE: f64 = 5.0;
+/// The redelivery window the nodes start with, and the one a live edit moves to and back from.
+const WINDOW: Duration = Duration::from_secs(2);
+const EDITED_WINDOW: Duration = Duration::from_secs(3);
+/// How long a node may take to exit after SIGTERM: its 3 s grace and room for a loaded machine.
+const TERM_PATIENCE: Duration = Duration::from_secs(15);
+
+/// SplitMix64: a tiny deterministic generator, so that a seed always gives the same schedule.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn between(&mut self, low: f64, high: f64) -> Duration {
+        let unit = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        Duration::from_secs_f64(low + (high - low) * unit)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// kill -9 of a node; it is started again when the fault ends.
+    Kill(usize),
+    /// SIGSTOP of a node; SIGCONT when the fault ends.
+    Stop(usize),
+    /// SIGTERM of a node; it is started again when the fault ends.
+    Term(usize),
+    /// Every connection of a node to NATS stops forwarding, sockets open; healed when the fault ends.
+    Cut(usize),
+    /// kill -9 of a server; started again on its store when the fault ends.
+    ServerKill(usize),
+    /// kill -9 of whichever server leads the ORDERS stream when the fault begins.
+    LeaderKill,
+    /// The consumer's windows edited live from 2 s to 3 s, and back when the fault ends.
+    AckWait,
+    /// Malformed header blocks on `orders.create` and `$SRV.PING` every 0.5 s while the fault lasts.
+    Malformed,
+    /// One work message with a malformed header block, straight into the stream.
+    Poison,
+    /// Forged MAX_DELIVERIES advisories for the last 100 stream sequences.
+    Forged,
+}
+
+impl Fault {
+    fn kind(self) -> &'static str {
+        match self {
+            Fault::Kill(_) => "kill -9 node",
+            Fault::Stop(_) => "SIGSTOP node",
+            Fault::Term(_) => "SIGTERM node",
+            Fault::Cut(_) => "network cut of node",
+            Fault::ServerKill(_) => "kill -9 server",
+            Fault::LeaderKill => "kill -9 stream leader",
+            Fault::AckWait => "ack wait edit",
+            Fault::Malformed => "malformed headers on service subjects",
+            Fault::Poison => "malformed-header work message",
+            Fault::Forged => "forged MAX_DELIVERIES advisories",
+        }
+    }
+
+    fn node(self) -> Option<usize> {
+        match self {
+            Fault::Kill(i) | Fault::Stop(i) | Fault::Term(i) | Fault::Cut(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    fn on_servers(self) -> bool {
+        matches!(self, Fault::ServerKill(_) | Fault::LeaderKill)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    start: Duration,
+    length: Duration,
+    fault: Fault,
+}
+
+impl Planned {
+    fn end(&self) -> Duration {
+        self.start + self.length
+    }
+
+    fn overlaps(&self, start: Duration, end: Duration, gap: Duration) -> bool {
+        self.start < end + gap && start < self.end() + gap
+    }
+}
+
+/// The schedule for `seed` over `run`: a fault every 1 to 4 s, each lasting 3 to 12 s, so that several
+/// are in force at once. A node has one fault at a time and at most two nodes have one; one server is
+/// down at a time, with 5 s for it to catch up before the next; one edit and one barrage at a time.
+fn plan(seed: u64, run: Duration) -> Vec<Planned> {
+    let mut rng = SplitMix64(seed);
+    let mut plan: Vec<Planned> = Vec::new();
+    let mut start = Duration::from_secs(3);
+    while start + Duration::from_secs(5) < run {
+        let length = rng.between(3.0, 12.0);
+        for _ in 0..10 {
+            let fault = match rng.below(10) {
+                0 => Fault::Kill(rng.below(3)),
+                1 => Fault::Stop(rng.below(3)),
+                2 => Fault::Term(rng.below(3)),
+                3 => Fault::Cut(rng.below(3)),
+                4 => Fault::ServerKill(rng.below(3)),
+                5 => Fault::LeaderKill,
+                6 => Fault::AckWait,
+                7 => Fault::Malformed,
+                8 => Fault::Poison,
+                _ => Fault::Forged,
+            };
+            let length = match fault {
+                Fault::Poison | Fault::Forged => Duration::ZERO,
+                _ => length,
+            };
+            let end = start + length;
+            let during = |gap: Duration| {
+                plan.iter()
+                    .filter(move |p| p.overlaps(start, end, gap))
+                    .map(|p| p.fault)
+            };
+            let fits = match fault {
+                f if f.node().is_some() => {
+                    let busy: Vec<usize> = during(Duration::ZERO).filter_map(Fault::node).collect();
+                    !busy.contains(&f.node().unwrap_or_default()) && {
+                        let mut nodes = busy.clone();
+                        nodes.sort_unstable();
+                        nodes.dedup();
+                        nodes.len() < 2
+                    }
+                }
+                f if f.on_servers() => !during(Duration::from_secs(5)).any(Fault::on_servers),
+                Fault::AckWait => !during(Duration::from_secs(1)).any(|f| f == Fault::AckWait),
+                Fault::Malformed => !during(Duration::ZERO).any(|f| f == Fault::Malformed),
+                _ => true,
+            };
+            if fits {
+                plan.push(Planned {
+                    start,
+                    length,
+                    fault,
+                });
+                break;
+            }
+        }
+        start += rng.between(1.0, 4.0);
+    }
+    plan
+}
+
+/// Orders submitted through the run: half straight into the stream, half over HTTP to a node.
+#[derive(Default)]
+struct Submitted {
+    attempted: AtomicUsize,
+    accepted: Mutex<Vec<Uuid>>,
+    /// The highest stream sequence a publish was acknowledged with.
+    last_seq: AtomicU64,
+    /// The HTTP addresses of the nodes that run.
+    nodes: Mutex<Vec<String>>,
+}
+
+impl Submitted {
+    async fn submit(&self, js: &jetstream::Context, http: &reqwest::Client, n: usize) {
+        self.attempted.fetch_add(1, Ordering::Relaxed);
+        let id = Uuid::now_v7();
+        let payload = json!({ "storm": n });
+        if n.is_multiple_of(2) {
+            let published = async {
+                js.publish(format!("orders.submit.{id}"), payload.to_string().into())
+                    .await
+                    .ok()?
+                    .await
+                    .ok()
+            };
+            if let Ok(Some(ack)) = tokio::time::timeout(Duration::from_secs(5), published).await {
+                self.last_seq.fetch_max(ack.sequence, Ordering::Relaxed);
+                self.accepted.lock().expect("lock").push(id);
+            }
+            return;
+        }
+        let target = {
+            let nodes = self.nodes.lock().expect("lock");
+            if nodes.is_empty() {
+                return;
+            }
+            nodes[n % nodes.len()].clone()
+        };
+        let response = http
+            .post(format!("{target}/orders"))
+            .header("Idempotency-Key", id.to_string())
+            .timeout(Duration::from_secs(3))
+            .json(&payload)
+            .send()
+            .await;
+        if response.is_ok_and(|r| r.status() == 202) {
+            self.accepted.lock().expect("lock").push(id);
+        }
+    }
+}
+
+/// Everything the storm acts on.
+struct Storm {
+    started: Instant,
+    cluster: NatsCluster,
+    /// Each node's proxies, one per server: a cut cuts them all.
+    proxies: Vec<Vec<Proxy>>,
+    nodes: Vec<Option<Node>>,
+    audits: Audits,
+    js: jetstream::Context,
+    outside: Outside,
+    submitted: Arc<Submitted>,
+    /// The windows the consumer has now: a node started now is configured with it.
+    window: Duration,
+    barrage: Option<Barrage>,
+    shots: Shots,
+    /// The server each running server fault killed.
+    killed: BTreeMap<usize, String>,
+    /// Work messages with malformed headers the stream accepted.
+    poisoned: Vec<Uuid>,
+    injected: BTreeMap<&'static str, usize>,
+}
+
+impl Storm {
+    fn say(&self, what: &str) {
+        println!(
+            "[storm +{:6.1}s] {what}",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+
+    fn builder(&self, i: usize) -> NodeBuilder {
+        let urls: Vec<&str> = self.proxies[i].iter().map(|p| p.url.as_str()).collect();
+        self.audits
+            .node(&urls.join(","), NODES[i])
+            .env("ORDERLY_REPLICAS", 3)
+            .env("ORDERLY_SEED", NODE_SEED)
+            .env("ORDERLY_ACK_WAIT", format!("{}s", self.window.as_secs()))
+    }
+
+    fn start_node(&mut self, i: usize) {
+        self.nodes[i] = Some(self.builder(i).spawn());
+        self.publish_addresses();
+    }
+
+    fn publish_addresses(&self) {
+        *self.submitted.nodes.lock().expect("lock") = self
+            .nodes
+            .iter()
+            .flatten()
+            .map(|n| n.http.clone())
+            .collect();
+    }
+
+    fn node(&self, i: usize) -> &Node {
+        self.nodes[i].as_ref().expect("the node runs")
+    }
+
+    fn server_name(&self, i: usize) -> String {
+        self.cluster.servers()[i].0.clone()
+    }
+
+    /// Starts node `i` again if it exited by itself (it stops rather than limp on when one of its
+    /// parts fails), and says so: an operator's supervisor would do the same.
+    fn revive(&mut self, i: usize) {
+        let exited = self.nodes[i].as_mut().is_some_and(Node::has_exited);
+        if exited {
+            self.say(&format!(
+                "{} had exited by itself; starting it again",
+                NODES[i]
+            ));
+            *self.injected.entry("node exited by itself").or_default() += 1;
+            self.start_node(i);
+        }
+    }
+
+    async fn begin(&mut self, index: usize, fault: Fault) {
+        *self.injected.entry(fault.kind()).or_default() += 1;
+        if let Some(i) = fault.node() {
+            self.revive(i);
+        }
+        match fault {
+            Fault::Kill(i) => {
+                self.say(&format!("begin {}: {}", fault.kind(), NODES[i]));
+                let mut node = self.nodes[i].take().expect("the node runs");
+                node.signal("KILL");
+                node.wait_exit(Duration::from_secs(5))
+                    .await
+                    .expect("a killed node exits");
+                self.outside
+                    .died
+                    .entry(node.id.clone())
+                    .or_default()
+                    .push(Utc::now());
+                self.publish_addresses();
+            }
+            Fault::Stop(i) => {
+                self.say(&format!("begin {}: {}", fault.kind(), NODES[i]));
+                self.node(i).signal("STOP");
+                self.node(i).wait_stopped().await;
+            }
+            Fault::Term(i) => {
+                self.say(&format!("begin {}: {}", fault.kind(), NODES[i]));
+                self.node(i).signal("TERM");
+            }
+            Fault::Cut(i) => {
+                self.say(&format!("begin {}: {}", fault.kind(), NODES[i]));
+                self.proxies[i].iter().for_each(Proxy::cut);
+            }
+            Fault::ServerKill(s) => {
+                let name = self.server_name(s);
+                self.say(&format!("begin {}: {name}", fault.kind()));
+                self.cluster.kill(&name);
+                self.killed.insert(index, name);
+            }
+            Fault::LeaderKill => {
+                let leader = self.cluster.stream_leader(&self.js, "ORDERS").await;
+                let name = leader.clone().unwrap_or_else(|| self.server_name(0));
+                let known = if leader.is_some() {
+                    ""
+                } else {
+                    " (leader unknown)"
+                };
+                self.say(&format!("begin {}: {name}{known}", fault.kind()));
+                self.cluster.kill(&name);
+                self.killed.insert(index, name);
+            }
+            Fault::AckWait => {
+                self.say(&format!(
+                    "begin {}: windows {:?} -> {:?}",
+                    fault.kind(),
+                    self.window,
+                    EDITED_WINDOW
+                ));
+                self.set_windows(EDITED_WINDOW).await;
+            }
+            Fault::Malformed => {
+                self.say(&format!("begin {}: orders.create, $SRV.PING", fault.kind()));
+                self.barrage = Some(Barrage::start(
+                    &self.cluster.urls,
+                    Duration::from_millis(500),
+                    &["orders.create", "$SRV.PING"],
+                    &MALFORMED,
+                    br#"{"customer":"mallory"}"#,
+                ));
+            }
+            Fault::Poison => {
+                let id = Uuid::now_v7();
+                let header = MALFORMED[self.poisoned.len() % MALFORMED.len()];
+                let sent = async {
+                    let mut client = RawClient::connect(&self.cluster.urls).await.ok()?;
+                    let subject = format!("orders.submit.{id}");
+                    let ack = client
+                        .request(&subject, header, br#"{"customer":"mallory"}"#)
+                        .await
+                        .ok()?;
+                    let ack: serde_json::Value = serde_json::from_slice(&ack).ok()?;
+                    (ack["stream"] == "ORDERS").then_some(())
+                };
+                let stored = tokio::time::timeout(Duration::from_secs(5), sent).await;
+                let stored = matches!(stored, Ok(Some(())));
+                self.say(&format!(
+                    "{}: orders.submit.{id} ({})",
+                    fault.kind(),
+                    if stored { "stored" } else { "not stored" }
+                ));
+                if stored {
+                    self.poisoned.push(id);
+                }
+            }
+            Fault::Forged => {
+                let last = self.submitted.last_seq.load(Ordering::Relaxed);
+                let first = last.saturating_sub(99).max(1);
+                self.say(&format!(
+                    "{}: stream sequences {first}..={last}",
+                    fault.kind()
+                ));
+                let client = self.js.client();
+                for seq in first..=last {
+                    let advisory = json!({
+                        "type": "io.nats.jetstream.advisory.v1.max_deliver",
+                        "stream": "ORDERS",
+                        "consumer": "workers",
+                        "stream_seq": seq,
+                        "deliveries": 10,
+                    });
+                    let subject = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.ORDERS.workers";
+                    let _ = client.publish(subject, advisory.to_string().into()).await;
+                }
+            }
+        }
+    }
+
+    async fn end(&mut self, index: usize, fault: Fault) {
+        match fault {
+            Fault::Kill(i) => {
+                self.say(&format!("end {}: {} starts again", fault.kind(), NODES[i]));
+                self.start_node(i);
+            }
+            Fault::Stop(i) => {
+                self.say(&format!("end {}: SIGCONT {}", fault.kind(), NODES[i]));
+                self.node(i).signal("CONT");
+            }
+            Fault::Term(i) => {
+                let mut node = self.nodes[i].take().expect("the node runs");
+                let status = node.wait_exit(TERM_PATIENCE).await;
+                assert!(
+                    status.is_some(),
+                    "node {} did not exit within {TERM_PATIENCE:?} of SIGTERM",
+                    node.id
+                );
+                self.say(&format!(
+                    "end {}: {} exited ({}), starts again",
+                    fault.kind(),
+                    NODES[i],
+                    status.map(|s| s.to_string()).unwrap_or_default()
+                ));
+                drop(node);
+                self.start_node(i);
+            }
+            Fault::Cut(i) => {
+                self.say(&format!("end {}: {} healed", fault.kind(), NODES[i]));
+                self.proxies[i].iter().for_each(Proxy::heal);
+            }
+            Fault::ServerKill(_) | Fault::LeaderKill => {
+                let name = self.killed.remove(&index).expect("a killed server");
+                self.say(&format!("end {}: {name} starts again", fault.kind()));
+                self.cluster.start_again(&name);
+            }
+            Fault::AckWait => {
+                self.say(&format!(
+                    "end {}: windows {:?} -> {WINDOW:?}",
+                    fault.kind(),
+                    self.window
+                ));
+                self.set_windows(WINDOW).await;
+            }
+            Fault::Malformed => {
+                let shots = self.barrage.take().expect("a barrage").stop().await;
+                self.say(&format!(
+                    "end {}: {} sent, {} found no server",
+                    fault.kind(),
+                    shots.taken,
+                    shots.missed
+                ));
+                self.shots.taken += shots.taken;
+                self.shots.missed += shots.missed;
+            }
+            Fault::Poison | Fault::Forged => {}
+        }
+    }
+
+    /// Edits the consumer in place (as `nats consumer edit ORDERS workers --backoff ...` does): its
+    /// windows become `window`, twice, then twice and four times as long. A cluster in the middle of
+    /// another fault may not answer at once: it is asked again for up to 30 s.
+    async fn set_windows(&mut self, window: Duration) {
+        let js = self.js.clone();
+        wait_until("the consumer edit", Duration::from_secs(30), || {
+            let js = js.clone();
+            async move {
+                let edit = async {
+                    let stream = js.get_stream("ORDERS").await.ok()?;
+                    let mut consumer: PullConsumer = stream.get_consumer("workers").await.ok()?;
+                    let mut config = consumer.info().await.ok()?.config.clone();
+                    config.ack_wait = window;
+                    config.backoff = orderly::nats::backoff(window, config.max_deliver);
+                    stream.update_consumer(config).await.ok().map(|_| ())
+                };
+                tokio::time::timeout(Duration::from_secs(5), edit)
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        })
+        .await;
+        self.window = window;
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} must be a number, got {v:?}"))
+        })
+        .unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm() {
+    let seed = env_u64("ORDERLY_STORM_SEED", DEFAULT_SEED);
+    let run = Duration::from_secs(env_u64("ORDERLY_STORM_SECS", 120));
+    let schedule = plan(seed, run);
+    println!(
+        "[storm] seed {seed} (ORDERLY_STORM_SEED), {run:?} (ORDERLY_STORM_SECS), {} faults planned:",
+        schedule.len()
+    );
+    for planned in &schedule {
+        println!(
+            "[storm]   {:6.1}s for {:4.1}s: {:?}",
+            planned.start.as_secs_f64(),
+            planned.length.as_secs_f64(),
+            planned.fault
+        );
+    }
+
+    let cluster = NatsCluster::start().await;
+    let mut proxies = Vec::new();
+    for _ in NODES {
+        let mut mine = Vec::new();
+        for (_, port) in cluster.servers() {
+            mine.push(Proxy::start(port).await);
+        }
+        proxies.push(mine);
+    }
+    let js = jetstream::new(cluster.client().await);
+    let mut storm = Storm {
+        started: Instant::now(),
+        cluster,
+        proxies,
+        nodes: NODES.iter().map(|_| None).collect(),
+        audits: Audits::new(),
+        js: js.clone(),
+        outside: Outside::default(),
+        submitted: Arc::new(Submitted::default()),
+        window: WINDOW,
+        barrage: None,
+        shots: Shots::default(),
+        killed: BTreeMap::new(),
+        poisoned: Vec::new(),
+        injected: BTreeMap::new(),
+    };
+    for i in 0..NODES.len() {
+        storm.start_node(i);
+        let node = storm.nodes[i].as_mut().expect("started");
+        node.wait_ready().await;
+    }
+
+    // Steady load through the whole run, each submission on its own so that a stuck one holds up
+    // no other.
+    let submitter = {
+        let (submitted, js) = (storm.submitted.clone(), js.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / RATE));
+            let mut submissions = tokio::task::JoinSet::new();
+            let ends = Instant::now() + run;
+            let mut n = 0;
+            while Instant::now() < ends {
+                pace.tick().await;
+                let (submitted, js, http) = (submitted.clone(), js.clone(), http.clone());
+                submissions.spawn(async move { submitted.submit(&js, &http, n).await });
+                n += 1;
+            }
+            submissions.join_all().await;
+        })
+    };
+
+    // The schedule, as begin and end actions in time order (an end before a begin at the same time).
+    let mut actions: Vec<(Duration, bool, usize)> = Vec::new();
+    for (index, planned) in schedule.iter().enumerate() {
+        actions.push((planned.start, true, index));
+        actions.push((planned.end(), false, index));
+    }
+    actions.sort_by_key(|(at, begins, index)| (*at, *begins, *index));
+    let began = storm.started;
+    let mut pending = actions.into_iter().peekable();
+    while let Some((at, begins, index)) = pending.next_if(|(at, _, _)| *at < run) {
+        tokio::time::sleep_until((began + at).into()).await;
+        let fault = schedule[index].fault;
+        if begins {
+            storm.begin(index, fault).await;
+        } else {
+            storm.end(index, fault).await;
+        }
+    }
+
+    // Stop injecting, heal everything, and let the load finish.
+    tokio::time::sleep_until((began + run).into()).await;
+    storm.say("healing everything");
+    for (_, begins, index) in pending {
+        if !begins {
+            storm.end(index, schedule[index].fault).await;
+        }
+    }
+    submitter.await.expect("the submitter does not panic");
+    storm.cluster.wait_all_up(Duration::from_secs(60)).await;
+    for (i, id) in NODES.iter().enumerate() {
+        if storm.nodes[i].is_none() {
+            storm.start_node(i);
+        }
+        storm.revive(i);
+        storm.nodes[i].as_mut().expect("started").wait_ready().await;
+        storm.say(&format!("{id} is ready"));
+    }
+    storm.say("healed; waiting for every accepted order");
+
+    let mut ids = storm.submitted.accepted.lock().expect("lock").clone();
+    let attempted = storm.submitted.attempted.load(Ordering::Relaxed);
+    println!(
+        "[storm] seed {seed}: {attempted} orders submitted, {} accepted, {} malformed-header work messages stored",
+        ids.len(),
+        storm.poisoned.len()
+    );
+    for (kind, count) in &storm.injected {
+        println!("[storm]   {count:3} x {kind}");
+    }
+    println!(
+        "[storm]   {} malformed service messages sent ({} found no server)",
+        storm.shots.taken, storm.shots.missed
+    );
+    ids.extend(&storm.poisoned);
+    let kv = orders_bucket(&js).await;
+    if let Err(unfinished) = terminal_within(&kv, &ids, Duration::from_secs(180)).await {
+        panic!("seed {seed}: {unfinished}");
+    }
+    let report = settle_and_check(
+        &js,
+        &ids,
+        &storm.audits,
+        &storm.outside,
+        Duration::from_secs(60),
+    )
+    .await;
+    print_report("storm", &report);
+    println!(
+        "[storm] seed {seed}: {} completed, {} failed, {} leases handed over",
+        report.completed,
+        report.failed,
+        report.handovers.len()
+    );
+}
