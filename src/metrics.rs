@@ -39,6 +39,7 @@ pub const QUEUE_POLL_ERRORS: &str = "orderly_queue_poll_errors_total";
 pub const UP_SINCE: &str = "orderly_node_start_time_seconds";
 pub const STORE_RETRIES: &str = "orderly_store_retries_total";
 pub const MESSAGES_REQUEUED: &str = "orderly_messages_requeued_total";
+pub const LEFTOVERS_REMOVED: &str = "orderly_leftover_messages_removed_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -123,6 +124,7 @@ fn zero_counters() {
         KV_CONFLICTS,
         QUEUE_POLL_ERRORS,
         STORE_RETRIES,
+        LEFTOVERS_REMOVED,
     ] {
         metrics::counter!(name).absolute(0);
     }
@@ -202,6 +204,10 @@ fn describe() {
     describe_counter!(
         STORE_RETRIES,
         "Tries of an order kept while the order store was unavailable."
+    );
+    describe_counter!(
+        LEFTOVERS_REMOVED,
+        "Work messages removed by the sweep because their order had ended long before (the removal that should have followed its ack was lost)."
     );
     describe_counter!(
         MESSAGES_REQUEUED,

@@ -193,6 +193,8 @@ async fn run_connected(
     let sweep = Sweep::new(
         js.clone(),
         setup.stream.clone(),
+        store.clone(),
+        follow.windows(),
         setup.nodes.clone(),
         node_id.clone(),
         fetching,

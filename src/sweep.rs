@@ -16,13 +16,18 @@
 //! receive, and the copy is an ordinary work message that goes through the usual checks (its id, its
 //! payload, a second message for the same order).
 //!
+//! The sweep also removes a message whose order ended long ago: an acked message whose removal the
+//! server lost (seen when a cluster's stream leader is killed), which nothing would remove otherwise.
+//!
 //! A node sweeps right after its fetch connection was lost (a bad block may have caused it: it then
 //! costs one reconnect of one node's fetch connection, and no lease) and every [`EVERY`], one node of
 //! the cluster at a time.
 
 use crate::follow::RateLimited;
-use crate::lease::Connection;
+use crate::lease::{Connection, Windows};
 use crate::metrics as m;
+use crate::order::parse_order_id;
+use crate::store::OrderStore;
 use crate::nats::{CONSUMER, STREAM, SUBMIT_PREFIX};
 use async_nats::jetstream::{self, kv, stream::Stream};
 use base64::Engine as _;
@@ -30,6 +35,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// How often one node of the cluster sweeps.
@@ -181,6 +187,8 @@ async fn peek_request(
 pub struct Sweep {
     js: jetstream::Context,
     stream: Stream,
+    store: OrderStore,
+    windows: watch::Receiver<Windows>,
     nodes: kv::Store,
     node_id: String,
     /// The fetch connection: a bad header block drops it.
@@ -193,6 +201,8 @@ impl Sweep {
     pub fn new(
         js: jetstream::Context,
         stream: Stream,
+        store: OrderStore,
+        windows: watch::Receiver<Windows>,
         nodes: kv::Store,
         node_id: String,
         connection: Connection,
@@ -200,6 +210,8 @@ impl Sweep {
         Sweep {
             js,
             stream,
+            store,
+            windows,
             nodes,
             node_id,
             connection,
@@ -261,7 +273,10 @@ impl Sweep {
             }
             seq = found.seq + 1;
             if self.checked.contains(&found.seq) {
-                still_there.insert(found.seq);
+                // Still there a sweep later: perhaps its order ended and the ack was lost.
+                if !self.remove_if_left_over(&found).await? {
+                    still_there.insert(found.seq);
+                }
                 continue;
             }
             match found.headers.as_deref().map(check_header_block) {
@@ -276,6 +291,45 @@ impl Sweep {
         }
         self.checked = still_there;
         Ok(replaced)
+    }
+
+    /// Deletes a message whose order ended long enough ago that its ack should have removed it: the
+    /// server can lose the removal of an acked message (seen when a cluster's stream leader is
+    /// killed), and the consumer then never delivers it again. An order that ended is never written
+    /// again, so removing its message is safe whoever may still hold it.
+    async fn remove_if_left_over(&self, found: &Found) -> anyhow::Result<bool> {
+        let key = found
+            .subject
+            .strip_prefix(SUBMIT_PREFIX)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or_default();
+        let Ok(order_id) = parse_order_id(key) else {
+            return Ok(false);
+        };
+        let Ok(Some(order)) = self.store.get(order_id).await else {
+            return Ok(false);
+        };
+        let grace = self.windows.borrow().longest() * 2;
+        let ended_long_ago = order.order.is_terminal()
+            && order.order.complete_time.is_some_and(|done| {
+                (chrono::Utc::now() - done).to_std().unwrap_or_default() > grace
+            });
+        if !ended_long_ago {
+            return Ok(false);
+        }
+        if let Err(e) = self.stream.delete_message(found.seq).await {
+            if peek_exact(&self.js, found.seq).await?.is_some() {
+                return Err(e.into());
+            }
+        }
+        metrics::counter!(m::LEFTOVERS_REMOVED).increment(1);
+        tracing::warn!(
+            msg.stream_seq = found.seq,
+            order.id = %order_id,
+            state = %order.order.state,
+            "removed a work message whose order ended long ago (its ack was lost)"
+        );
+        Ok(true)
     }
 
     async fn requeue(&self, found: &Found, bad: BadHeaders) -> anyhow::Result<()> {

@@ -506,7 +506,7 @@ impl Storm {
                     let mut consumer: PullConsumer = stream.get_consumer("workers").await.ok()?;
                     let mut config = consumer.info().await.ok()?.config.clone();
                     config.ack_wait = window;
-                    config.backoff = orderly::nats::backoff(window, config.max_deliver);
+                    config.backoff = orderly::nats::backoff(window);
                     stream.update_consumer(config).await.ok().map(|_| ())
                 };
                 tokio::time::timeout(Duration::from_secs(5), edit)
