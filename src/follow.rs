@@ -11,7 +11,7 @@
 //!   is handed out again while a node may still be working on it. While it is missing the node takes
 //!   no work and reports not ready, saying why.
 
-use crate::lease::{Connection, Windows};
+use crate::lease::{Connection, Windows, WINDOW_METADATA};
 use crate::metrics as m;
 use crate::nats::{consumer_config, Layout, CONSUMER};
 use async_nats::jetstream::{consumer, context::ConsumerInfoErrorKind, stream::Stream};
@@ -24,10 +24,9 @@ use tokio_util::sync::CancellationToken;
 /// How often the consumer's configuration is read.
 pub const POLL: Duration = Duration::from_millis(250);
 
-/// A window may be shortened while orders run only to a length that leaves the node time to learn of
-/// it: the server counts the new window from the last in-progress ack it received, which is at most
-/// one heartbeat old, and the node learns within one poll; the lease must still have its margin
-/// (a fifth of the window) left then. Longer windows are always safe.
+/// The shortest window that can be announced while orders run: leases shorten as soon as their node
+/// reads the announcement, which is at most one heartbeat after the last in-progress ack and one poll
+/// later, and must still have their margin (a fifth of the window) left then.
 pub const SAFE_SHRINK: Duration = Duration::from_secs(2);
 
 /// What the node knows of the consumer, for readiness and for the fetch loop.
@@ -52,10 +51,17 @@ impl Health {
 
 /// The windows of a consumer's configuration.
 pub fn windows_of(info: &consumer::Info) -> Windows {
+    let announced = info
+        .config
+        .metadata
+        .get(WINDOW_METADATA)
+        .and_then(|value| humantime::parse_duration(value.trim()).ok())
+        .filter(|window| !window.is_zero());
     Windows {
         ack_wait: info.config.ack_wait,
         backoff: info.config.backoff.clone(),
         created: to_chrono(info.created),
+        announced,
     }
 }
 
@@ -178,24 +184,37 @@ impl Follow {
             tracing::error!("the consumer {CONSUMER} was created again: ending every lease taken through the old one");
             self.leases.lost();
         }
-        if old.ack_wait == new.ack_wait && old.backoff == new.backoff {
+        if old.ack_wait == new.ack_wait
+            && old.backoff == new.backoff
+            && old.announced == new.announced
+        {
             self.windows.send_replace(new);
             return;
         }
-        let shrank = new.shortest() < old.shortest();
         tracing::warn!(
             ack_wait = %humantime::format_duration(new.ack_wait),
             backoff = ?new.backoff,
+            announced = ?new.announced,
             was_ack_wait = %humantime::format_duration(old.ack_wait),
             was_backoff = ?old.backoff,
-            shrank,
+            was_announced = ?old.announced,
             "the consumer's redelivery windows changed; leases follow them from now on"
         );
-        if new.shortest() < SAFE_SHRINK && shrank {
+        if new.announced.is_some_and(|a| a < SAFE_SHRINK) {
             tracing::error!(
-                window = %humantime::format_duration(new.shortest()),
-                "a window shorter than {} was set while orders run: leases that cannot be confirmed in time end now",
+                announced = ?new.announced,
+                "a window shorter than {} was announced: a running lease may not learn of it in time",
                 humantime::format_duration(SAFE_SHRINK)
+            );
+        }
+        if new.server_shortest() < old.shortest() {
+            // The server applies the shorter window at once to deliveries already out. A node that
+            // is running learns of it within a poll; one that is paused or cut off does not, and its
+            // lease may outlast the server's new deadline.
+            tracing::error!(
+                window = %humantime::format_duration(new.server_shortest()),
+                was = %humantime::format_duration(old.shortest()),
+                "the consumer's window was shortened without being announced first (metadata {WINDOW_METADATA}); a node that is paused or cut off now may still be working on an order the server hands out again. See nats/README.md, \"Changing the ack wait\""
             );
         }
         self.windows.send_replace(new);

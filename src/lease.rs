@@ -37,7 +37,15 @@ pub struct Windows {
     /// When the consumer was created: a claim older than this was made through a consumer that no
     /// longer exists.
     pub created: DateTime<Utc>,
+    /// A shorter window announced in the consumer's metadata ([`WINDOW_METADATA`]) before the
+    /// consumer's own windows are shortened: leases use it at once, so that by the time the server
+    /// applies the shorter window no lease counts on the longer one, even on a node that was paused.
+    pub announced: Option<Duration>,
 }
+
+/// The consumer metadata key that announces a shorter window (`nats consumer edit ORDERS workers
+/// --metadata orderly_window:2s`): see "Changing the ack wait" in nats/README.md.
+pub const WINDOW_METADATA: &str = "orderly_window";
 
 impl Windows {
     /// Windows of a consumer with no backoff list.
@@ -46,16 +54,26 @@ impl Windows {
             ack_wait,
             backoff: Vec::new(),
             created: DateTime::<Utc>::MIN_UTC,
+            announced: None,
         }
     }
 
+    /// The timing a lease on delivery `delivered` must keep to: the consumer's window for it, or the
+    /// announced one if that is shorter.
     pub fn timing(&self, delivered: u32) -> LeaseTiming {
-        LeaseTiming::for_delivery(self.ack_wait, &self.backoff, delivered)
+        let window = LeaseTiming::for_delivery(self.ack_wait, &self.backoff, delivered).window;
+        LeaseTiming::for_window(self.announced.map_or(window, |a| a.min(window)))
     }
 
-    /// The shortest window any delivery gets.
-    pub fn shortest(&self) -> Duration {
+    /// The shortest window the server itself gives any delivery.
+    pub fn server_shortest(&self) -> Duration {
         self.backoff.iter().copied().min().unwrap_or(self.ack_wait)
+    }
+
+    /// The shortest window a lease keeps to.
+    pub fn shortest(&self) -> Duration {
+        let server = self.server_shortest();
+        self.announced.map_or(server, |a| a.min(server))
     }
 
     /// The longest window any delivery gets.
@@ -546,6 +564,18 @@ mod tests {
         // A window that has run out already ends the lease.
         edit.send_replace(Windows::fixed(Duration::from_millis(1)));
         assert!(!lease.is_held());
+    }
+
+    #[test]
+    fn an_announced_window_shortens_leases_before_the_consumer_does() {
+        let mut windows = Windows::fixed(Duration::from_secs(30));
+        windows.backoff = vec![Duration::from_secs(30), Duration::from_secs(60)];
+        assert_eq!(windows.timing(2).window, Duration::from_secs(60));
+        windows.announced = Some(Duration::from_secs(2));
+        assert_eq!(windows.timing(1).window, Duration::from_secs(2));
+        assert_eq!(windows.timing(2).window, Duration::from_secs(2));
+        assert_eq!(windows.shortest(), Duration::from_secs(2));
+        assert_eq!(windows.server_shortest(), Duration::from_secs(30));
     }
 
     #[test]

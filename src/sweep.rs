@@ -26,9 +26,9 @@
 use crate::follow::RateLimited;
 use crate::lease::{Connection, Windows};
 use crate::metrics as m;
+use crate::nats::{CONSUMER, STREAM, SUBMIT_PREFIX};
 use crate::order::parse_order_id;
 use crate::store::OrderStore;
-use crate::nats::{CONSUMER, STREAM, SUBMIT_PREFIX};
 use async_nats::jetstream::{self, kv, stream::Stream};
 use base64::Engine as _;
 use bytes::Bytes;

@@ -381,12 +381,29 @@ async fn the_documented_ack_wait_change_is_safe() {
     wait_busy(&old_b, 1.0).await;
     let began = Instant::now();
 
-    // (a) `nats consumer edit ORDERS workers --backoff ...`: the windows become 2 s, 2 s, 4 s, 8 s.
+    // A node that is paused through the whole change (a frozen VM) must not be caught out by it.
+    old_b.signal("STOP");
+    old_b.wait_stopped().await;
+
+    // (a) Announce the new window: `nats consumer edit ORDERS workers --metadata orderly_window:2s`.
+    // Running nodes shorten every lease to it at once; the server still waits 30 s.
     let stream = js.get_stream("ORDERS").await.expect("stream ORDERS");
     let mut consumer: jetstream::consumer::PullConsumer =
         stream.get_consumer("workers").await.expect("consumer");
     let mut config = consumer.info().await.expect("consumer info").config.clone();
+    config
+        .metadata
+        .insert("orderly_window".to_owned(), "2s".to_owned());
+    stream
+        .update_consumer(config.clone())
+        .await
+        .expect("the window is announced");
+    let announced = Instant::now();
+    // (b) Wait the old window: every lease taken before the announcement has ended by then, or was
+    // renewed by a node that knows the new window. The wait is the procedure's, not the test's.
     let secs = Duration::from_secs;
+    tokio::time::sleep_until((announced + secs(31)).into()).await;
+    // (c) `nats consumer edit ORDERS workers --config ...`: the windows become 2 s, 2 s, 4 s, 8 s.
     config.ack_wait = secs(2);
     config.backoff = vec![secs(2), secs(2), secs(4), secs(8)];
     stream
@@ -415,6 +432,8 @@ async fn the_documented_ack_wait_change_is_safe() {
         },
     )
     .await;
+    // The paused node wakes after others took its orders over: its leases ended long ago.
+    old_b.signal("CONT");
     old_b.signal("TERM");
     old_b
         .wait_exit(Duration::from_secs(10))
@@ -425,7 +444,7 @@ async fn the_documented_ack_wait_change_is_safe() {
         died: [(old_a.id.clone(), vec![died])].into(),
         ..Outside::default()
     };
-    let timeout = secs(40).saturating_sub(began.elapsed());
+    let timeout = secs(80).saturating_sub(began.elapsed());
     let report = settle_and_check(&js, &ids, &audits, &outside, timeout).await;
     print_report("ack wait change", &report);
     let mut takeovers: Vec<f64> = report
