@@ -37,6 +37,8 @@ const RATE: f64 = 5.0;
 /// The redelivery window the nodes start with, and the one a live edit moves to and back from.
 const WINDOW: Duration = Duration::from_secs(2);
 const EDITED_WINDOW: Duration = Duration::from_secs(3);
+/// The consumer metadata key that announces a shorter window before the consumer's is shortened.
+const ANNOUNCED: &str = orderly::lease::WINDOW_METADATA;
 /// How long a node may take to exit after SIGTERM: its 3 s grace and room for a loaded machine.
 const TERM_PATIENCE: Duration = Duration::from_secs(15);
 
@@ -471,11 +473,20 @@ impl Storm {
                 self.cluster.start_again(&name);
             }
             Fault::AckWait => {
+                // Shortening follows the documented procedure: announce the shorter window, wait
+                // out the longest window in force, then shorten the consumer's.
                 self.say(&format!(
-                    "end {}: windows {:?} -> {WINDOW:?}",
+                    "end {}: announcing {WINDOW:?}, then windows {:?} -> {WINDOW:?}",
                     fault.kind(),
                     self.window
                 ));
+                self.edit_consumer(|config| {
+                    config
+                        .metadata
+                        .insert(ANNOUNCED.to_owned(), format!("{}s", WINDOW.as_secs()));
+                })
+                .await;
+                tokio::time::sleep(self.window * 4 + Duration::from_secs(1)).await;
                 self.set_windows(WINDOW).await;
             }
             Fault::Malformed => {
@@ -497,7 +508,20 @@ impl Storm {
     /// windows become `window`, twice, then twice and four times as long. A cluster in the middle of
     /// another fault may not answer at once: it is asked again for up to 30 s.
     async fn set_windows(&mut self, window: Duration) {
+        self.edit_consumer(|config| {
+            config.ack_wait = window;
+            config.backoff = orderly::nats::backoff(window);
+            // A longer window needs no announcement; a shorter one was announced already.
+            config.metadata.remove(ANNOUNCED);
+        })
+        .await;
+        self.window = window;
+    }
+
+    /// Edits the consumer in place with `change`, asking again for up to 30 s.
+    async fn edit_consumer(&self, change: impl Fn(&mut jetstream::consumer::Config)) {
         let js = self.js.clone();
+        let change = &change;
         wait_until("the consumer edit", Duration::from_secs(30), || {
             let js = js.clone();
             async move {
@@ -505,8 +529,7 @@ impl Storm {
                     let stream = js.get_stream("ORDERS").await.ok()?;
                     let mut consumer: PullConsumer = stream.get_consumer("workers").await.ok()?;
                     let mut config = consumer.info().await.ok()?.config.clone();
-                    config.ack_wait = window;
-                    config.backoff = orderly::nats::backoff(window);
+                    change(&mut config);
                     stream.update_consumer(config).await.ok().map(|_| ())
                 };
                 tokio::time::timeout(Duration::from_secs(5), edit)
@@ -516,7 +539,6 @@ impl Storm {
             }
         })
         .await;
-        self.window = window;
     }
 }
 
