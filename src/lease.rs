@@ -102,7 +102,10 @@ impl LeaseTiming {
     pub fn for_window(window: Duration) -> LeaseTiming {
         LeaseTiming {
             window,
-            heartbeat: (window / 5).min(MAX_HEARTBEAT),
+            // Two heartbeats to a margin: on a cluster, a confirmed in-progress ack reaches the
+            // consumer's replicas a moment later, and one lost with a dying leader then costs half
+            // the margin, not all of it.
+            heartbeat: (window / 10).min(MAX_HEARTBEAT),
             margin: window / 5,
         }
     }
