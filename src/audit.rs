@@ -62,6 +62,10 @@ enum Event<'a> {
     Create {
         revision: u64,
     },
+    /// A create whose answer the node did not get: it may have been stored.
+    CreateUnconfirmed {
+        sent: Stamp,
+    },
     Claim {
         delivery: u32,
         stream_seq: u64,
@@ -152,6 +156,11 @@ impl Audit {
 
     pub fn created(&self, order_id: Uuid, revision: u64) {
         self.write(order_id, Event::Create { revision });
+    }
+
+    /// A create sent at `sent` got no answer: the document may exist.
+    pub fn create_unconfirmed(&self, order_id: Uuid, sent: Stamp) {
+        self.write(order_id, Event::CreateUnconfirmed { sent });
     }
 
     pub fn claimed(

@@ -82,6 +82,7 @@ impl OrderStore {
     /// Writes a new order; fails with [`StoreError::Exists`] if the id is taken.
     pub async fn create(&self, order: &Order) -> Result<Versioned, StoreError> {
         let value = encode(order);
+        let sent = crate::audit::Stamp::now();
         match self.kv.create(order.order_id.to_string(), value).await {
             Ok(revision) => {
                 self.audit.created(order.order_id, revision);
@@ -93,7 +94,11 @@ impl OrderStore {
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 Err(StoreError::Exists(order.order_id))
             }
-            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            Err(e) => {
+                // A create needs no lease (the key was free); the audit still names every revision.
+                self.audit.create_unconfirmed(order.order_id, sent);
+                Err(StoreError::Unavailable(e.to_string()))
+            }
         }
     }
 

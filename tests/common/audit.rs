@@ -263,7 +263,7 @@ async fn check_order(
     let mut last_doc = Value::Null;
     // By the server's account too: no revision shows a step running again after one showed it complete.
     let mut completed_steps = HashSet::new();
-    for entry in history(orders, id).await {
+    for (index, entry) in history(orders, id).await.into_iter().enumerate() {
         let written = entry.written;
         if let Ok(doc) = serde_json::from_slice::<Value>(&entry.value) {
             let state = doc["state"].as_str().unwrap_or_default().to_owned();
@@ -288,6 +288,16 @@ async fn check_order(
             last_doc = doc;
         }
         if outside.revisions.contains(&entry.revision) {
+            continue;
+        }
+        // A create whose answer its node never got explains the first revision, if it was sent
+        // before the revision was stored (a create needs no lease: the key was free).
+        if index == 0
+            && !writes.contains_key(&entry.revision)
+            && lines
+                .iter()
+                .any(|l| l["event"] == "create_unconfirmed" && stamp(l, "sent") <= written)
+        {
             continue;
         }
         let Some(line) = writes.get(&entry.revision) else {
