@@ -311,9 +311,13 @@ impl Lease {
     }
 
     /// The node's claim on the order was written as `revision`; `start` was taken before it was sent.
+    /// The interval starts at the first claim: a claim written again after an unanswered one (the
+    /// store failed, the order is tried again under the same lease) does not start another.
     pub fn claimed(&self, stream_seq: u64, revision: u64, start: Stamp) {
         let holder = &self.inner.holder;
-        self.inner.claimed.store(true, Ordering::SeqCst);
+        if self.inner.claimed.swap(true, Ordering::SeqCst) {
+            return;
+        }
         holder.audit.claimed(
             holder.order_id,
             holder.delivery,

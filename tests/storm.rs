@@ -314,6 +314,11 @@ impl Storm {
                 "{} had exited by itself; starting it again",
                 NODES[i]
             ));
+            let logs = self.node(i).logs();
+            let lines: Vec<&str> = logs.lines().collect();
+            for line in &lines[lines.len().saturating_sub(12)..] {
+                println!("    {line}");
+            }
             *self.injected.entry("node exited by itself").or_default() += 1;
             self.start_node(i);
         }
