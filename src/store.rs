@@ -83,7 +83,7 @@ impl OrderStore {
     pub async fn create(&self, order: &Order) -> Result<Versioned, StoreError> {
         let value = encode(order);
         let sent = crate::audit::Stamp::now();
-        match self.kv.create(order.order_id.to_string(), value).await {
+        match self.kv.create(order.order_id.to_string(), value.clone()).await {
             Ok(revision) => {
                 self.audit.created(order.order_id, revision);
                 Ok(Versioned {
@@ -92,7 +92,18 @@ impl OrderStore {
                 })
             }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                Err(StoreError::Exists(order.order_id))
+                // The client reports a create whose answer it missed, then found stored, as
+                // "already exists": if the stored document is the one sent, this create wrote it.
+                match self.kv.entry(order.order_id.to_string()).await {
+                    Ok(Some(entry)) if entry.value == value => {
+                        self.audit.created(order.order_id, entry.revision);
+                        Ok(Versioned {
+                            order: order.clone(),
+                            revision: entry.revision,
+                        })
+                    }
+                    _ => Err(StoreError::Exists(order.order_id)),
+                }
             }
             Err(e) => {
                 // A create needs no lease (the key was free); the audit still names every revision.
