@@ -45,8 +45,15 @@ async fn kill_9_of_a_node_mid_step_under_load() {
         died: [("kill-a".to_owned(), vec![died])].into(),
         ..Outside::default()
     };
-    let report = settle_and_check(&js, &ids, &audits, &outside, Duration::from_secs(60)).await;
-    print_report("kill -9", &report);
+    let report = settle_and_check(
+        "kill -9",
+        &js,
+        &ids,
+        &audits,
+        &outside,
+        Duration::from_secs(60),
+    )
+    .await;
     let takeovers = report.handovers_after("died");
     assert_eq!(
         takeovers.len(),
@@ -171,6 +178,7 @@ async fn isolated_node_is_taken_over_and_returns(
     .await;
     ids.extend(more);
     let report = settle_and_check(
+        scenario,
         js,
         &ids,
         audits,
@@ -178,7 +186,6 @@ async fn isolated_node_is_taken_over_and_returns(
         Duration::from_secs(60),
     )
     .await;
-    print_report(scenario, &report);
     let fenced = report.handovers_after("fenced");
     assert!(
         held.iter().all(|id| fenced
@@ -251,6 +258,7 @@ async fn sigterm_under_load_hands_orders_back_at_once() {
     assert!(status.success(), "clean exit: {status}");
 
     let report = settle_and_check(
+        "SIGTERM",
         &js,
         &ids,
         &audits,
@@ -258,7 +266,6 @@ async fn sigterm_under_load_hands_orders_back_at_once() {
         Duration::from_secs(30),
     )
     .await;
-    print_report("SIGTERM", &report);
     let handed = report.handovers_after("released");
     assert!(!handed.is_empty(), "the stopped node handed orders back");
     assert!(handed.iter().all(|h| h.to.node == "term-b"));
@@ -314,7 +321,8 @@ async fn nats_server_restart_under_load_loses_nothing() {
         .await;
     }
     ids.extend(publish_orders(&js, 100).await);
-    let report = settle_and_check(
+    settle_and_check(
+        "nats-server restart",
         &js,
         &ids,
         &audits,
@@ -322,7 +330,6 @@ async fn nats_server_restart_under_load_loses_nothing() {
         Duration::from_secs(60),
     )
     .await;
-    print_report("nats-server restart", &report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,7 +355,8 @@ async fn losing_the_stream_leader_of_a_three_server_cluster_loses_nothing() {
     cluster.kill(&leader);
 
     let js = jetstream::new(cluster.client().await);
-    let report = settle_and_check(
+    settle_and_check(
+        "stream leader killed",
         &js,
         &ids,
         &audits,
@@ -356,7 +364,6 @@ async fn losing_the_stream_leader_of_a_three_server_cluster_loses_nothing() {
         Duration::from_secs(90),
     )
     .await;
-    print_report("stream leader killed", &report);
     let mut stream = js.get_stream("ORDERS").await.expect("stream ORDERS");
     let info = stream.info().await.expect("stream info");
     let new_leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
@@ -437,8 +444,15 @@ async fn poison_and_ever_failing_orders_end_within_the_delivery_cap() {
 
     let mut ids = healthy.clone();
     ids.extend([abandoned, unreadable, not_json]);
-    let report = settle_and_check(&js, &ids, &audits, &outside, Duration::from_secs(60)).await;
-    print_report("poison", &report);
+    let report = settle_and_check(
+        "poison",
+        &js,
+        &ids,
+        &audits,
+        &outside,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(
         report.completed,
         healthy.len(),

@@ -26,6 +26,34 @@ fn calm(audits: &Audits, url: &str, id: &str) -> NodeBuilder {
     audits.node(url, id).env("ORDERLY_FAILURE_RATE", "0")
 }
 
+/// A nats-server and two calm nodes, `<name>-a` and `<name>-b`, with their audits.
+struct Pair {
+    server: NatsServer,
+    audits: Audits,
+    a: Node,
+    b: Node,
+    js: jetstream::Context,
+}
+
+async fn pair(name: &str) -> Pair {
+    let server = NatsServer::start().await;
+    let audits = Audits::new();
+    let a = calm(&audits, &server.url, &format!("{name}-a"))
+        .start()
+        .await;
+    let b = calm(&audits, &server.url, &format!("{name}-b"))
+        .start()
+        .await;
+    let js = server.js().await;
+    Pair {
+        server,
+        audits,
+        a,
+        b,
+        js,
+    }
+}
+
 fn assert_all_completed(docs: &[Value]) {
     let not: Vec<String> = docs
         .iter()
@@ -44,11 +72,13 @@ fn assert_all_completed(docs: &[Value]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_headers_on_service_subjects_end_no_lease() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let server = NatsServer::start().await;
-    let audits = Audits::new();
-    let a = calm(&audits, &server.url, "mal-a").start().await;
-    let b = calm(&audits, &server.url, "mal-b").start().await;
-    let js = server.js().await;
+    let Pair {
+        server,
+        audits,
+        a,
+        b,
+        js,
+    } = pair("mal").await;
 
     let barrage = Barrage::start(
         &server.url,
@@ -77,7 +107,8 @@ async fn malformed_headers_on_service_subjects_end_no_lease() {
         fences, 0.0,
         "malformed headers on service subjects made the nodes fence leases"
     );
-    let report = settle_and_check(
+    settle_and_check(
+        "malformed headers",
         &js,
         &ids,
         &audits,
@@ -85,17 +116,18 @@ async fn malformed_headers_on_service_subjects_end_no_lease() {
         Duration::from_secs(20),
     )
     .await;
-    print_report("malformed headers", &report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poisoned_work_message_costs_at_most_one_reconnect() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let server = NatsServer::start().await;
-    let audits = Audits::new();
-    let a = calm(&audits, &server.url, "poisoned-a").start().await;
-    let b = calm(&audits, &server.url, "poisoned-b").start().await;
-    let js = server.js().await;
+    let Pair {
+        server,
+        audits,
+        a,
+        b,
+        js,
+    } = pair("poisoned").await;
 
     let poisoned = Uuid::now_v7();
     hpub_order(&server.url, poisoned, NO_COLON, MALLORY).await;
@@ -128,7 +160,8 @@ async fn a_poisoned_work_message_costs_at_most_one_reconnect() {
         reconnects.iter().sum::<f64>() <= 2.0,
         "one poisoned message cost {reconnects:?} reconnects"
     );
-    let report = settle_and_check(
+    settle_and_check(
+        "poisoned work message",
         &js,
         &ids,
         &audits,
@@ -136,7 +169,6 @@ async fn a_poisoned_work_message_costs_at_most_one_reconnect() {
         Duration::from_secs(10),
     )
     .await;
-    print_report("poisoned work message", &report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,7 +209,8 @@ async fn forged_max_deliveries_advisories_fail_nothing() {
     let kv = orders_bucket(&js).await;
     let docs = wait_all_terminal(&kv, &ids, Duration::from_secs(30)).await;
     assert_all_completed(&docs);
-    let report = settle_and_check(
+    settle_and_check(
+        "forged advisories",
         &js,
         &ids,
         &audits,
@@ -185,7 +218,6 @@ async fn forged_max_deliveries_advisories_fail_nothing() {
         Duration::from_secs(10),
     )
     .await;
-    print_report("forged advisories", &report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,7 +378,8 @@ async fn a_full_store_strands_nothing() {
         gave_up[0]
     );
     assert_all_completed(&docs);
-    let report = settle_and_check(
+    settle_and_check(
+        "full store",
         &js,
         &ids,
         &audits,
@@ -354,7 +387,6 @@ async fn a_full_store_strands_nothing() {
         Duration::from_secs(60),
     )
     .await;
-    print_report("full store", &report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,8 +480,7 @@ async fn the_documented_ack_wait_change_is_safe() {
         ..Outside::default()
     };
     let timeout = secs(90).saturating_sub(began.elapsed());
-    let report = settle_and_check(&js, &ids, &audits, &outside, timeout).await;
-    print_report("ack wait change", &report);
+    let report = settle_and_check("ack wait change", &js, &ids, &audits, &outside, timeout).await;
     let mut takeovers: Vec<f64> = report
         .handovers_after("died")
         .iter()
@@ -465,11 +496,13 @@ async fn the_documented_ack_wait_change_is_safe() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_consumer_is_recreated_without_a_storm_of_logs() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let server = NatsServer::start().await;
-    let audits = Audits::new();
-    let a = calm(&audits, &server.url, "deleted-a").start().await;
-    let b = calm(&audits, &server.url, "deleted-b").start().await;
-    let js = server.js().await;
+    let Pair {
+        server: _server,
+        audits,
+        a,
+        b,
+        js,
+    } = pair("deleted").await;
     let ids = publish_orders(&js, 60).await;
     wait_busy(&a, 1.0).await;
 
@@ -499,7 +532,8 @@ async fn a_deleted_consumer_is_recreated_without_a_storm_of_logs() {
         "the nodes logged {grown:?} warnings in 5 s for {} orders",
         ids.len()
     );
-    let report = settle_and_check(
+    settle_and_check(
+        "deleted consumer",
         &js,
         &ids,
         &audits,
@@ -507,17 +541,14 @@ async fn a_deleted_consumer_is_recreated_without_a_storm_of_logs() {
         Duration::from_secs(60),
     )
     .await;
-    print_report("deleted consumer", &report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_like_header_blocks_in_work_messages_are_run() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let server = NatsServer::start().await;
-    let audits = Audits::new();
-    let _a = calm(&audits, &server.url, "status-a").start().await;
-    let _b = calm(&audits, &server.url, "status-b").start().await;
-    let js = server.js().await;
+    let Pair {
+        server, audits, js, ..
+    } = pair("status").await;
 
     let mut ids = Vec::new();
     for code in [408, 100, 409, 503] {
@@ -533,7 +564,8 @@ async fn status_like_header_blocks_in_work_messages_are_run() {
     }
     finished.unwrap_or_else(|e| panic!("{e}"));
     wait_stream_empty(&js, Duration::from_secs(10)).await;
-    let report = settle_and_check(
+    settle_and_check(
+        "status-like headers",
         &js,
         &ids,
         &audits,
@@ -541,5 +573,4 @@ async fn status_like_header_blocks_in_work_messages_are_run() {
         Duration::from_secs(10),
     )
     .await;
-    print_report("status-like headers", &report);
 }

@@ -686,6 +686,7 @@ async fn storm() {
         panic!("seed {seed}: {unfinished}");
     }
     let report = settle_and_check(
+        "storm",
         &js,
         &ids,
         &storm.audits,
@@ -693,7 +694,6 @@ async fn storm() {
         Duration::from_secs(60),
     )
     .await;
-    print_report("storm", &report);
     println!(
         "[storm] seed {seed}: {} completed, {} failed, {} leases handed over",
         report.completed,

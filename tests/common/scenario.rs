@@ -140,7 +140,10 @@ pub async fn wait_stream_empty(js: &jetstream::Context, timeout: Duration) {
 }
 
 /// Waits for every order to be terminal and the work stream to be empty, then checks the guarantees.
+/// Waits until every order is terminal, checks them all against the audits, and prints the report of
+/// `scenario`.
 pub async fn settle_and_check(
+    scenario: &str,
     js: &jetstream::Context,
     ids: &[Uuid],
     audits: &Audits,
@@ -159,7 +162,9 @@ pub async fn settle_and_check(
         }
     }
     wait_stream_empty(js, timeout).await;
-    audit::check(&kv, ids, &audits.lines(), outside).await
+    let report = audit::check(&kv, ids, &audits.lines(), outside).await;
+    print_report(scenario, &report);
+    report
 }
 
 /// What is left in the work queue: the stream and consumer state, and each message left with its
