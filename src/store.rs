@@ -83,7 +83,11 @@ impl OrderStore {
     pub async fn create(&self, order: &Order) -> Result<Versioned, StoreError> {
         let value = encode(order);
         let sent = crate::audit::Stamp::now();
-        match self.kv.create(order.order_id.to_string(), value.clone()).await {
+        match self
+            .kv
+            .create(order.order_id.to_string(), value.clone())
+            .await
+        {
             Ok(revision) => {
                 self.audit.created(order.order_id, revision);
                 Ok(Versioned {
