@@ -75,8 +75,16 @@ pub struct Follow {
     layout: Layout,
     windows: watch::Sender<Windows>,
     health: Health,
-    /// Ended (as a lost connection ends them) when the consumer is deleted.
+    /// Ended (as a lost connection ends them) when the consumer is deleted or changes leader.
     leases: Connection,
+    /// The consumer's leader on a cluster, and since when.
+    leader: Option<(String, Option<time::OffsetDateTime>)>,
+}
+
+/// Which server leads the consumer, and since when (`None` on a single server).
+fn leader_of(info: &consumer::Info) -> Option<(String, Option<time::OffsetDateTime>)> {
+    let cluster = info.cluster.as_ref()?;
+    Some((cluster.leader.clone()?, cluster.leader_since))
 }
 
 impl Follow {
@@ -92,6 +100,7 @@ impl Follow {
             windows: watch::channel(windows_of(first)).0,
             health: Health::default(),
             leases,
+            leader: leader_of(first),
         }
     }
 
@@ -104,7 +113,7 @@ impl Follow {
         self.health.clone()
     }
 
-    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, stop: CancellationToken) -> anyhow::Result<()> {
         let mut errors = RateLimited::new(Duration::from_secs(10));
         loop {
             tokio::select! {
@@ -132,6 +141,7 @@ impl Follow {
                     }
                     self.health.set(problem);
                     self.adopt(windows_of(&info));
+                    self.follow_leader(leader_of(&info));
                 }
                 Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
                     self.recreate().await;
@@ -143,6 +153,23 @@ impl Follow {
                     }
                 }
             }
+        }
+    }
+
+    /// A new consumer leader works from the replicated state, which can lag behind the in-progress
+    /// acks the old one confirmed: it may hand out an order whose holder's last heartbeats it never
+    /// saw. Every lease taken before the change ends.
+    fn follow_leader(&mut self, leader: Option<(String, Option<time::OffsetDateTime>)>) {
+        if leader.is_some() && leader != self.leader {
+            if self.leader.is_some() {
+                tracing::warn!(
+                    leader = leader.as_ref().map(|(name, _)| name.as_str()).unwrap_or_default(),
+                    was = self.leader.as_ref().map(|(name, _)| name.as_str()).unwrap_or_default(),
+                    "the consumer {CONSUMER} has a new leader: ending every lease taken under the old one"
+                );
+                self.leases.lost();
+            }
+            self.leader = leader;
         }
     }
 
