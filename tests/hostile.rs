@@ -546,8 +546,13 @@ async fn a_deleted_consumer_is_recreated_without_a_storm_of_logs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_like_header_blocks_in_work_messages_are_run() {
     let _one = ONE_AT_A_TIME.lock().await;
+    // The nodes run until the end of the test.
     let Pair {
-        server, audits, js, ..
+        server,
+        audits,
+        js,
+        a: _a,
+        b: _b,
     } = pair("status").await;
 
     let mut ids = Vec::new();
