@@ -3,9 +3,12 @@
 //!
 //! One line per event, written with a single `write` call so that a line survives a `kill -9` of the
 //! node the moment it is written:
+//! - `create_sending`: the node is about to send a create of the order's document, at `sent`;
 //! - `create`: the node created the order's document (revision `revision`);
 //! - `claim`: the node claimed delivery `delivery` of the order; its interval starts at `start` (taken
 //!   before the claim was sent);
+//! - `sending`: the node is about to send a write under the lease for delivery `delivery` (`change`), at
+//!   `sent`: if the node dies before the answer, this line still names the write;
 //! - `commit`: a compare-and-set write under the lease (`change`, `step`), sent at `sent` and confirmed at
 //!   `at` as revision `revision`;
 //! - `unconfirmed`: a write under the lease whose answer did not come (in time): it may or may not have
@@ -62,6 +65,10 @@ enum Event<'a> {
     Create {
         revision: u64,
     },
+    /// A create about to be sent.
+    CreateSending {
+        sent: Stamp,
+    },
     /// A create whose answer the node did not get: it may have been stored.
     CreateUnconfirmed {
         sent: Stamp,
@@ -71,6 +78,11 @@ enum Event<'a> {
         stream_seq: u64,
         revision: u64,
         start: Stamp,
+    },
+    Sending {
+        delivery: u32,
+        change: &'a str,
+        sent: Stamp,
     },
     Commit {
         delivery: u32,
@@ -158,6 +170,11 @@ impl Audit {
         self.write(order_id, Event::Create { revision });
     }
 
+    /// A create is about to be sent at `sent`.
+    pub fn create_sending(&self, order_id: Uuid, sent: Stamp) {
+        self.write(order_id, Event::CreateSending { sent });
+    }
+
     /// A create sent at `sent` got no answer: the document may exist.
     pub fn create_unconfirmed(&self, order_id: Uuid, sent: Stamp) {
         self.write(order_id, Event::CreateUnconfirmed { sent });
@@ -198,6 +215,17 @@ impl Audit {
                 change,
                 step,
                 revision,
+                sent,
+            },
+        );
+    }
+
+    pub fn sending(&self, order_id: Uuid, delivery: u32, change: &str, sent: Stamp) {
+        self.write(
+            order_id,
+            Event::Sending {
+                delivery,
+                change,
                 sent,
             },
         );

@@ -2,6 +2,7 @@
 //! once at start into typed values. A bad value stops the node before anything starts, with clap's
 //! message naming the setting.
 
+use crate::lease::MIN_REPLICATED_WINDOW;
 use crate::order::Step;
 use clap::{Parser, ValueEnum};
 use std::fmt;
@@ -103,6 +104,18 @@ pub struct Config {
 impl Config {
     pub fn rollback_duration(&self) -> Duration {
         self.rollback_duration.unwrap_or(self.step_duration)
+    }
+
+    /// What no single setting can say wrong, but two together can.
+    pub fn check(&self) -> Result<(), String> {
+        if self.replicas > 1 && self.ack_wait < MIN_REPLICATED_WINDOW {
+            return Err(format!(
+                "--ack-wait (ORDERLY_ACK_WAIT) is {}, and with --replicas (ORDERLY_REPLICAS) above 1 it must be at least {}: a new consumer leader may date a delivery up to a second early",
+                humantime::format_duration(self.ack_wait),
+                humantime::format_duration(MIN_REPLICATED_WINDOW)
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -246,6 +259,11 @@ mod tests {
         assert!(err.to_string().contains("--workers"), "{err}");
         let err = Config::try_parse_from(["orderly", "--node-id", "a b"]).unwrap_err();
         assert!(err.to_string().contains("--node-id"), "{err}");
+        let short = Config::try_parse_from(["orderly", "--replicas", "3", "--ack-wait", "2s"]);
+        let err = short.unwrap().check().unwrap_err();
+        assert!(err.contains("--ack-wait") && err.contains("3s"), "{err}");
+        let single = Config::try_parse_from(["orderly", "--ack-wait", "2s"]).unwrap();
+        assert_eq!(single.check(), Ok(()));
         let err = Config::try_parse_from(["orderly", "--node-heartbeat", "0s"]).unwrap_err();
         assert!(err.to_string().contains("--node-heartbeat"), "{err}");
         let err = Config::try_parse_from(["orderly", "--ack-wait", "100ms"]).unwrap_err();

@@ -11,7 +11,7 @@
 //!   is handed out again while a node may still be working on it. While it is missing the node takes
 //!   no work and reports not ready, saying why.
 
-use crate::lease::{Connection, Windows, WINDOW_METADATA};
+use crate::lease::{Connection, Windows, MIN_REPLICATED_WINDOW, WINDOW_METADATA};
 use crate::metrics as m;
 use crate::nats::{consumer_config, Layout, CONSUMER};
 use async_nats::jetstream::{consumer, context::ConsumerInfoErrorKind, stream::Stream};
@@ -26,8 +26,14 @@ pub const POLL: Duration = Duration::from_millis(250);
 
 /// The shortest window that can be announced while orders run: leases shorten as soon as their node
 /// reads the announcement, which is at most one heartbeat after the last in-progress ack and one poll
-/// later, and must still have their margin (a fifth of the window) left then.
-pub const SAFE_SHRINK: Duration = Duration::from_secs(2);
+/// later, and must still have their margin left then. A replicated consumer's margin is wider.
+pub fn safe_shrink(replicated: bool) -> Duration {
+    if replicated {
+        MIN_REPLICATED_WINDOW
+    } else {
+        Duration::from_secs(2)
+    }
+}
 
 /// What the node knows of the consumer, for readiness and for the fetch loop.
 #[derive(Clone, Default)]
@@ -62,6 +68,10 @@ pub fn windows_of(info: &consumer::Info) -> Windows {
         backoff: info.config.backoff.clone(),
         created: to_chrono(info.created),
         announced,
+        replicated: info
+            .cluster
+            .as_ref()
+            .is_some_and(|cluster| !cluster.replicas.is_empty()),
     }
 }
 
@@ -122,7 +132,7 @@ impl Follow {
             }
             match self.stream.consumer_info(CONSUMER).await {
                 Ok(info) => {
-                    let problem = self.incompatible(&info.config).or_else(|| {
+                    let problem = self.incompatible(&info).or_else(|| {
                         info.paused.then(|| {
                             let remaining = info.pause_remaining.unwrap_or_default();
                             format!(
@@ -175,9 +185,18 @@ impl Follow {
 
     /// What in the consumer's configuration, as edited since the node started, this node cannot
     /// work with: it then takes no new work until the consumer is put right.
-    fn incompatible(&self, actual: &consumer::Config) -> Option<String> {
+    fn incompatible(&self, info: &consumer::Info) -> Option<String> {
+        let actual = &info.config;
         let wanted = consumer_config(self.layout);
         let mut wrong = Vec::new();
+        let windows = windows_of(info);
+        if windows.replicated && windows.shortest() < MIN_REPLICATED_WINDOW {
+            wrong.push(format!(
+                "its shortest window is {}, and a replicated consumer needs at least {}",
+                humantime::format_duration(windows.shortest()),
+                humantime::format_duration(MIN_REPLICATED_WINDOW)
+            ));
+        }
         if actual.ack_policy != wanted.ack_policy {
             wrong.push(format!("ack_policy is {:?}", actual.ack_policy));
         }
@@ -227,11 +246,12 @@ impl Follow {
             was_announced = ?old.announced,
             "the consumer's redelivery windows changed; leases follow them from now on"
         );
-        if new.announced.is_some_and(|a| a < SAFE_SHRINK) {
+        let safe = safe_shrink(new.replicated);
+        if new.announced.is_some_and(|a| a < safe) {
             tracing::error!(
                 announced = ?new.announced,
                 "a window shorter than {} was announced: a running lease may not learn of it in time",
-                humantime::format_duration(SAFE_SHRINK)
+                humantime::format_duration(safe)
             );
         }
         if new.server_shortest() < old.shortest() {
@@ -322,12 +342,14 @@ mod tests {
     fn a_shrink_to_the_safe_length_is_learnt_before_the_server_can_redeliver() {
         // The server may redeliver at last heartbeat + new window; the node learns at most one
         // heartbeat and one poll after that heartbeat, and must still be inside its margin.
-        let timing = LeaseTiming::for_window(SAFE_SHRINK);
-        let learnt = crate::lease::MAX_HEARTBEAT + POLL;
-        assert!(
-            learnt < timing.window - timing.margin,
-            "{learnt:?} vs {timing:?}"
-        );
+        for replicated in [false, true] {
+            let timing = LeaseTiming::for_window(safe_shrink(replicated), replicated);
+            let learnt = crate::lease::MAX_HEARTBEAT + POLL;
+            assert!(
+                learnt < timing.window - timing.margin,
+                "{learnt:?} vs {timing:?}"
+            );
+        }
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! The window is the one the consumer has *now*: an operator can edit it while orders run, and the
 //! server applies a new window to deliveries already out. Leases read it from [`Windows`], which the
 //! node keeps equal to the consumer's configuration, so a shorter window shortens every lease at once.
+//!
+//! A replicated consumer needs a wider margin: the server that takes over as its leader may date a
+//! delivery earlier than the old leader did (see [`REPLICA_LAG`]).
 
 use crate::audit::{Audit, LeaseEnd, Stamp};
 use crate::metrics as m;
@@ -24,8 +27,19 @@ use uuid::Uuid;
 /// The longest interval between two in-progress acks, whatever the window. A window shortened while
 /// orders run takes effect on the server at once, counted from the last in-progress ack it received;
 /// the node learns of it within the consumer poll (`follow::POLL`). Frequent heartbeats keep that sum
-/// well inside any window an operator may set (see `follow::SAFE_SHRINK`).
+/// well inside any window an operator may set (see `follow::safe_shrink`).
 pub const MAX_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// How much earlier than its old leader a replicated consumer's new leader may date a delivery, at
+/// most, besides in-progress acks lost with the old leader. A server that restarts, or catches up
+/// from a snapshot, restores the consumer's pending deliveries from its stored state, which keeps
+/// their times to the whole second, rounded down (nats-server `encodeConsumerState`: "Downsample to
+/// seconds"); if it then becomes leader it redelivers up to a second early.
+pub const REPLICA_LAG: Duration = Duration::from_secs(1);
+
+/// The shortest ack wait a replicated consumer may have: its margin ([`LeaseTiming`]) takes a
+/// second and two heartbeats, and what is left must still hold a heartbeat's delay and a poll.
+pub const MIN_REPLICATED_WINDOW: Duration = Duration::from_secs(3);
 
 /// The consumer's redelivery windows, as the node last read them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +55,8 @@ pub struct Windows {
     /// consumer's own windows are shortened: leases use it at once, so that by the time the server
     /// applies the shorter window no lease counts on the longer one, even on a node that was paused.
     pub announced: Option<Duration>,
+    /// The consumer has replicas: another server may become its leader while leases run.
+    pub replicated: bool,
 }
 
 /// The consumer metadata key that announces a shorter window (`nats consumer edit ORDERS workers
@@ -55,14 +71,18 @@ impl Windows {
             backoff: Vec::new(),
             created: DateTime::<Utc>::MIN_UTC,
             announced: None,
+            replicated: false,
         }
     }
 
     /// The timing a lease on delivery `delivered` must keep to: the consumer's window for it, or the
     /// announced one if that is shorter.
     pub fn timing(&self, delivered: u32) -> LeaseTiming {
-        let window = LeaseTiming::for_delivery(self.ack_wait, &self.backoff, delivered).window;
-        LeaseTiming::for_window(self.announced.map_or(window, |a| a.min(window)))
+        let window = LeaseTiming::window_for_delivery(self.ack_wait, &self.backoff, delivered);
+        LeaseTiming::for_window(
+            self.announced.map_or(window, |a| a.min(window)),
+            self.replicated,
+        )
     }
 
     /// The shortest window the server itself gives any delivery.
@@ -99,28 +119,38 @@ pub struct LeaseTiming {
 }
 
 impl LeaseTiming {
-    pub fn for_window(window: Duration) -> LeaseTiming {
+    /// The timing for `window`, on a consumer that is `replicated` or not.
+    pub fn for_window(window: Duration, replicated: bool) -> LeaseTiming {
+        let heartbeat = (window / 10).min(MAX_HEARTBEAT);
+        let margin = if replicated {
+            // The server answers an in-progress ack before its replicas have it: a new leader may
+            // not know of the last two the holder saw confirmed, and may date the one before to
+            // the whole second.
+            (window / 5).max(REPLICA_LAG + heartbeat * 2)
+        } else {
+            window / 5
+        };
         LeaseTiming {
             window,
-            // Two heartbeats to a margin: on a cluster, a confirmed in-progress ack reaches the
-            // consumer's replicas a moment later, and one lost with a dying leader then costs half
-            // the margin, not all of it.
-            heartbeat: (window / 10).min(MAX_HEARTBEAT),
-            margin: window / 5,
+            heartbeat,
+            margin,
         }
     }
 
     /// The redelivery window in force for delivery number `delivered` (1 = first): `backoff[n-1]`
     /// (the last entry once past the end) when the consumer has a backoff list, else `ack_wait`.
-    pub fn for_delivery(ack_wait: Duration, backoff: &[Duration], delivered: u32) -> LeaseTiming {
-        let window = match backoff {
+    pub fn window_for_delivery(
+        ack_wait: Duration,
+        backoff: &[Duration],
+        delivered: u32,
+    ) -> Duration {
+        match backoff {
             [] => ack_wait,
             list => {
                 let index = (delivered.max(1) as usize - 1).min(list.len() - 1);
                 list[index]
             }
-        };
-        LeaseTiming::for_window(window)
+        }
     }
 }
 
@@ -295,15 +325,13 @@ impl Lease {
     /// The timing in force now for this lease's delivery: the shortest window the consumer has had
     /// since the lease was taken.
     pub fn timing(&self) -> LeaseTiming {
-        let now = nanos(
-            self.inner
-                .windows
-                .borrow()
-                .timing(self.inner.holder.delivery)
-                .window,
-        );
+        let (now, replicated) = {
+            let windows = self.inner.windows.borrow();
+            let now = windows.timing(self.inner.holder.delivery).window;
+            (nanos(now), windows.replicated)
+        };
         let before = self.inner.shortest_window.fetch_min(now, Ordering::SeqCst);
-        LeaseTiming::for_window(Duration::from_nanos(before.min(now)))
+        LeaseTiming::for_window(Duration::from_nanos(before.min(now)), replicated)
     }
 
     pub fn holder(&self) -> &Holder {
@@ -343,6 +371,16 @@ impl Lease {
             revision,
             sent,
         );
+    }
+
+    /// A write under this lease (`change`) is about to be sent; `sent` is taken now.
+    pub fn sending(&self, change: &str) -> Stamp {
+        let holder = &self.inner.holder;
+        let sent = Stamp::now();
+        holder
+            .audit
+            .sending(holder.order_id, holder.delivery, change, sent);
+        sent
     }
 
     /// A write under this lease sent at `sent` got no answer in time: it may have been applied.
@@ -512,18 +550,18 @@ mod tests {
     #[test]
     fn window_follows_backoff_when_set() {
         let ack_wait = Duration::from_secs(30);
-        assert_eq!(LeaseTiming::for_delivery(ack_wait, &[], 3).window, ack_wait);
+        assert_eq!(LeaseTiming::window_for_delivery(ack_wait, &[], 3), ack_wait);
         let backoff = [Duration::from_secs(5), Duration::from_secs(10)];
         assert_eq!(
-            LeaseTiming::for_delivery(ack_wait, &backoff, 1).window,
+            LeaseTiming::window_for_delivery(ack_wait, &backoff, 1),
             Duration::from_secs(5)
         );
         assert_eq!(
-            LeaseTiming::for_delivery(ack_wait, &backoff, 2).window,
+            LeaseTiming::window_for_delivery(ack_wait, &backoff, 2),
             Duration::from_secs(10)
         );
         assert_eq!(
-            LeaseTiming::for_delivery(ack_wait, &backoff, 9).window,
+            LeaseTiming::window_for_delivery(ack_wait, &backoff, 9),
             Duration::from_secs(10)
         );
     }
@@ -583,6 +621,29 @@ mod tests {
         assert_eq!(windows.timing(2).window, Duration::from_secs(2));
         assert_eq!(windows.shortest(), Duration::from_secs(2));
         assert_eq!(windows.server_shortest(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_replicated_consumer_widens_the_margin() {
+        let single = LeaseTiming::for_window(Duration::from_secs(30), false);
+        let replicated = LeaseTiming::for_window(Duration::from_secs(30), true);
+        assert_eq!(
+            single, replicated,
+            "a long window's fifth covers it already"
+        );
+        let short = LeaseTiming::for_window(MIN_REPLICATED_WINDOW, true);
+        assert!(
+            short.margin >= REPLICA_LAG + short.heartbeat * 2,
+            "{short:?}"
+        );
+        // What is left still holds several heartbeats.
+        assert!(
+            short.window - short.margin >= short.heartbeat * 4,
+            "{short:?}"
+        );
+        let mut windows = Windows::fixed(MIN_REPLICATED_WINDOW);
+        windows.replicated = true;
+        assert_eq!(windows.timing(1), short);
     }
 
     #[test]

@@ -10,6 +10,10 @@ async fn main() -> std::process::ExitCode {
         Ok(config) => config,
         Err(e) => exit_on_bad_config(e),
     };
+    if let Err(e) = config.check() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let filter = match EnvFilter::try_new(&config.log) {
         Ok(filter) => filter,
         Err(e) => {

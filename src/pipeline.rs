@@ -4,7 +4,6 @@
 //! What to do next always comes from the document ([`Order::next_action`]), so the same loop starts a
 //! new order, resumes one another node left half done, and finishes a rollback.
 
-use crate::audit::Stamp;
 use crate::config::FailureRates;
 use crate::lease::Lease;
 use crate::metrics as m;
@@ -214,7 +213,7 @@ impl Pipeline {
         if !lease.is_held() {
             return Err(Halt::Fenced);
         }
-        let sent = Stamp::now();
+        let sent = lease.sending(what);
         let written = tokio::select! {
             written = tokio::time::timeout_at(
                 lease.deadline().into(),

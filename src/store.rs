@@ -83,6 +83,7 @@ impl OrderStore {
     pub async fn create(&self, order: &Order) -> Result<Versioned, StoreError> {
         let value = encode(order);
         let sent = crate::audit::Stamp::now();
+        self.audit.create_sending(order.order_id, sent);
         match self
             .kv
             .create(order.order_id.to_string(), value.clone())

@@ -644,7 +644,7 @@ impl Worker {
             lease.end(LeaseEnd::Fenced);
             return Ok(GaveUp::LeaseEnded);
         }
-        let sent = Stamp::now();
+        let sent = lease.sending("give_up");
         let written =
             tokio::time::timeout_at(lease.deadline().into(), self.store.update(&after, revision))
                 .await;
@@ -810,8 +810,13 @@ mod tests {
             fetch_expiry(Duration::from_secs(1)),
             Duration::from_millis(200)
         );
-        let timing = crate::lease::LeaseTiming::for_window(Duration::from_secs(1));
-        assert!(fetch_expiry(timing.window) < timing.window - timing.margin);
+        for (window, replicated) in [
+            (Duration::from_secs(1), false),
+            (crate::lease::MIN_REPLICATED_WINDOW, true),
+        ] {
+            let timing = crate::lease::LeaseTiming::for_window(window, replicated);
+            assert!(fetch_expiry(timing.window) < timing.window - timing.margin);
+        }
     }
 
     #[test]

@@ -337,7 +337,12 @@ async fn losing_the_stream_leader_of_a_three_server_cluster_loses_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
     let mut cluster = NatsCluster::start().await;
     let audits = Audits::new();
-    let node = |id: &str| audits.node(&cluster.urls, id).env("ORDERLY_REPLICAS", 3);
+    let node = |id: &str| {
+        audits
+            .node(&cluster.urls, id)
+            .env("ORDERLY_REPLICAS", 3)
+            .env("ORDERLY_ACK_WAIT", "3s")
+    };
     let a = node("raft-a").start().await;
     let _b = node("raft-b").start().await;
     let js = jetstream::new(cluster.client().await);

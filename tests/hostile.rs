@@ -10,6 +10,7 @@ mod common;
 use async_nats::jetstream::{self, message::PublishMessage};
 use chrono::Utc;
 use common::audit::Outside;
+use common::faults::{fill_store, FILLER};
 use common::hostile::{hpub_order, status_block, Barrage, MALFORMED, NO_COLON};
 use common::scenario::*;
 use common::*;
@@ -307,34 +308,6 @@ async fn a_msg_id_taken_by_another_subject_is_a_conflict_not_an_order() {
     assert_eq!(status_of(c).await, 404, "no order {c}");
 }
 
-/// Fills the JetStream store with a stream of its own until the server refuses to store even a small
-/// message, and returns the bytes stored.
-async fn fill_store(js: &jetstream::Context) -> u64 {
-    js.create_stream(jetstream::stream::Config {
-        name: "FILLER".into(),
-        subjects: vec!["filler.>".into()],
-        storage: jetstream::stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .expect("stream FILLER is created");
-    let mut stored = 0;
-    let mut size = 128 * 1024;
-    for i in 0..10_000 {
-        let chunk = bytes::Bytes::from(vec![b'x'; size]);
-        let refused = match js.publish(format!("filler.{i}"), chunk).await {
-            Ok(ack) => ack.await.is_err(),
-            Err(_) => true,
-        };
-        match (refused, size) {
-            (false, _) => stored += size as u64,
-            (true, 256) => return stored,
-            (true, _) => size /= 2,
-        }
-    }
-    panic!("the store took {stored} bytes and was still not full");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_store_strands_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -351,11 +324,11 @@ async fn a_full_store_strands_nothing() {
     let ids = publish_orders(&js, 40).await;
     wait_busy(&a, 1.0).await;
 
-    let stored = fill_store(&js).await;
+    let stored = fill_store(&js, 1).await;
     let full = Instant::now();
     println!("[full store] the store refused writes after {stored} more bytes");
     hold_fault(full, Duration::from_secs(30)).await;
-    js.delete_stream("FILLER")
+    js.delete_stream(FILLER)
         .await
         .expect("stream FILLER is deleted");
 

@@ -14,10 +14,11 @@
 
 mod common;
 
-use async_nats::jetstream::{self, consumer::PullConsumer};
+use async_nats::jetstream::context::DeleteStreamErrorKind;
+use async_nats::jetstream::{self, consumer::PullConsumer, ErrorCode};
 use chrono::Utc;
 use common::audit::Outside;
-use common::faults::{NatsCluster, Proxy};
+use common::faults::{fill_store, NatsCluster, Proxy, FILLER};
 use common::hostile::{Barrage, RawClient, Shots, MALFORMED};
 use common::scenario::*;
 use common::*;
@@ -34,11 +35,14 @@ const DEFAULT_SEED: u64 = 20_251_122;
 const NODE_SEED: u64 = 7;
 /// Orders submitted per second, through the whole run.
 const RATE: f64 = 5.0;
-/// The redelivery window the nodes start with, and the one a live edit moves to and back from.
-const WINDOW: Duration = Duration::from_secs(2);
-const EDITED_WINDOW: Duration = Duration::from_secs(3);
+/// The redelivery window the nodes start with (the shortest a replicated consumer may have), and the
+/// one a live edit moves to and back from.
+const WINDOW: Duration = orderly::lease::MIN_REPLICATED_WINDOW;
+const EDITED_WINDOW: Duration = Duration::from_secs(5);
 /// The consumer metadata key that announces a shorter window before the consumer's is shortened.
 const ANNOUNCED: &str = orderly::lease::WINDOW_METADATA;
+/// Each server's JetStream file store: room for a long run's orders, small enough to fill quickly.
+const STORE_LIMIT: &str = "64MB";
 /// How long a node may take to exit after SIGTERM: its 3 s grace and room for a loaded machine.
 const TERM_PATIENCE: Duration = Duration::from_secs(15);
 
@@ -78,7 +82,7 @@ enum Fault {
     ServerKill(usize),
     /// kill -9 of whichever server leads the ORDERS stream when the fault begins.
     LeaderKill,
-    /// The consumer's windows edited live from 2 s to 3 s, and back when the fault ends.
+    /// The consumer's windows edited live from 3 s to 5 s, and back when the fault ends.
     AckWait,
     /// Malformed header blocks on `orders.create` and `$SRV.PING` every 0.5 s while the fault lasts.
     Malformed,
@@ -86,6 +90,9 @@ enum Fault {
     Poison,
     /// Forged MAX_DELIVERIES advisories for the last 100 stream sequences.
     Forged,
+    /// Another stream fills every server's store until it refuses writes; it is deleted when the
+    /// fault ends.
+    Full,
 }
 
 impl Fault {
@@ -101,6 +108,7 @@ impl Fault {
             Fault::Malformed => "malformed headers on service subjects",
             Fault::Poison => "malformed-header work message",
             Fault::Forged => "forged MAX_DELIVERIES advisories",
+            Fault::Full => "full store",
         }
     }
 
@@ -128,6 +136,15 @@ impl Planned {
         self.start + self.length
     }
 
+    /// Until when the fault acts on the cluster: an ack wait edit shrinks the consumer's windows
+    /// 4 × the edited window and a second after it ends.
+    fn acts_until(&self) -> Duration {
+        match self.fault {
+            Fault::AckWait => self.end() + EDITED_WINDOW * 4 + Duration::from_secs(1),
+            _ => self.end(),
+        }
+    }
+
     fn overlaps(&self, start: Duration, end: Duration, gap: Duration) -> bool {
         self.start < end + gap && start < self.end() + gap
     }
@@ -143,7 +160,7 @@ fn plan(seed: u64, run: Duration) -> Vec<Planned> {
     while start + Duration::from_secs(5) < run {
         let length = rng.between(3.0, 12.0);
         for _ in 0..10 {
-            let fault = match rng.below(10) {
+            let fault = match rng.below(11) {
                 0 => Fault::Kill(rng.below(3)),
                 1 => Fault::Stop(rng.below(3)),
                 2 => Fault::Term(rng.below(3)),
@@ -153,7 +170,8 @@ fn plan(seed: u64, run: Duration) -> Vec<Planned> {
                 6 => Fault::AckWait,
                 7 => Fault::Malformed,
                 8 => Fault::Poison,
-                _ => Fault::Forged,
+                9 => Fault::Forged,
+                _ => Fault::Full,
             };
             let length = match fault {
                 Fault::Poison | Fault::Forged => Duration::ZERO,
@@ -176,8 +194,23 @@ fn plan(seed: u64, run: Duration) -> Vec<Planned> {
                     }
                 }
                 f if f.on_servers() => !during(Duration::from_secs(5)).any(Fault::on_servers),
-                Fault::AckWait => !during(Duration::from_secs(1)).any(|f| f == Fault::AckWait),
                 Fault::Malformed => !during(Duration::ZERO).any(|f| f == Fault::Malformed),
+                // The server refuses consumer edits while the store is full: edits (with their
+                // shrink) and full stores take turns.
+                Fault::AckWait | Fault::Full => {
+                    let until = Planned {
+                        start,
+                        length,
+                        fault,
+                    }
+                    .acts_until();
+                    let gap = Duration::from_secs(1);
+                    !plan.iter().any(|p| {
+                        matches!(p.fault, Fault::AckWait | Fault::Full)
+                            && p.start < until + gap
+                            && start < p.acts_until() + gap
+                    })
+                }
                 _ => true,
             };
             if fits {
@@ -256,7 +289,10 @@ struct Storm {
     outside: Outside,
     submitted: Arc<Submitted>,
     /// The windows the consumer has now: a node started now is configured with it.
-    window: Duration,
+    window: Arc<Mutex<Duration>>,
+    /// The end of the last ack wait edit: the consumer's windows shortened once the longest
+    /// window in force has passed.
+    shrink: Option<tokio::task::JoinHandle<()>>,
     barrage: Option<Barrage>,
     shots: Shots,
     /// The server each running server fault killed.
@@ -280,7 +316,7 @@ impl Storm {
             .node(&urls.join(","), NODES[i])
             .env("ORDERLY_REPLICAS", 3)
             .env("ORDERLY_SEED", NODE_SEED)
-            .env("ORDERLY_ACK_WAIT", format!("{}s", self.window.as_secs()))
+            .env("ORDERLY_ACK_WAIT", format!("{}s", self.window().as_secs()))
     }
 
     fn start_node(&mut self, i: usize) {
@@ -376,13 +412,16 @@ impl Storm {
                 self.killed.insert(index, name);
             }
             Fault::AckWait => {
+                if let Some(shrink) = self.shrink.take() {
+                    shrink.await.expect("the last edit's shrink does not panic");
+                }
                 self.say(&format!(
                     "begin {}: windows {:?} -> {:?}",
                     fault.kind(),
-                    self.window,
+                    self.window(),
                     EDITED_WINDOW
                 ));
-                self.set_windows(EDITED_WINDOW).await;
+                set_windows(&self.js, &self.window, EDITED_WINDOW).await;
             }
             Fault::Malformed => {
                 self.say(&format!("begin {}: orders.create, $SRV.PING", fault.kind()));
@@ -438,6 +477,14 @@ impl Storm {
                     let _ = client.publish(subject, advisory.to_string().into()).await;
                 }
             }
+            Fault::Full => {
+                let stored = fill_store(&self.js, 3).await;
+                self.say(&format!(
+                    "begin {}: {:.1} MB more stored, then the servers refused writes",
+                    fault.kind(),
+                    stored as f64 / 1e6
+                ));
+            }
         }
     }
 
@@ -479,20 +526,26 @@ impl Storm {
             }
             Fault::AckWait => {
                 // Shortening follows the documented procedure: announce the shorter window, wait
-                // out the longest window in force, then shorten the consumer's.
+                // out the longest window in force, then shorten the consumer's. The storm goes on
+                // meanwhile.
+                let longest = self.window() * 4;
                 self.say(&format!(
-                    "end {}: announcing {WINDOW:?}, then windows {:?} -> {WINDOW:?}",
+                    "end {}: announcing {WINDOW:?}, then in {:?} windows {:?} -> {WINDOW:?}",
                     fault.kind(),
-                    self.window
+                    longest + Duration::from_secs(1),
+                    self.window()
                 ));
-                self.edit_consumer(|config| {
+                edit_consumer(&self.js, |config| {
                     config
                         .metadata
                         .insert(ANNOUNCED.to_owned(), format!("{}s", WINDOW.as_secs()));
                 })
                 .await;
-                tokio::time::sleep(self.window * 4 + Duration::from_secs(1)).await;
-                self.set_windows(WINDOW).await;
+                let (js, window) = (self.js.clone(), self.window.clone());
+                self.shrink = Some(tokio::spawn(async move {
+                    tokio::time::sleep(longest + Duration::from_secs(1)).await;
+                    set_windows(&js, &window, WINDOW).await;
+                }));
             }
             Fault::Malformed => {
                 let shots = self.barrage.take().expect("a barrage").stop().await;
@@ -505,46 +558,81 @@ impl Storm {
                 self.shots.taken += shots.taken;
                 self.shots.missed += shots.missed;
             }
+            Fault::Full => {
+                self.say(&format!("end {}: stream {FILLER} deleted", fault.kind()));
+                let js = self.js.clone();
+                wait_until(
+                    "stream FILLER to be deleted",
+                    Duration::from_secs(30),
+                    || {
+                        let js = js.clone();
+                        async move {
+                            let deleted = tokio::time::timeout(
+                                Duration::from_secs(5),
+                                js.delete_stream(FILLER),
+                            )
+                            .await;
+                            match deleted {
+                                Ok(Ok(_)) => Some(()),
+                                Ok(Err(e)) => match e.kind() {
+                                    DeleteStreamErrorKind::JetStream(e)
+                                        if e.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                                    {
+                                        Some(())
+                                    }
+                                    _ => None,
+                                },
+                                _ => None,
+                            }
+                        }
+                    },
+                )
+                .await;
+            }
             Fault::Poison | Fault::Forged => {}
         }
     }
 
-    /// Edits the consumer in place (as `nats consumer edit ORDERS workers --backoff ...` does): its
-    /// windows become `window`, twice, then twice and four times as long. A cluster in the middle of
-    /// another fault may not answer at once: it is asked again for up to 30 s.
-    async fn set_windows(&mut self, window: Duration) {
-        self.edit_consumer(|config| {
-            config.ack_wait = window;
-            config.backoff = orderly::nats::backoff(window);
-            // A longer window needs no announcement; a shorter one was announced already.
-            config.metadata.remove(ANNOUNCED);
-        })
-        .await;
-        self.window = window;
+    /// The windows the consumer has now.
+    fn window(&self) -> Duration {
+        *self.window.lock().expect("lock")
     }
+}
 
-    /// Edits the consumer in place with `change`, asking again for up to 30 s.
-    async fn edit_consumer(&self, change: impl Fn(&mut jetstream::consumer::Config)) {
-        let js = self.js.clone();
-        let change = &change;
-        wait_until("the consumer edit", Duration::from_secs(30), || {
-            let js = js.clone();
-            async move {
-                let edit = async {
-                    let stream = js.get_stream("ORDERS").await.ok()?;
-                    let mut consumer: PullConsumer = stream.get_consumer("workers").await.ok()?;
-                    let mut config = consumer.info().await.ok()?.config.clone();
-                    change(&mut config);
-                    stream.update_consumer(config).await.ok().map(|_| ())
-                };
-                tokio::time::timeout(Duration::from_secs(5), edit)
-                    .await
-                    .ok()
-                    .flatten()
-            }
-        })
-        .await;
-    }
+/// Edits the consumer in place (as `nats consumer edit ORDERS workers --backoff ...` does): its
+/// windows become `window`, twice, then twice and four times as long, and so does `now`. A cluster in
+/// the middle of another fault may not answer at once: it is asked again for up to 30 s.
+async fn set_windows(js: &jetstream::Context, now: &Mutex<Duration>, window: Duration) {
+    edit_consumer(js, |config| {
+        config.ack_wait = window;
+        config.backoff = orderly::nats::backoff(window);
+        // A longer window needs no announcement; a shorter one was announced already.
+        config.metadata.remove(ANNOUNCED);
+    })
+    .await;
+    *now.lock().expect("lock") = window;
+}
+
+/// Edits the consumer in place with `change`, asking again for up to 30 s.
+async fn edit_consumer(js: &jetstream::Context, change: impl Fn(&mut jetstream::consumer::Config)) {
+    let change = &change;
+    wait_until("the consumer edit", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move {
+            let edit = async {
+                let stream = js.get_stream("ORDERS").await.ok()?;
+                let mut consumer: PullConsumer = stream.get_consumer("workers").await.ok()?;
+                let mut config = consumer.info().await.ok()?.config.clone();
+                change(&mut config);
+                stream.update_consumer(config).await.ok().map(|_| ())
+            };
+            tokio::time::timeout(Duration::from_secs(5), edit)
+                .await
+                .ok()
+                .flatten()
+        }
+    })
+    .await;
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -575,7 +663,7 @@ async fn storm() {
         );
     }
 
-    let cluster = NatsCluster::start().await;
+    let cluster = NatsCluster::start_with_store_limit(Some(STORE_LIMIT)).await;
     let mut proxies = Vec::new();
     for _ in NODES {
         let mut mine = Vec::new();
@@ -594,7 +682,8 @@ async fn storm() {
         js: js.clone(),
         outside: Outside::default(),
         submitted: Arc::new(Submitted::default()),
-        window: WINDOW,
+        window: Arc::new(Mutex::new(WINDOW)),
+        shrink: None,
         barrage: None,
         shots: Shots::default(),
         killed: BTreeMap::new(),
@@ -655,6 +744,9 @@ async fn storm() {
         }
     }
     submitter.await.expect("the submitter does not panic");
+    if let Some(shrink) = storm.shrink.take() {
+        shrink.await.expect("the last edit's shrink does not panic");
+    }
     storm.cluster.wait_all_up(Duration::from_secs(60)).await;
     for (i, id) in NODES.iter().enumerate() {
         if storm.nodes[i].is_none() {

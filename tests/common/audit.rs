@@ -173,6 +173,29 @@ async fn check_order(
             why,
         });
     }
+    // A node killed while its first write under a delivery (its claim) was in flight recorded no
+    // claim, only the sending: if that write was applied, the node held the order from the sending
+    // until it died.
+    for sending in lines.iter().filter(|l| l["event"] == "sending") {
+        let node = sending["node"].as_str().expect("node");
+        let delivery = sending["delivery"].as_u64().expect("delivery");
+        let sent = stamp(sending, "sent");
+        let covered = intervals
+            .iter()
+            .any(|i| i.node == node && i.delivery == delivery && i.start <= sent);
+        if covered {
+            continue;
+        }
+        if let Some(died) = outside.death_after(node, sent) {
+            intervals.push(Interval {
+                node: node.to_owned(),
+                delivery,
+                start: sent,
+                end: died,
+                why: "died while claiming".to_owned(),
+            });
+        }
+    }
     intervals.sort_by_key(|i| i.start);
     for pair in intervals.windows(2) {
         assert!(
@@ -198,8 +221,13 @@ async fn check_order(
             .unwrap_or_else(|| panic!("order {id}: a write outside any claim of its node: {line}"))
     };
 
-    // Writes, by revision.
+    // Writes, by revision; and the writes that were answered, by node and sending time.
     let mut writes: HashMap<u64, &Value> = HashMap::new();
+    let confirmed: HashSet<(Option<&str>, Option<&str>)> = lines
+        .iter()
+        .filter(|l| l["event"] == "commit")
+        .map(|l| (l["node"].as_str(), l["sent"].as_str()))
+        .collect();
     for line in lines
         .iter()
         .filter(|l| matches!(l["event"].as_str(), Some("create" | "commit")))
@@ -290,13 +318,17 @@ async fn check_order(
         if outside.revisions.contains(&entry.revision) {
             continue;
         }
-        // A create whose answer its node never got explains the first revision, if it was sent
-        // before the revision was stored (a create needs no lease: the key was free).
+        // A create whose answer its node never got (or that was in flight when the node died)
+        // explains the first revision, if it was sent before the revision was stored (a create
+        // needs no lease: the key was free).
         if index == 0
             && !writes.contains_key(&entry.revision)
-            && lines
-                .iter()
-                .any(|l| l["event"] == "create_unconfirmed" && stamp(l, "sent") <= written)
+            && lines.iter().any(|l| {
+                matches!(
+                    l["event"].as_str(),
+                    Some("create_unconfirmed" | "create_sending")
+                ) && stamp(l, "sent") <= written
+            })
         {
             continue;
         }
@@ -307,7 +339,12 @@ async fn check_order(
             // compare-and-set then refuses it if another node claimed the order in between.)
             let explained = lines
                 .iter()
-                .filter(|l| l["event"] == "unconfirmed")
+                .filter(|l| {
+                    // Unanswered, or in flight when its node died: a sending no commit answered.
+                    l["event"] == "unconfirmed"
+                        || l["event"] == "sending"
+                            && !confirmed.contains(&(l["node"].as_str(), l["sent"].as_str()))
+                })
                 .find(|l| {
                     let interval = interval_of(l);
                     let sent = stamp(l, "sent");

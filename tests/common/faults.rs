@@ -1,7 +1,8 @@
 //! Fault injection for the fault suite: a TCP proxy that can stop forwarding without closing its
-//! sockets, and a three-server NATS cluster whose servers can be killed one by one.
+//! sockets, a three-server NATS cluster whose servers can be killed one by one, and a store filled
+//! until it refuses writes.
 
-use super::{free_port, spawn_nats_server, wait_until};
+use super::{free_port, spawn_nats_server, temp_dir, wait_until};
 use async_nats::jetstream;
 use std::process::Child;
 use std::time::Duration;
@@ -116,8 +117,14 @@ impl NatsCluster {
     /// Starts three servers and waits until they elect a JetStream leader. A server that cannot
     /// start (a port taken in the meantime) makes it start over on new ports.
     pub async fn start() -> NatsCluster {
+        NatsCluster::start_with_store_limit(None).await
+    }
+
+    /// Like [`NatsCluster::start`], each server's JetStream file store limited to `max_file_store`
+    /// (`"64MB"`) when given.
+    pub async fn start_with_store_limit(max_file_store: Option<&str>) -> NatsCluster {
         for _ in 0..3 {
-            let cluster = NatsCluster::spawn();
+            let cluster = NatsCluster::spawn(max_file_store);
             if cluster.wait_ready(Duration::from_secs(40)).await {
                 return cluster;
             }
@@ -135,7 +142,7 @@ impl NatsCluster {
         panic!("the NATS cluster did not come up in three attempts");
     }
 
-    fn spawn() -> NatsCluster {
+    fn spawn(max_file_store: Option<&str>) -> NatsCluster {
         let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes = cluster_ports
             .iter()
@@ -144,10 +151,10 @@ impl NatsCluster {
             .join(",");
         let mut servers = Vec::new();
         for (i, cluster_port) in cluster_ports.iter().enumerate() {
-            let dir = tempfile::tempdir().expect("a temp dir");
-            let port = free_port();
             let name = format!("s{}", i + 1);
-            let extra = [
+            let dir = temp_dir(&name);
+            let port = free_port();
+            let mut extra = vec![
                 "--server_name".to_owned(),
                 name.clone(),
                 "--cluster_name".to_owned(),
@@ -162,11 +169,20 @@ impl NatsCluster {
                 // bypassed through a discovered address.
                 "--no_advertise=true".to_owned(),
             ];
+            if let Some(limit) = max_file_store {
+                let conf = dir.path().join("server.conf");
+                std::fs::write(
+                    &conf,
+                    format!("jetstream {{\n  max_file_store: {limit}\n}}\n"),
+                )
+                .expect("the server configuration is written");
+                extra.extend(["-c".to_owned(), conf.display().to_string()]);
+            }
             let mut server = ClusterServer {
                 name,
                 port,
                 child: None,
-                extra: extra.to_vec(),
+                extra,
                 _dir: dir,
             };
             server.spawn();
@@ -284,4 +300,45 @@ impl Drop for NatsCluster {
             }
         }
     }
+}
+
+/// The stream [`fill_store`] fills the store with.
+pub const FILLER: &str = "FILLER";
+
+/// Fills the JetStream store with a stream of its own ([`FILLER`], with `replicas`) until the
+/// servers refuse to store even a small message, and returns the bytes stored. A publish that is not
+/// answered within 5 s counts as refused, so that a cluster in the middle of another fault is not
+/// waited on for ever.
+pub async fn fill_store(js: &jetstream::Context, replicas: usize) -> u64 {
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: FILLER.into(),
+        subjects: vec!["filler.>".into()],
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .expect("stream FILLER is created");
+    let mut stored = 0;
+    let mut size = 512 * 1024;
+    for i in 0..100_000 {
+        let chunk = bytes::Bytes::from(vec![b'x'; size]);
+        let published = async {
+            js.publish(format!("filler.{i}"), chunk)
+                .await
+                .ok()?
+                .await
+                .ok()
+        };
+        let refused = !matches!(
+            tokio::time::timeout(Duration::from_secs(5), published).await,
+            Ok(Some(_))
+        );
+        match (refused, size) {
+            (false, _) => stored += size as u64,
+            (true, 256) => return stored,
+            (true, _) => size /= 2,
+        }
+    }
+    panic!("the store took {stored} bytes and was still not full");
 }

@@ -56,6 +56,23 @@ pub struct NatsServer {
     args: Vec<String>,
 }
 
+/// A temp dir for a server's store, a node's files or a scenario's audits, named after `what`. With
+/// `ORDERLY_TEST_KEEP` set to a directory, it is made there and kept after the test, to look into a
+/// failure: node logs (`<node>-*/orderly.log`), audits and server logs stay.
+pub fn temp_dir(what: &str) -> TempDir {
+    match std::env::var_os("ORDERLY_TEST_KEEP") {
+        Some(keep) => {
+            std::fs::create_dir_all(&keep).expect("ORDERLY_TEST_KEEP is a directory");
+            tempfile::Builder::new()
+                .prefix(&format!("{what}-"))
+                .disable_cleanup(true)
+                .tempdir_in(keep)
+                .expect("a kept dir")
+        }
+        None => tempfile::tempdir().expect("a temp dir"),
+    }
+}
+
 fn spawn_nats_server(port: u16, store: &std::path::Path, extra: &[String]) -> Child {
     let mut args = vec![
         "-js".to_owned(),
@@ -100,7 +117,7 @@ impl NatsServer {
 
     /// Starts a server with the arguments `args` makes for its temp dir.
     async fn start_with(args: impl Fn(&std::path::Path) -> Vec<String>) -> NatsServer {
-        let mut dir = tempfile::tempdir().expect("a temp dir");
+        let mut dir = temp_dir("nats");
         for _ in 0..5 {
             let port = free_port();
             let args = args(dir.path());
@@ -122,7 +139,7 @@ impl NatsServer {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            dir = std::mem::replace(&mut server.dir, tempfile::tempdir().expect("a temp dir"));
+            dir = std::mem::replace(&mut server.dir, temp_dir("nats"));
         }
         panic!("nats-server did not start");
     }
@@ -194,7 +211,7 @@ impl NodeBuilder {
 
     /// Starts the process without waiting for it to be ready.
     pub fn spawn(self) -> Node {
-        let dir = tempfile::tempdir().expect("a temp dir");
+        let dir = temp_dir(&self.id);
         let log = dir.path().join("orderly.log");
         let out = std::fs::File::create(&log).expect("a log file");
         let port = free_port();

@@ -19,7 +19,7 @@ pub struct Audits {
 impl Audits {
     pub fn new() -> Audits {
         Audits {
-            dir: tempfile::tempdir().expect("a temp dir"),
+            dir: crate::common::temp_dir("audits"),
         }
     }
 
