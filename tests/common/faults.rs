@@ -308,17 +308,26 @@ pub const FILLER: &str = "FILLER";
 /// Fills the JetStream store with a stream of its own ([`FILLER`], with `replicas`) until the
 /// servers refuse to store even a small message, and returns the bytes stored. A publish that is not
 /// answered within 5 s counts as refused, so that a cluster in the middle of another fault is not
-/// waited on for ever.
+/// waited on for ever (the store may then be left less than full).
 pub async fn fill_store(js: &jetstream::Context, replicas: usize) -> u64 {
-    js.get_or_create_stream(jetstream::stream::Config {
+    let config = jetstream::stream::Config {
         name: FILLER.into(),
         subjects: vec!["filler.>".into()],
         storage: jetstream::stream::StorageType::File,
         num_replicas: replicas,
         ..Default::default()
-    })
-    .await
-    .expect("stream FILLER is created");
+    };
+    // A cluster in the middle of another fault (a server down, no metadata leader) may not answer
+    // at once.
+    wait_until(
+        "stream FILLER to be created",
+        Duration::from_secs(60),
+        || {
+            let config = config.clone();
+            async move { js.get_or_create_stream(config).await.ok().map(|_| ()) }
+        },
+    )
+    .await;
     let mut stored = 0;
     let mut size = 512 * 1024;
     for i in 0..100_000 {
