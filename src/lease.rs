@@ -480,6 +480,7 @@ impl Lease {
         let mut windows = self.inner.windows.clone();
         windows.borrow_and_update();
         let mut next = Instant::now();
+        let mut unconfirmed = 0u64;
         loop {
             let wake = next.min(self.deadline());
             tokio::select! {
@@ -504,7 +505,7 @@ impl Lease {
                     self.fence();
                     return;
                 }
-                result = tokio::time::timeout_at(self.deadline().into(), message.double_ack_with(AckKind::Progress)) => result,
+                result = tokio::time::timeout_at(self.deadline().into(), confirm(&message, AckKind::Progress)) => result,
             };
             let heartbeat = self.timing().heartbeat;
             match confirmed {
@@ -513,7 +514,15 @@ impl Lease {
                     next = sent + heartbeat;
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "in-progress ack not confirmed; retrying");
+                    // A cluster between consumer leaders answers nothing for seconds: one line per
+                    // lease, the rest counted.
+                    metrics::counter!(m::HEARTBEATS_UNCONFIRMED).increment(1);
+                    if unconfirmed == 0 {
+                        tracing::warn!(error = %e, "in-progress ack not confirmed; retrying until the lease's deadline");
+                    } else {
+                        tracing::debug!(error = %e, unconfirmed, "in-progress ack not confirmed; retrying");
+                    }
+                    unconfirmed += 1;
                     next = Instant::now() + heartbeat / 4;
                 }
                 Err(_) => {
@@ -530,6 +539,31 @@ impl Lease {
             self.inner.lost.cancel();
         }
     }
+}
+
+/// Sends `kind` for `message` and waits until the consumer answers it.
+///
+/// async-nats's `double_ack_with` takes whatever arrives on its reply inbox for the answer, including
+/// the "no responders" status the server sends when nothing takes the message's acks: on a cluster
+/// between two consumer leaders, or once the consumer is deleted. Nothing was confirmed then, and a
+/// lease renewed by it outlives the server's window. A request reports that status as an error. See
+/// docs/nats-client-double-ack-defect.md.
+pub async fn confirm(
+    message: &jetstream::Message,
+    kind: AckKind,
+) -> Result<(), async_nats::RequestError> {
+    let Some(reply) = message.reply.clone() else {
+        return Err(async_nats::RequestError::with_source(
+            async_nats::RequestErrorKind::Other,
+            "not a JetStream message: no reply subject",
+        ));
+    };
+    message
+        .context
+        .client()
+        .request(reply, kind.into())
+        .await
+        .map(|_| ())
 }
 
 fn nanos(d: Duration) -> u64 {

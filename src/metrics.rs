@@ -23,6 +23,7 @@ pub const MESSAGES_TERMINATED: &str = "orderly_messages_terminated_total";
 pub const REDELIVERIES: &str = "orderly_redeliveries_total";
 pub const LEASES_LOST: &str = "orderly_leases_lost_total";
 pub const SELF_FENCES: &str = "orderly_self_fences_total";
+pub const HEARTBEATS_UNCONFIRMED: &str = "orderly_heartbeats_unconfirmed_total";
 pub const KV_CONFLICTS: &str = "orderly_kv_cas_conflicts_total";
 pub const NATS_CONNECTED: &str = "orderly_nats_connected";
 pub const NATS_RECONNECTS: &str = "orderly_nats_reconnects_total";
@@ -121,6 +122,7 @@ fn zero_counters() {
         REDELIVERIES,
         LEASES_LOST,
         SELF_FENCES,
+        HEARTBEATS_UNCONFIRMED,
         KV_CONFLICTS,
         QUEUE_POLL_ERRORS,
         STORE_RETRIES,
@@ -188,6 +190,10 @@ fn describe() {
     describe_counter!(
         SELF_FENCES,
         "Orders this node stopped working on because it could not confirm its lease in time."
+    );
+    describe_counter!(
+        HEARTBEATS_UNCONFIRMED,
+        "In-progress acks the consumer did not answer (no consumer leader, an error): each is retried until the lease's deadline."
     );
     describe_counter!(
         KV_CONFLICTS,

@@ -775,7 +775,7 @@ impl From<StoreError> for Failure {
 
 /// Acknowledges and waits for the server's confirmation.
 async fn ack(message: &jetstream::Message) {
-    match message.double_ack().await {
+    match crate::lease::confirm(message, AckKind::Ack).await {
         Ok(()) => metrics::counter!(m::MESSAGES_ACKED).increment(1),
         Err(e) => {
             tracing::warn!(error = %e, "ack not confirmed; a later delivery will find the order terminal and ack it")

@@ -389,3 +389,52 @@ async fn sigterm_hands_orders_back_and_another_node_finishes_them() {
         );
     }
 }
+
+/// An in-progress ack that no consumer takes is not confirmed. With the consumer gone (or, on a
+/// cluster, between two consumer leaders) the server answers the ack with a "no responders" status,
+/// which async-nats's own `double_ack_with` takes for the consumer's answer: a lease renewed by it
+/// would outlive the server's window. Orderly's `confirm` reports it as an error.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ack_no_consumer_takes_is_not_confirmed() {
+    use async_nats::jetstream::AckKind;
+    use futures::StreamExt;
+    use orderly::lease::confirm;
+    let server = NatsServer::start().await;
+    let js = server.js().await;
+    let layout = orderly::nats::Layout {
+        replicas: 1,
+        ack_wait: Duration::from_secs(30),
+    };
+    let setup = orderly::nats::setup(&js, layout)
+        .await
+        .expect("JetStream set up");
+    publish_order(&js, uuid::Uuid::now_v7()).await;
+    let mut batch = setup
+        .consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .expect("fetch");
+    let message = batch.next().await.expect("a delivery").expect("a message");
+    confirm(&message, AckKind::Progress)
+        .await
+        .expect("the consumer answers an in-progress ack");
+
+    js.delete_consumer_from_stream(orderly::nats::CONSUMER, "ORDERS")
+        .await
+        .expect("the consumer is deleted");
+    message
+        .double_ack_with(AckKind::Progress)
+        .await
+        .expect("async-nats takes the no-responders status for an answer (the defect)");
+    let err = confirm(&message, AckKind::Progress)
+        .await
+        .expect_err("no consumer took the ack");
+    assert_eq!(
+        err.kind(),
+        async_nats::RequestErrorKind::NoResponders,
+        "{err}"
+    );
+}
