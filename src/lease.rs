@@ -280,6 +280,13 @@ impl Holder {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interval {
+    Unclaimed,
+    Open,
+    Closed,
+}
+
 struct Inner {
     windows: watch::Receiver<Windows>,
     /// The shortest window in force since the lease was taken, in nanoseconds. A longer window set
@@ -288,9 +295,10 @@ struct Inner {
     shortest_window: AtomicU64,
     holder: Holder,
     connection: Epoch,
-    /// Set once the node's claim on the order was written: from then on the lease is an interval in
-    /// the audit, which [`Lease::end`] closes.
-    claimed: AtomicBool,
+    /// Where the lease stands as an interval of the audit: opened by the node's claim on the order,
+    /// closed by [`Lease::end`] or at once when the lease is fenced, so that a node killed later,
+    /// while a store call is still in flight, has already recorded when its hold ended.
+    interval: Mutex<Interval>,
     ended: AtomicBool,
     /// When the holder last knew the server had the delivery alive: before it asked for the message,
     /// then the sending of each confirmed in-progress ack. The lease ends at anchor + window - margin.
@@ -314,7 +322,7 @@ impl Lease {
                 shortest_window: AtomicU64::new(nanos(first_window)),
                 holder,
                 connection,
-                claimed: AtomicBool::new(false),
+                interval: Mutex::new(Interval::Unclaimed),
                 ended: AtomicBool::new(false),
                 anchor: Mutex::new(anchor),
                 lost: CancellationToken::new(),
@@ -343,9 +351,11 @@ impl Lease {
     /// store failed, the order is tried again under the same lease) does not start another.
     pub fn claimed(&self, stream_seq: u64, revision: u64, start: Stamp) {
         let holder = &self.inner.holder;
-        if self.inner.claimed.swap(true, Ordering::SeqCst) {
+        let mut interval = self.interval();
+        if *interval != Interval::Unclaimed {
             return;
         }
+        *interval = Interval::Open;
         holder.audit.claimed(
             holder.order_id,
             holder.delivery,
@@ -357,7 +367,34 @@ impl Lease {
 
     /// Whether [`Lease::claimed`] was called.
     pub fn is_claimed(&self) -> bool {
-        self.inner.claimed.load(Ordering::SeqCst)
+        *self.interval() != Interval::Unclaimed
+    }
+
+    fn interval(&self) -> std::sync::MutexGuard<'_, Interval> {
+        self.inner
+            .interval
+            .lock()
+            .expect("lease lock is never poisoned")
+    }
+
+    /// Closes the audit's interval, if it is open: at now while the lease is `held`, else at the
+    /// self-fence deadline (or now, if that is earlier).
+    fn close(&self, why: LeaseEnd, held: bool) {
+        let mut interval = self.interval();
+        if *interval != Interval::Open {
+            return;
+        }
+        *interval = Interval::Closed;
+        let end = if held {
+            Stamp::now()
+        } else {
+            Stamp::of(self.deadline().min(Instant::now()))
+        };
+        let why = if held { why } else { LeaseEnd::Fenced };
+        let holder = &self.inner.holder;
+        holder
+            .audit
+            .lease_ended(holder.order_id, holder.delivery, end, why);
     }
 
     /// A write under this lease was confirmed as `revision`.
@@ -418,18 +455,7 @@ impl Lease {
         if !held {
             metrics::counter!(m::SELF_FENCES).increment(1);
         }
-        if self.inner.claimed.load(Ordering::SeqCst) {
-            let end = if held {
-                Stamp::now()
-            } else {
-                Stamp::of(self.deadline().min(Instant::now()))
-            };
-            let why = if held { why } else { LeaseEnd::Fenced };
-            let holder = &self.inner.holder;
-            holder
-                .audit
-                .lease_ended(holder.order_id, holder.delivery, end, why);
-        }
+        self.close(why, held);
         held
     }
 
@@ -537,6 +563,7 @@ impl Lease {
         if !self.inner.lost.is_cancelled() {
             tracing::warn!("lease not confirmed in time: stopping work on this order before it can be redelivered");
             self.inner.lost.cancel();
+            self.close(LeaseEnd::Fenced, false);
         }
     }
 }
@@ -726,5 +753,43 @@ mod connection_tests {
         tokio::time::timeout(Duration::from_secs(1), later.inner.connection.wait_ended())
             .await
             .expect("the loss wakes it");
+    }
+
+    #[test]
+    fn a_fenced_lease_closes_its_interval_at_once() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("audit.jsonl");
+        let holder = Holder {
+            order_id: Uuid::now_v7(),
+            delivery: 3,
+            audit: Audit::open(&path, "node-a").expect("audit opens"),
+        };
+        let connection = Connection::default();
+        let lease = Lease::new(
+            Windows::fixed(Duration::from_secs(30)).constant(),
+            Instant::now(),
+            holder,
+            connection.current(),
+        );
+        lease.claimed(7, 11, Stamp::now());
+        connection.lost();
+        // The heartbeat task fences the lease while the worker is still inside a store call: the
+        // audit records the end now, not when the worker gets back (a node killed meanwhile never
+        // would).
+        lease.fence();
+        let lines = || -> Vec<serde_json::Value> {
+            std::fs::read_to_string(&path)
+                .expect("audit readable")
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("a JSON line"))
+                .collect()
+        };
+        let after_fence = lines();
+        assert_eq!(after_fence.len(), 2);
+        assert_eq!(after_fence[1]["event"], "lease_end");
+        assert_eq!(after_fence[1]["why"], "fenced");
+        // The worker's own end later changes nothing and may not settle the message.
+        assert!(!lease.end(LeaseEnd::Released));
+        assert_eq!(lines().len(), 2);
     }
 }
