@@ -19,7 +19,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer, ErrorCode};
 use chrono::Utc;
 use common::audit::Outside;
 use common::faults::{fill_store, NatsCluster, Proxy, FILLER};
-use common::hostile::{Barrage, RawClient, Shots, MALFORMED};
+use common::hostile::{stored_in, Barrage, RawClient, Shots, MALFORMED};
 use common::scenario::*;
 use common::*;
 use serde_json::json;
@@ -443,11 +443,10 @@ impl Storm {
                         .request(&subject, header, br#"{"customer":"mallory"}"#)
                         .await
                         .ok()?;
-                    let ack: serde_json::Value = serde_json::from_slice(&ack).ok()?;
-                    (ack["stream"] == "ORDERS").then_some(())
+                    stored_in(&ack, "ORDERS")
                 };
                 let stored = tokio::time::timeout(Duration::from_secs(5), sent).await;
-                let stored = matches!(stored, Ok(Some(())));
+                let stored = matches!(stored, Ok(Some(_)));
                 self.say(&format!(
                     "{}: orders.submit.{id} ({})",
                     fault.kind(),
