@@ -150,8 +150,9 @@ impl Follow {
                         );
                     }
                     self.health.set(problem);
-                    self.adopt(windows_of(&info));
-                    self.follow_leader(leader_of(&info));
+                    let leader = leader_of(&info);
+                    let ended = self.adopt(windows_of(&info), &leader);
+                    self.follow_leader(leader, ended);
                 }
                 Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
                     self.recreate().await;
@@ -169,9 +170,14 @@ impl Follow {
     /// A new consumer leader works from the replicated state, which can lag behind the in-progress
     /// acks the old one confirmed: it may hand out an order whose holder's last heartbeats it never
     /// saw. Every lease taken before the change ends.
-    fn follow_leader(&mut self, leader: Option<(String, Option<time::OffsetDateTime>)>) {
+    /// `ended`: [`Follow::adopt`] already ended every lease and said why.
+    fn follow_leader(
+        &mut self,
+        leader: Option<(String, Option<time::OffsetDateTime>)>,
+        ended: bool,
+    ) {
         if leader.is_some() && leader != self.leader {
-            if self.leader.is_some() {
+            if self.leader.is_some() && !ended {
                 tracing::warn!(
                     leader = leader.as_ref().map(|(name, _)| name.as_str()).unwrap_or_default(),
                     was = self.leader.as_ref().map(|(name, _)| name.as_str()).unwrap_or_default(),
@@ -217,17 +223,32 @@ impl Follow {
         })
     }
 
-    fn adopt(&self, new: Windows) {
+    /// Takes the consumer's configuration as read now, from a read that named `leader`. Returns
+    /// whether it ended every lease because the consumer reports another creation time.
+    fn adopt(&self, new: Windows, leader: &Option<(String, Option<time::OffsetDateTime>)>) -> bool {
         let old = self.windows.borrow().clone();
         if old == new {
-            return;
+            return false;
         }
-        if old.created != new.created {
+        let recreated = old.created != new.created;
+        if recreated {
             // The consumer was deleted and created again (by another node, or by an operator)
             // between two reads: every delivery this node holds came from the old one, which the
             // server has forgotten. Its in-progress acks would still be answered, so end the leases
-            // here; the new consumer is paused for longer than a poll.
-            tracing::error!("the consumer {CONSUMER} was created again: ending every lease taken through the old one");
+            // here; the new consumer is paused for longer than a poll. On a cluster, a server that
+            // restarted also reports a creation time of its own once it leads the consumer: the
+            // leases end all the same (see `follow_leader`), and the line says both.
+            if leader.is_some() && *leader == self.leader {
+                tracing::error!("the consumer {CONSUMER} was created again: ending every lease taken through the old one");
+            } else {
+                tracing::warn!(
+                    leader = leader.as_ref().map(|(name, _)| name.as_str()).unwrap_or_default(),
+                    was = self.leader.as_ref().map(|(name, _)| name.as_str()).unwrap_or_default(),
+                    created = %new.created,
+                    was_created = %old.created,
+                    "the consumer {CONSUMER} has a new leader, which reports another creation time (a restarted server does; so does a consumer created again): ending every lease taken through the old one"
+                );
+            }
             self.leases.lost();
         }
         if old.ack_wait == new.ack_wait
@@ -235,7 +256,7 @@ impl Follow {
             && old.announced == new.announced
         {
             self.windows.send_replace(new);
-            return;
+            return recreated;
         }
         tracing::warn!(
             ack_wait = %humantime::format_duration(new.ack_wait),
@@ -265,6 +286,7 @@ impl Follow {
             );
         }
         self.windows.send_replace(new);
+        recreated
     }
 
     /// The consumer is gone: every delivery it made is forgotten by the server. End every lease,

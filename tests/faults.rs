@@ -344,7 +344,7 @@ async fn losing_the_stream_leader_of_a_three_server_cluster_loses_nothing() {
             .env("ORDERLY_ACK_WAIT", "3s")
     };
     let a = node("raft-a").start().await;
-    let _b = node("raft-b").start().await;
+    let b = node("raft-b").start().await;
     let js = jetstream::new(cluster.client().await);
     let ids = publish_orders(&js, 200).await;
 
@@ -376,6 +376,15 @@ async fn losing_the_stream_leader_of_a_three_server_cluster_loses_nothing() {
         new_leader.is_some() && new_leader != Some(leader.clone()),
         "a new leader ({new_leader:?}) replaced {leader}"
     );
+    // Each server reports its own creation time for the consumer: a new leader is not a recreated
+    // consumer, and no node may say it was.
+    for node in [&a, &b] {
+        let logs = node.logs();
+        assert!(
+            !logs.contains("was created again"),
+            "a node took a change of leader for a recreated consumer:\n{logs}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -496,5 +505,110 @@ async fn poison_and_ever_failing_orders_end_within_the_delivery_cap() {
             r#"reason="invalid_id""#
         ),
         1.0
+    );
+}
+
+/// The consumer's leader and creation time as the cluster reports them now.
+async fn consumer_leader(
+    js: &jetstream::Context,
+) -> Option<(String, time::OffsetDateTime, Vec<(String, bool)>)> {
+    let read = async {
+        let mut consumer: jetstream::consumer::PullConsumer = js
+            .get_consumer_from_stream("workers", "ORDERS")
+            .await
+            .ok()?;
+        let info = consumer.info().await.ok()?;
+        let cluster = info.cluster.as_ref()?;
+        let replicas = cluster
+            .replicas
+            .iter()
+            .map(|r| (r.name.clone(), r.current))
+            .collect();
+        Some((cluster.leader.clone()?, info.created, replicas))
+    };
+    tokio::time::timeout(Duration::from_secs(3), read)
+        .await
+        .ok()
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_leading_the_consumer_is_not_taken_for_a_recreated_consumer() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut cluster = NatsCluster::start().await;
+    let audits = Audits::new();
+    let node = audits
+        .node(&cluster.urls, "restart-a")
+        .env("ORDERLY_REPLICAS", 3)
+        .env("ORDERLY_ACK_WAIT", "3s")
+        .start()
+        .await;
+    let js = jetstream::new(cluster.client().await);
+    let (first, created, _) = wait_until("the consumer's leader", Duration::from_secs(30), || {
+        consumer_leader(&js)
+    })
+    .await;
+
+    // The consumer's leader is killed and started again; once it has caught up, it is made the
+    // leader again.
+    cluster.kill(&first);
+    wait_until("another leader", Duration::from_secs(30), || async {
+        consumer_leader(&js)
+            .await
+            .filter(|(leader, _, _)| *leader != first)
+    })
+    .await;
+    cluster.start_again(&first);
+    cluster.wait_all_up(Duration::from_secs(30)).await;
+    let js = jetstream::new(cluster.client().await);
+    wait_until(
+        "the restarted server to lead the consumer",
+        Duration::from_secs(60),
+        || async {
+            let (leader, created, replicas) = consumer_leader(&js).await?;
+            if leader == first {
+                return Some(created);
+            }
+            if replicas
+                .iter()
+                .any(|(name, current)| *name == first && *current)
+            {
+                let request = serde_json::json!({ "placement": { "preferred": first } });
+                let _ = js
+                    .client()
+                    .request(
+                        "$JS.API.CONSUMER.LEADER.STEPDOWN.ORDERS.workers",
+                        request.to_string().into(),
+                    )
+                    .await;
+            }
+            None
+        },
+    )
+    .await;
+    let (_, created_now, _) = consumer_leader(&js).await.expect("the consumer's leader");
+    println!("[restarted leader] {first} leads again; creation time {created} then {created_now}");
+
+    // The node ends its leases and says that the leader changed; it does not claim the consumer
+    // was created again.
+    let said = wait_until(
+        "the node to see the change of leader",
+        Duration::from_secs(10),
+        || async {
+            let logs = node.logs();
+            logs.lines()
+                .find(|l| {
+                    l.contains("ending every lease taken")
+                        && l.contains(&format!("leader=\"{first}\""))
+                })
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    println!("[restarted leader] the node says: {said}");
+    let logs = node.logs();
+    assert!(
+        !logs.contains("was created again"),
+        "a change of leader was reported as a recreated consumer:\n{logs}"
     );
 }
