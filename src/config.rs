@@ -2,8 +2,8 @@
 //! once at start into typed values. A bad value stops the node before anything starts, with clap's
 //! message naming the setting.
 
-use crate::lease::MIN_REPLICATED_WINDOW;
-use crate::order::Step;
+use crate::domain::order::Step;
+use crate::engine::lease::MIN_REPLICATED_WINDOW;
 use clap::{Parser, ValueEnum};
 use std::fmt;
 use std::net::SocketAddr;

@@ -2,19 +2,23 @@
 //! JetStream objects, and runs the workers, the HTTP API, the NATS service and the node heartbeat
 //! until it is told to stop. If any of them dies, the node stops instead of limping on.
 
-use crate::audit::Audit;
-use crate::cluster::Cluster;
+use crate::api::http::{self, AppState};
+use crate::api::intake::Intake;
 use crate::config::Config;
-use crate::events::Events;
-use crate::follow::Follow;
-use crate::http::{self, AppState};
-use crate::intake::Intake;
-use crate::lease::Connection;
-use crate::nats::{self, EmbeddedServer, Layout, Role};
-use crate::pipeline::{FailureDraw, Pipeline, Stop};
+use crate::engine::lease::Connection;
+use crate::engine::pipeline::{Pipeline, Stop};
+use crate::engine::steps::FailureDraw;
+use crate::ops::audit::Audit;
+use crate::ops::cluster::Cluster;
+use crate::ops::events::Events;
+use crate::ops::stats::WorkerStats;
+use crate::queue::connect::{self, Role};
+use crate::queue::embedded::EmbeddedServer;
+use crate::queue::follow::Follow;
+use crate::queue::pull::Worker;
+use crate::queue::setup::{self, Layout};
+use crate::queue::sweep::Sweep;
 use crate::store::OrderStore;
-use crate::sweep::Sweep;
-use crate::worker::{Worker, WorkerStats};
 use anyhow::Context as _;
 use futures::FutureExt;
 use std::future::Future;
@@ -53,7 +57,7 @@ pub fn default_node_id() -> String {
 /// at a step boundary within the grace period, and exits.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let node_id = config.node_id.clone().unwrap_or_else(default_node_id);
-    let metrics = crate::metrics::install(&node_id);
+    let metrics = crate::ops::metrics::install(&node_id);
     tokio::pin!(shutdown);
 
     // An empty NATS_URL counts as unset.
@@ -88,7 +92,7 @@ async fn run_connected(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
-    let servers = nats::server_addrs(url)
+    let servers = connect::server_addrs(url)
         .map_err(anyhow::Error::msg)
         .context("NATS_URL")?;
     let drain = CancellationToken::new();
@@ -96,9 +100,9 @@ async fn run_connected(
     let fetching = Connection::default();
     let connections = tokio::select! {
         connected = async {
-            let work = nats::connect(&servers, &node_id, Role::Work, &connection, &drain).await?;
-            let fetch = nats::connect(&servers, &node_id, Role::Fetch, &fetching, &drain).await?;
-            let public = nats::connect(&servers, &node_id, Role::Public, &Connection::default(), &drain).await?;
+            let work = connect::connect(&servers, &node_id, Role::Work, &connection, &drain).await?;
+            let fetch = connect::connect(&servers, &node_id, Role::Fetch, &fetching, &drain).await?;
+            let public = connect::connect(&servers, &node_id, Role::Public, &Connection::default(), &drain).await?;
             Some((work, fetch, public))
         } => connected,
         _ = shutdown.as_mut() => None,
@@ -115,10 +119,10 @@ async fn run_connected(
         ack_wait: config.ack_wait,
     };
     let setup = loop {
-        match nats::setup(&js, layout).await {
+        match setup::setup(&js, layout).await {
             Ok(setup) => break setup,
             // A cluster that is still forming cannot place replicas yet; JetStream may come up later.
-            Err(e @ nats::SetupError::Nats { .. }) if Instant::now() < setup_deadline => {
+            Err(e @ setup::SetupError::Nats { .. }) if Instant::now() < setup_deadline => {
                 tracing::warn!(error = %e, "JetStream not ready; retrying in 1s");
                 tokio::select! {
                     _ = shutdown.as_mut() => return Ok(()),
@@ -173,7 +177,7 @@ async fn run_connected(
         events: events.clone(),
     });
     let fetch_consumer = async_nats::jetstream::new(fetch.clone())
-        .get_consumer_from_stream(nats::CONSUMER, nats::STREAM)
+        .get_consumer_from_stream(setup::CONSUMER, setup::STREAM)
         .await
         .context("cannot open the consumer on the fetch connection")?;
     let worker = Worker {
@@ -203,7 +207,7 @@ async fn run_connected(
         kv: setup.nodes.clone(),
         node_id: node_id.clone(),
         http_addr: http_addr.clone(),
-        started_at: crate::pipeline::now(),
+        started_at: crate::clock::now(),
         workers: config.workers as usize,
         interval: config.node_heartbeat,
         stats,
@@ -236,7 +240,7 @@ async fn run_connected(
         cluster.run(heartbeat).await;
         (HEARTBEAT_TASK, Ok(()))
     });
-    let poll = crate::metrics::poll_queue(
+    let poll = crate::ops::metrics::poll_queue(
         setup.stream.clone(),
         setup.consumer.clone(),
         QUEUE_POLL,

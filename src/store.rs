@@ -2,8 +2,8 @@
 //! the first is a compare-and-set on the revision the writer last saw, so a writer that lost the order
 //! to someone else finds out instead of overwriting.
 
-use crate::audit::Audit;
-use crate::order::Order;
+use crate::domain::order::Order;
+use crate::ops::audit::Audit;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use uuid::Uuid;
@@ -82,7 +82,7 @@ impl OrderStore {
     /// Writes a new order; fails with [`StoreError::Exists`] if the id is taken.
     pub async fn create(&self, order: &Order) -> Result<Versioned, StoreError> {
         let value = encode(order);
-        let sent = crate::audit::Stamp::now();
+        let sent = crate::ops::audit::Stamp::now();
         self.audit.create_sending(order.order_id, sent);
         match self
             .kv
@@ -131,7 +131,7 @@ impl OrderStore {
                 revision,
             }),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                metrics::counter!(crate::metrics::KV_CONFLICTS).increment(1);
+                metrics::counter!(crate::ops::metrics::KV_CONFLICTS).increment(1);
                 Err(StoreError::Conflict {
                     order_id: order.order_id,
                     expected,
@@ -163,7 +163,7 @@ impl OrderStore {
                 revision: entry.revision,
             }),
             _ => {
-                metrics::counter!(crate::metrics::KV_CONFLICTS).increment(1);
+                metrics::counter!(crate::ops::metrics::KV_CONFLICTS).increment(1);
                 Err(StoreError::Conflict {
                     order_id: order.order_id,
                     expected,

@@ -102,7 +102,7 @@ async fn three_nodes_share_three_hundred_orders() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cluster_view_lists_every_node_while_their_heartbeats_replace_each_other() {
     use async_nats::jetstream::kv;
-    use orderly::cluster::Cluster;
+    use orderly::ops::cluster::Cluster;
 
     let server = NatsServer::start().await;
     let js = server.js().await;

@@ -392,12 +392,12 @@ async fn poison_and_ever_failing_orders_end_within_the_delivery_cap() {
     let _one = ONE_AT_A_TIME.lock().await;
     let server = NatsServer::start().await;
     let js = server.js().await;
-    let layout = orderly::nats::Layout {
+    let layout = orderly::queue::setup::Layout {
         replicas: 1,
         ack_wait: ACK_WAIT,
     };
     let max_deliver = 3;
-    let setup = orderly::nats::setup(&js, layout)
+    let setup = orderly::queue::setup::setup(&js, layout)
         .await
         .expect("JetStream set up");
     let mut outside = Outside::default();

@@ -398,14 +398,14 @@ async fn sigterm_hands_orders_back_and_another_node_finishes_them() {
 async fn an_ack_no_consumer_takes_is_not_confirmed() {
     use async_nats::jetstream::AckKind;
     use futures::StreamExt;
-    use orderly::lease::confirm;
+    use orderly::engine::lease::confirm;
     let server = NatsServer::start().await;
     let js = server.js().await;
-    let layout = orderly::nats::Layout {
+    let layout = orderly::queue::setup::Layout {
         replicas: 1,
         ack_wait: Duration::from_secs(30),
     };
-    let setup = orderly::nats::setup(&js, layout)
+    let setup = orderly::queue::setup::setup(&js, layout)
         .await
         .expect("JetStream set up");
     publish_order(&js, uuid::Uuid::now_v7()).await;
@@ -422,7 +422,7 @@ async fn an_ack_no_consumer_takes_is_not_confirmed() {
         .await
         .expect("the consumer answers an in-progress ack");
 
-    js.delete_consumer_from_stream(orderly::nats::CONSUMER, "ORDERS")
+    js.delete_consumer_from_stream(orderly::queue::setup::CONSUMER, "ORDERS")
         .await
         .expect("the consumer is deleted");
     message

@@ -37,10 +37,10 @@ const NODE_SEED: u64 = 7;
 const RATE: f64 = 5.0;
 /// The redelivery window the nodes start with (the shortest a replicated consumer may have), and the
 /// one a live edit moves to and back from.
-const WINDOW: Duration = orderly::lease::MIN_REPLICATED_WINDOW;
+const WINDOW: Duration = orderly::engine::lease::MIN_REPLICATED_WINDOW;
 const EDITED_WINDOW: Duration = Duration::from_secs(5);
 /// The consumer metadata key that announces a shorter window before the consumer's is shortened.
-const ANNOUNCED: &str = orderly::lease::WINDOW_METADATA;
+const ANNOUNCED: &str = orderly::engine::lease::WINDOW_METADATA;
 /// Each server's JetStream file store: room for a long run's orders, small enough to fill quickly.
 const STORE_LIMIT: &str = "64MB";
 /// How long a node may take to exit after SIGTERM: its 3 s grace and room for a loaded machine.
@@ -604,7 +604,7 @@ impl Storm {
 async fn set_windows(js: &jetstream::Context, now: &Mutex<Duration>, window: Duration) {
     edit_consumer(js, |config| {
         config.ack_wait = window;
-        config.backoff = orderly::nats::backoff(window);
+        config.backoff = orderly::queue::setup::backoff(window);
         // A longer window needs no announcement; a shorter one was announced already.
         config.metadata.remove(ANNOUNCED);
     })

@@ -86,7 +86,7 @@ pub fn install(node_id: &str) -> PrometheusHandle {
 /// Registers every counter at zero, with each of its known label sets, so that rates and alerts see a
 /// series from the first scrape instead of none until the first event.
 fn zero_counters() {
-    use crate::order::Step;
+    use crate::domain::order::Step;
     for interface in ["http", "nats", "stream"] {
         metrics::counter!(ORDERS_SUBMITTED, "interface" => interface).absolute(0);
     }
@@ -113,9 +113,6 @@ fn zero_counters() {
     metrics::counter!(ORDERS_GIVEN_UP, "path" => "last_delivery").absolute(0);
     for reason in ["malformed_headers", "status_headers"] {
         metrics::counter!(MESSAGES_REQUEUED, "reason" => reason).absolute(0);
-    }
-    for connection in crate::nats::Role::ALL {
-        metrics::counter!(NATS_RECONNECTS, "connection" => connection.as_str()).absolute(0);
     }
     for name in [
         MESSAGES_ACKED,

@@ -12,9 +12,9 @@
 //! A replicated consumer needs a wider margin: the server that takes over as its leader may date a
 //! delivery earlier than the old leader did (see [`REPLICA_LAG`]).
 
-use crate::audit::{Audit, LeaseEnd, Stamp};
-use crate::metrics as m;
-use crate::order::Step;
+use crate::domain::order::Step;
+use crate::ops::audit::{Audit, LeaseEnd, Stamp};
+use crate::ops::metrics as m;
 use async_nats::jetstream::{self, AckKind};
 use chrono::{DateTime, Utc};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

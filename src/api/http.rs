@@ -1,10 +1,10 @@
 //! The HTTP API: submit and query orders, node diagnostics, health and metrics. Every error is a JSON
 //! body `{"error": ..., "code": ...}` with a fitting status.
 
-use crate::cluster::Cluster;
-use crate::intake::{Intake, IntakeError, IDEMPOTENCY_KEY};
-use crate::metrics as m;
-use crate::order::Interface;
+use crate::api::intake::{Intake, IntakeError, IDEMPOTENCY_KEY};
+use crate::domain::order::Interface;
+use crate::ops::cluster::Cluster;
+use crate::ops::metrics as m;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -25,7 +25,7 @@ pub struct AppState {
     /// The node's connections to NATS: work, fetch and public.
     pub clients: [async_nats::Client; 3],
     /// Whether the shared consumer can be worked from.
-    pub health: crate::follow::Health,
+    pub health: crate::queue::follow::Health,
     pub metrics: PrometheusHandle,
     pub draining: CancellationToken,
 }
@@ -74,7 +74,7 @@ impl From<BytesRejection> for ApiError {
         let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
             format!(
                 "request body is larger than {} bytes",
-                crate::worker::MAX_PAYLOAD
+                crate::domain::payload::MAX_PAYLOAD
             )
         } else {
             rejection.body_text()
@@ -99,7 +99,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(
             "/orders",
-            post(create_order).layer(DefaultBodyLimit::max(crate::worker::MAX_PAYLOAD)),
+            post(create_order).layer(DefaultBodyLimit::max(crate::domain::payload::MAX_PAYLOAD)),
         )
         .route("/orders/{id}", get(get_order))
         .route("/healthz", get(healthz))
@@ -222,7 +222,7 @@ async fn cluster(State(state): State<AppState>) -> Result<Json<serde_json::Value
     let busy: usize = nodes.iter().map(|n| n.workers_busy).sum();
     let total: usize = nodes.iter().map(|n| n.workers_total).sum();
     Ok(Json(json!({
-        "generated_at": crate::pipeline::now(),
+        "generated_at": crate::clock::now(),
         "node_count": nodes.len(),
         "workers_busy": busy,
         "workers_total": total,

@@ -5,13 +5,15 @@
 //! created so that it can be queried at once. If the document cannot be written, the worker creates it
 //! from the message; if the message cannot be stored, nothing was created and the caller gets an error.
 
-use crate::events::Events;
-use crate::metrics as m;
-use crate::nats::{submit_subject, CREATE_SUBJECT, DUPLICATE_WINDOW, GET_SUBJECT, VIA_HEADER};
-use crate::order::{parse_order_id, Interface, Order};
-use crate::pipeline::now;
+use crate::clock::now;
+use crate::domain::order::{parse_order_id, Interface, Order};
+use crate::domain::payload::validate_payload;
+use crate::ops::events::Events;
+use crate::ops::metrics as m;
+use crate::queue::setup::{
+    submit_subject, CREATE_SUBJECT, DUPLICATE_WINDOW, GET_SUBJECT, VIA_HEADER,
+};
 use crate::store::{OrderStore, StoreError};
-use crate::worker::validate_payload;
 use async_nats::jetstream::{self, message::PublishMessage};
 use async_nats::service::ServiceExt;
 use bytes::Bytes;
@@ -111,7 +113,7 @@ impl Intake {
         idempotency_key: Option<&str>,
     ) -> Result<Submitted, IntakeError> {
         let payload = validate_payload(body).map_err(|reason| {
-            if body.len() > crate::worker::MAX_PAYLOAD {
+            if body.len() > crate::domain::payload::MAX_PAYLOAD {
                 IntakeError::TooLarge(reason)
             } else {
                 IntakeError::BadRequest(reason)
@@ -178,7 +180,7 @@ impl Intake {
     /// The start time of order `order_id`, which JetStream reports as already carried by message
     /// `seq`, after checking that the message or the document really is that order.
     async fn existing(&self, order_id: Uuid, seq: u64) -> Result<DateTime<Utc>, IntakeError> {
-        let carrier = crate::sweep::peek_exact(&self.js, seq)
+        let carrier = crate::queue::sweep::peek_exact(&self.js, seq)
             .await
             .map_err(|e| IntakeError::Unavailable(e.to_string()))?;
         let document = self.store.get(order_id).await?;

@@ -11,9 +11,10 @@
 //!   is handed out again while a node may still be working on it. While it is missing the node takes
 //!   no work and reports not ready, saying why.
 
-use crate::lease::{Connection, Windows, MIN_REPLICATED_WINDOW, WINDOW_METADATA};
-use crate::metrics as m;
-use crate::nats::{consumer_config, Layout, CONSUMER};
+use crate::engine::lease::{Connection, Windows, MIN_REPLICATED_WINDOW, WINDOW_METADATA};
+use crate::ops::metrics as m;
+use crate::ops::rate::RateLimited;
+use crate::queue::setup::{consumer_config, Layout, CONSUMER};
 use async_nats::jetstream::{consumer, context::ConsumerInfoErrorKind, stream::Stream};
 use chrono::{DateTime, Utc};
 use std::sync::{Arc, Mutex};
@@ -323,42 +324,10 @@ impl Follow {
     }
 }
 
-/// Lets a repeated log line through at most once per period, counting what it held back.
-pub struct RateLimited {
-    period: Duration,
-    last: Option<Instant>,
-    skipped: u64,
-}
-
-impl RateLimited {
-    pub fn new(period: Duration) -> RateLimited {
-        RateLimited {
-            period,
-            last: None,
-            skipped: 0,
-        }
-    }
-
-    /// `Some(number held back since the last one)` when this occurrence may be logged.
-    pub fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        match self.last {
-            Some(last) if now.duration_since(last) < self.period => {
-                self.skipped += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.skipped))
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::LeaseTiming;
+    use crate::engine::lease::LeaseTiming;
 
     #[test]
     fn a_shrink_to_the_safe_length_is_learnt_before_the_server_can_redeliver() {
@@ -366,21 +335,11 @@ mod tests {
         // heartbeat and one poll after that heartbeat, and must still be inside its margin.
         for replicated in [false, true] {
             let timing = LeaseTiming::for_window(safe_shrink(replicated), replicated);
-            let learnt = crate::lease::MAX_HEARTBEAT + POLL;
+            let learnt = crate::engine::lease::MAX_HEARTBEAT + POLL;
             assert!(
                 learnt < timing.window - timing.margin,
                 "{learnt:?} vs {timing:?}"
             );
         }
-    }
-
-    #[test]
-    fn repeated_lines_are_held_back_and_counted() {
-        let mut limit = RateLimited::new(Duration::from_secs(60));
-        assert_eq!(limit.allow(), Some(0));
-        assert_eq!(limit.allow(), None);
-        assert_eq!(limit.allow(), None);
-        limit.last = Some(Instant::now() - Duration::from_secs(61));
-        assert_eq!(limit.allow(), Some(2));
     }
 }

@@ -22,7 +22,7 @@
 //! Times are RFC 3339 UTC with microseconds. The fault tests read these files to prove that no order's
 //! intervals overlap across nodes and that no write lies outside its writer's interval.
 
-use crate::order::Step;
+use crate::domain::order::Step;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use std::fs::{File, OpenOptions};

@@ -23,11 +23,11 @@
 //! costs one reconnect of one node's fetch connection, and no lease) and every [`EVERY`], one node of
 //! the cluster at a time.
 
-use crate::follow::RateLimited;
-use crate::lease::{Connection, Windows};
-use crate::metrics as m;
-use crate::nats::{CONSUMER, STREAM, SUBMIT_PREFIX};
-use crate::order::parse_order_id;
+use crate::domain::order::parse_order_id;
+use crate::engine::lease::{Connection, Windows};
+use crate::ops::metrics as m;
+use crate::ops::rate::RateLimited;
+use crate::queue::setup::{CONSUMER, STREAM, SUBMIT_PREFIX};
 use crate::store::OrderStore;
 use async_nats::jetstream::{self, kv, stream::Stream};
 use base64::Engine as _;

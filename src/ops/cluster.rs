@@ -2,7 +2,7 @@
 //! heartbeat interval and deletes it on a clean stop; a node that stops writing drops out of the view
 //! after three intervals (and out of the bucket after its max age).
 
-use crate::worker::WorkerStats;
+use crate::ops::stats::WorkerStats;
 use async_nats::jetstream::kv;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -59,7 +59,7 @@ impl Cluster {
             .into(),
             http_addr: self.http_addr.clone(),
             started_at: self.started_at,
-            last_seen: crate::pipeline::now(),
+            last_seen: crate::clock::now(),
             workers_busy: self.stats.busy.load(Ordering::Relaxed),
             workers_total: self.workers,
             orders_completed: self.stats.completed.load(Ordering::Relaxed),
@@ -82,7 +82,7 @@ impl Cluster {
     pub async fn run(self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut errors = crate::follow::RateLimited::new(Duration::from_secs(30));
+        let mut errors = crate::ops::rate::RateLimited::new(Duration::from_secs(30));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,

