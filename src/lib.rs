@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod error;
 pub mod node;
 pub mod ops;
 pub mod queue;

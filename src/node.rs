@@ -7,7 +7,8 @@ use crate::api::intake::Intake;
 use crate::config::Config;
 use crate::engine::lease::Connection;
 use crate::engine::pipeline::{Pipeline, Stop};
-use crate::engine::steps::FailureDraw;
+use crate::engine::steps::{FailureDraw, Simulated, Steps};
+use crate::engine::write::Writer;
 use crate::ops::audit::Audit;
 use crate::ops::cluster::Cluster;
 use crate::ops::events::Events;
@@ -15,7 +16,9 @@ use crate::ops::stats::WorkerStats;
 use crate::queue::connect::{self, Role};
 use crate::queue::embedded::EmbeddedServer;
 use crate::queue::follow::Follow;
-use crate::queue::pull::Worker;
+use crate::queue::give_up::GiveUp;
+use crate::queue::process::Processor;
+use crate::queue::pull::Puller;
 use crate::queue::setup::{self, Layout};
 use crate::queue::sweep::Sweep;
 use crate::store::OrderStore;
@@ -58,6 +61,7 @@ pub fn default_node_id() -> String {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let node_id = config.node_id.clone().unwrap_or_else(default_node_id);
     let metrics = crate::ops::metrics::install(&node_id);
+    crate::queue::settle::zero_counters();
     tokio::pin!(shutdown);
 
     // An empty NATS_URL counts as unset.
@@ -165,35 +169,40 @@ async fn run_connected(
         drain: drain.clone(),
         abort: CancellationToken::new(),
     };
-    let pipeline = Arc::new(Pipeline {
-        node_id: node_id.clone(),
+    let writer = Writer::new(store.clone(), events.clone());
+    let steps: Arc<dyn Steps> = Arc::new(Simulated {
         step_duration: config.step_duration,
         rollback_duration: config.rollback_duration(),
         failures: FailureDraw {
             rates: config.failure_rate,
             seed: config.seed,
         },
-        store: store.clone(),
-        events: events.clone(),
     });
+    let pipeline = Arc::new(Pipeline::new(node_id.clone(), steps, writer.clone()));
     let fetch_consumer = async_nats::jetstream::new(fetch.clone())
         .get_consumer_from_stream(setup::CONSUMER, setup::STREAM)
         .await
         .context("cannot open the consumer on the fetch connection")?;
-    let worker = Worker {
-        stream: setup.stream.clone(),
-        consumer: fetch_consumer,
-        leases: js.clone(),
-        store: store.clone(),
+    let processor = Processor {
         pipeline,
-        workers: config.workers as usize,
+        give_up: GiveUp {
+            writer,
+            stream: setup.stream.clone(),
+            stats: stats.clone(),
+        },
         stats: stats.clone(),
         audit: audit.clone(),
-        connection: connection.clone(),
         windows: follow.windows(),
-        health: health.clone(),
         max_deliver: u32::try_from(config.max_deliver).unwrap_or(u32::MAX),
     };
+    let worker = Puller::new(
+        fetch_consumer,
+        js.clone(),
+        connection.clone(),
+        health.clone(),
+        config.workers as usize,
+        processor,
+    );
     let sweep = Sweep::new(
         js.clone(),
         setup.stream.clone(),
@@ -231,10 +240,7 @@ async fn run_connected(
     let heartbeat_stop = CancellationToken::new();
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     let worker_stop = stop.clone();
-    tasks.spawn(async move {
-        worker.run(worker_stop).await;
-        ("workers", Ok(()))
-    });
+    tasks.spawn(async move { ("workers", worker.run(worker_stop).await) });
     let heartbeat = heartbeat_stop.clone();
     tasks.spawn(async move {
         cluster.run(heartbeat).await;

@@ -3,6 +3,7 @@
 //! to someone else finds out instead of overwriting.
 
 use crate::domain::order::Order;
+use crate::error::{with_cause, BoxError};
 use crate::ops::audit::Audit;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
@@ -27,18 +28,41 @@ pub enum StoreError {
         reason: String,
     },
     /// NATS did not answer or refused for a reason that may pass: try again later.
-    #[error("order store unavailable: {0}")]
-    Unavailable(String),
+    #[error("order store unavailable: {}", with_cause(context, source.as_deref()))]
+    Unavailable {
+        context: String,
+        #[source]
+        source: Option<BoxError>,
+    },
 }
 
 impl StoreError {
+    /// The store failed doing `context`, because of `source`.
+    pub fn unavailable(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> StoreError {
+        StoreError::Unavailable {
+            context: context.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// The store failed doing `context`, with no error of its own to name.
+    pub fn unavailable_because(context: impl Into<String>) -> StoreError {
+        StoreError::Unavailable {
+            context: context.into(),
+            source: None,
+        }
+    }
+
     pub fn is_conflict(&self) -> bool {
         matches!(self, StoreError::Conflict { .. })
     }
 
     /// Whether the failure is the store's, not the order's, and may pass: trying again later helps.
     pub fn is_passing(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(self, StoreError::Unavailable { .. })
     }
 }
 
@@ -66,7 +90,7 @@ impl OrderStore {
             .kv
             .entry(order_id.to_string())
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(|e| StoreError::unavailable("", e))?;
         match entry {
             Some(entry) if entry.operation == kv::Operation::Put => {
                 let order = decode(order_id, entry.revision, &entry.value)?;
@@ -113,7 +137,7 @@ impl OrderStore {
             Err(e) => {
                 // A create needs no lease (the key was free); the audit still names every revision.
                 self.audit.create_unconfirmed(order.order_id, sent);
-                Err(StoreError::Unavailable(e.to_string()))
+                Err(StoreError::unavailable("", e))
             }
         }
     }
@@ -140,7 +164,7 @@ impl OrderStore {
             Err(e) if e.kind() == kv::UpdateErrorKind::TimedOut => {
                 self.resolve_ambiguous(order, &key, &value, expected).await
             }
-            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            Err(e) => Err(StoreError::unavailable("", e)),
         }
     }
 
@@ -151,12 +175,14 @@ impl OrderStore {
         value: &Bytes,
         expected: u64,
     ) -> Result<Versioned, StoreError> {
-        let entry = self.kv.entry(key).await.map_err(|e| {
-            StoreError::Unavailable(format!("write timed out and read-back failed: {e}"))
-        })?;
+        let entry = self
+            .kv
+            .entry(key)
+            .await
+            .map_err(|e| StoreError::unavailable("write timed out and read-back failed", e))?;
         match entry {
-            Some(entry) if entry.revision == expected => Err(StoreError::Unavailable(
-                "write timed out and was not applied".into(),
+            Some(entry) if entry.revision == expected => Err(StoreError::unavailable_because(
+                "write timed out and was not applied",
             )),
             Some(entry) if entry.value == *value => Ok(Versioned {
                 order: order.clone(),
@@ -178,7 +204,7 @@ impl OrderStore {
             .kv
             .entry(order_id.to_string())
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(|e| StoreError::unavailable("", e))?;
         Ok(entry
             .filter(|entry| entry.operation == kv::Operation::Put)
             .map(|entry| entry.value))

@@ -8,6 +8,7 @@
 use crate::clock::now;
 use crate::domain::order::{parse_order_id, Interface, Order};
 use crate::domain::payload::validate_payload;
+use crate::error::{with_cause, BoxError};
 use crate::ops::events::Events;
 use crate::ops::metrics as m;
 use crate::queue::setup::{
@@ -47,8 +48,12 @@ pub enum IntakeError {
     #[error("{0}")]
     Conflict(String),
     /// NATS could not take or give the order now; the caller may retry.
-    #[error("order service unavailable: {0}")]
-    Unavailable(String),
+    #[error("order service unavailable: {}", with_cause(context, source.as_deref()))]
+    Unavailable {
+        context: String,
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The work message was sent but its storage was not confirmed: the order may exist. The caller
     /// should look it up before submitting again.
     #[error("order {order_id} may or may not have been accepted ({reason}); query it before submitting again")]
@@ -63,7 +68,7 @@ impl IntakeError {
             IntakeError::NotFound(_) => 404,
             IntakeError::Conflict(_) => 409,
             IntakeError::TooLarge(_) => 413,
-            IntakeError::Unavailable(_) | IntakeError::Uncertain { .. } => 503,
+            IntakeError::Unavailable { .. } | IntakeError::Uncertain { .. } => 503,
         }
     }
 
@@ -73,7 +78,7 @@ impl IntakeError {
             IntakeError::NotFound(_) => "not_found",
             IntakeError::Conflict(_) => "conflict",
             IntakeError::TooLarge(_) => "payload_too_large",
-            IntakeError::Unavailable(_) => "unavailable",
+            IntakeError::Unavailable { .. } => "unavailable",
             IntakeError::Uncertain { .. } => "uncertain",
         }
     }
@@ -90,7 +95,19 @@ impl IntakeError {
 
 impl From<StoreError> for IntakeError {
     fn from(e: StoreError) -> Self {
-        IntakeError::Unavailable(e.to_string())
+        IntakeError::unavailable("", e)
+    }
+}
+
+impl IntakeError {
+    fn unavailable(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> IntakeError {
+        IntakeError::Unavailable {
+            context: context.into(),
+            source: Some(Box::new(source)),
+        }
     }
 }
 
@@ -122,7 +139,10 @@ impl Intake {
         // A publish made while disconnected would sit in the client's buffer and might be stored
         // later, after the caller was told it failed: refuse it outright instead.
         if self.js.client().connection_state() != async_nats::connection::State::Connected {
-            return Err(IntakeError::Unavailable("not connected to NATS".into()));
+            return Err(IntakeError::Unavailable {
+                context: "not connected to NATS".into(),
+                source: None,
+            });
         }
         let order_id = match idempotency_key {
             Some(key) => parse_order_id(key.trim())
@@ -138,7 +158,7 @@ impl Intake {
             .js
             .send_publish(submit_subject(&order_id), publish)
             .await
-            .map_err(|e| IntakeError::Unavailable(e.to_string()))?;
+            .map_err(|e| IntakeError::unavailable("", e))?;
         let stored = ack.await.map_err(|e| IntakeError::Uncertain {
             order_id,
             reason: e.to_string(),
@@ -182,7 +202,7 @@ impl Intake {
     async fn existing(&self, order_id: Uuid, seq: u64) -> Result<DateTime<Utc>, IntakeError> {
         let carrier = crate::queue::sweep::peek_exact(&self.js, seq)
             .await
-            .map_err(|e| IntakeError::Unavailable(e.to_string()))?;
+            .map_err(|e| IntakeError::unavailable("", e))?;
         let document = self.store.get(order_id).await?;
         let expected = submit_subject(&order_id);
         match (carrier, document) {

@@ -227,6 +227,9 @@ pub struct Order {
     pub updated_at: DateTime<Utc>,
     /// The order's payload, exactly as submitted.
     pub payload: Box<RawValue>,
+    /// A request from outside for the node that owns the order; absent unless one was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<Box<super::intent::Intent>>,
 }
 
 /// What has to happen next to an order, derived from its document alone.
@@ -277,6 +280,7 @@ impl Order {
             submitted_via: via,
             updated_at: now,
             payload,
+            intent: None,
         }
     }
 

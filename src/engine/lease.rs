@@ -266,6 +266,8 @@ pub struct Holder {
     pub order_id: Uuid,
     /// The delivery count of the message (1 = first delivery).
     pub delivery: u32,
+    /// The stream sequence of the message.
+    pub stream_seq: u64,
     pub audit: Audit,
 }
 
@@ -275,6 +277,7 @@ impl Holder {
         Holder {
             order_id,
             delivery,
+            stream_seq: 0,
             audit: Audit::off(),
         }
     }
@@ -349,7 +352,7 @@ impl Lease {
     /// The node's claim on the order was written as `revision`; `start` was taken before it was sent.
     /// The interval starts at the first claim: a claim written again after an unanswered one (the
     /// store failed, the order is tried again under the same lease) does not start another.
-    pub fn claimed(&self, stream_seq: u64, revision: u64, start: Stamp) {
+    pub fn claimed(&self, revision: u64, start: Stamp) {
         let holder = &self.inner.holder;
         let mut interval = self.interval();
         if *interval != Interval::Unclaimed {
@@ -359,7 +362,7 @@ impl Lease {
         holder.audit.claimed(
             holder.order_id,
             holder.delivery,
-            stream_seq,
+            holder.stream_seq,
             revision,
             start,
         );
@@ -426,7 +429,7 @@ impl Lease {
         if !self.is_claimed() {
             // Perhaps a claim that was applied: the interval starts when it was sent (revision 0:
             // unknown), so that the audit closes it.
-            self.claimed(0, 0, sent);
+            self.claimed(0, sent);
         }
         holder
             .audit
@@ -762,6 +765,7 @@ mod connection_tests {
         let holder = Holder {
             order_id: Uuid::now_v7(),
             delivery: 3,
+            stream_seq: 7,
             audit: Audit::open(&path, "node-a").expect("audit opens"),
         };
         let connection = Connection::default();
@@ -771,7 +775,7 @@ mod connection_tests {
             holder,
             connection.current(),
         );
-        lease.claimed(7, 11, Stamp::now());
+        lease.claimed(11, Stamp::now());
         connection.lost();
         // The heartbeat task fences the lease while the worker is still inside a store call: the
         // audit records the end now, not when the worker gets back (a node killed meanwhile never

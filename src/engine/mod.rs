@@ -4,3 +4,4 @@
 pub mod lease;
 pub mod pipeline;
 pub mod steps;
+pub mod write;

@@ -1,47 +1,19 @@
-//! Runs one order's remaining steps and rollbacks, writing every transition to the order's document with
-//! a compare-and-set, and only while the node still holds the order's lease.
+//! Runs one order's remaining steps and rollbacks under its lease, writing every transition through
+//! the lease's [`Writer`].
 //!
 //! What to do next always comes from the document ([`Order::next_action`]), so the same loop starts a
 //! new order, resumes one another node left half done, and finishes a rollback.
 
 use crate::clock::now;
-use crate::domain::order::{Action, CurrentStep, Order, State, Step, TransitionError};
+use crate::domain::order::{Action, State, Step};
 use crate::engine::lease::Lease;
-use crate::engine::steps::FailureDraw;
+use crate::engine::steps::{StepOutcome, Steps};
+use crate::engine::write::{Halt, Writer};
 use crate::ops::metrics as m;
-use crate::store::{OrderStore, StoreError, Versioned};
-use std::time::{Duration, Instant};
+use crate::store::Versioned;
+use std::sync::Arc;
+use std::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// Why the pipeline stopped before the order reached a terminal state.
-#[derive(Debug, thiserror::Error)]
-pub enum Halt {
-    /// The node is shutting down; progress so far is recorded, and the order can be handed back.
-    #[error("interrupted by shutdown")]
-    Interrupted,
-    /// The node could not confirm its lease in time and stopped working on the order.
-    #[error("self-fenced: lease could not be confirmed in time")]
-    Fenced,
-    /// Someone else wrote the order: this node no longer owns it.
-    #[error("lease lost: {0}")]
-    LeaseLost(StoreError),
-    /// The order store failed in a way that may pass.
-    #[error(transparent)]
-    Store(StoreError),
-    /// The document does not allow the transition: it was written by something else.
-    #[error(transparent)]
-    Invalid(#[from] TransitionError),
-}
-
-impl From<StoreError> for Halt {
-    fn from(e: StoreError) -> Self {
-        if e.is_conflict() {
-            Halt::LeaseLost(e)
-        } else {
-            Halt::Store(e)
-        }
-    }
-}
 
 /// How the node stops: `drain` asks the pipeline to stop at the next step boundary; `abort` stops it
 /// at once, in the middle of a step.
@@ -52,15 +24,28 @@ pub struct Stop {
 }
 
 pub struct Pipeline {
-    pub node_id: String,
-    pub step_duration: Duration,
-    pub rollback_duration: Duration,
-    pub failures: FailureDraw,
-    pub store: OrderStore,
-    pub events: crate::ops::events::Events,
+    node_id: String,
+    steps: Arc<dyn Steps>,
+    writer: Writer,
 }
 
 impl Pipeline {
+    pub fn new(node_id: String, steps: Arc<dyn Steps>, writer: Writer) -> Pipeline {
+        Pipeline {
+            node_id,
+            steps,
+            writer,
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn writer(&self) -> &Writer {
+        &self.writer
+    }
+
     /// Runs `order` until it is terminal, returning the terminal state.
     pub async fn run(
         &self,
@@ -78,6 +63,7 @@ impl Pipeline {
                 Action::RollBack(step) => self.roll_back(order, step, lease, stop).await?,
                 Action::Complete | Action::Fail => {
                     let state = self
+                        .writer
                         .commit(order, lease, "finish", |o| o.finish(now()))
                         .await?;
                     tracing::debug!(state = %state, "order finished");
@@ -95,27 +81,33 @@ impl Pipeline {
         lease: &Lease,
         stop: &Stop,
     ) -> Result<(), Halt> {
-        self.commit(order, lease, "start_step", |o| {
-            o.start_step(step, &self.node_id, now())
-        })
-        .await?;
+        self.writer
+            .commit(order, lease, "start_step", |o| {
+                o.start_step(step, &self.node_id, now())
+            })
+            .await?;
         tracing::debug!(order.step = %step, "step started");
         let started = Instant::now();
-        self.wait(self.step_duration, lease, stop).await?;
-        let attempt = order.order.attempt;
-        if self.failures.fails(order.order.order_id, step, attempt) {
-            let reason = format!(
-                "{step} failed (simulated failure, rate {})",
-                self.failures.rates.get(step)
-            );
-            self.commit(order, lease, "fail_step", |o| o.fail_step(reason, now()))
-                .await?;
-            metrics::counter!(m::STEP_FAILURES, "step" => step.as_str()).increment(1);
-            tracing::debug!(order.step = %step, "step failed; rolling back");
-        } else {
-            self.commit(order, lease, "complete_step", |o| o.complete_step(now()))
-                .await?;
-            tracing::debug!(order.step = %step, "step completed");
+        let outcome = self.call(lease, stop, |cancel| {
+            self.steps.run(&order.order, step, cancel)
+        });
+        match outcome.await? {
+            StepOutcome::Done => {
+                self.writer
+                    .commit(order, lease, "complete_step", |o| o.complete_step(now()))
+                    .await?;
+                tracing::debug!(order.step = %step, "step completed");
+            }
+            StepOutcome::Failed { reason } => {
+                self.writer
+                    .commit(order, lease, "fail_step", |o| {
+                        o.fail_step(reason.clone(), now())
+                    })
+                    .await?;
+                metrics::counter!(m::STEP_FAILURES, "step" => step.as_str()).increment(1);
+                tracing::debug!(order.step = %step, "step failed; rolling back");
+            }
+            StepOutcome::NotNow => return Err(Halt::NotNow),
         }
         metrics::histogram!(m::STEP_DURATION, "step" => step.as_str())
             .record(started.elapsed().as_secs_f64());
@@ -129,82 +121,57 @@ impl Pipeline {
         lease: &Lease,
         stop: &Stop,
     ) -> Result<(), Halt> {
-        self.commit(order, lease, "start_rollback", |o| {
-            o.start_rollback(step, &self.node_id, now())
-        })
-        .await?;
+        self.writer
+            .commit(order, lease, "start_rollback", |o| {
+                o.start_rollback(step, &self.node_id, now())
+            })
+            .await?;
         tracing::debug!(order.step = %step, "rollback started");
-        self.wait(self.rollback_duration, lease, stop).await?;
-        self.commit(order, lease, "complete_rollback", |o| {
-            o.complete_rollback(step, now())
-        })
-        .await?;
+        let outcome = self.call(lease, stop, |cancel| {
+            self.steps.roll_back(&order.order, step, cancel)
+        });
+        match outcome.await? {
+            StepOutcome::Done => {}
+            StepOutcome::Failed { reason } => {
+                tracing::warn!(order.step = %step, %reason, "rollback failed; handing the order back to try it again");
+                return Err(Halt::NotNow);
+            }
+            StepOutcome::NotNow => return Err(Halt::NotNow),
+        }
+        self.writer
+            .commit(order, lease, "complete_rollback", |o| {
+                o.complete_rollback(step, now())
+            })
+            .await?;
         metrics::counter!(m::ROLLBACKS, "step" => step.as_str()).increment(1);
         tracing::debug!(order.step = %step, "rollback completed");
         Ok(())
     }
 
-    /// Waits out a step, unless the lease is lost or the node aborts first.
-    async fn wait(&self, duration: Duration, lease: &Lease, stop: &Stop) -> Result<(), Halt> {
+    /// Waits for one call of the steps, unless the lease is lost, the node aborts or the call's
+    /// timeout passes first; the call's token fires in each of those cases.
+    async fn call<'a>(
+        &'a self,
+        lease: &Lease,
+        stop: &Stop,
+        call: impl FnOnce(CancellationToken) -> futures::future::BoxFuture<'a, StepOutcome>,
+    ) -> Result<StepOutcome, Halt> {
+        let cancel = CancellationToken::new();
+        let _cancel_on_return = cancel.clone().drop_guard();
+        let timeout = self.steps.timeout();
+        let running = call(cancel.clone());
         tokio::select! {
-            _ = tokio::time::sleep(duration) => Ok(()),
+            outcome = running => Ok(outcome),
             _ = lease.lost() => Err(Halt::Fenced),
             _ = stop.abort.cancelled() => Err(Halt::Interrupted),
+            _ = sleep_or_never(timeout) => Ok(StepOutcome::NotNow),
         }
     }
+}
 
-    /// Applies `change` (named `what` in the audit) to a copy of the document and writes it with a
-    /// compare-and-set, if the lease is still held; the write must be answered before the lease's
-    /// deadline.
-    pub async fn commit<T>(
-        &self,
-        order: &mut Versioned,
-        lease: &Lease,
-        what: &str,
-        change: impl FnOnce(&mut Order) -> Result<T, TransitionError>,
-    ) -> Result<T, Halt> {
-        let mut next = order.order.clone();
-        let result = change(&mut next)?;
-        if !lease.is_held() {
-            return Err(Halt::Fenced);
-        }
-        let sent = lease.sending(what);
-        let written = tokio::select! {
-            written = tokio::time::timeout_at(
-                lease.deadline().into(),
-                self.store.update(&next, order.revision),
-            ) => written,
-            _ = lease.lost() => {
-                lease.unconfirmed(what, sent);
-                return Err(Halt::Fenced);
-            }
-        };
-        let written = match written {
-            Ok(Ok(written)) if lease.is_held() => written,
-            Ok(Ok(_)) => {
-                // Answered, but after the lease ended (its connection was lost meanwhile): the write
-                // may have been stored after the node's interval, so it counts as unanswered.
-                lease.unconfirmed(what, sent);
-                return Err(Halt::Fenced);
-            }
-            Ok(Err(e)) => {
-                if !e.is_conflict() {
-                    lease.unconfirmed(what, sent);
-                }
-                return Err(e.into());
-            }
-            Err(_) => {
-                lease.unconfirmed(what, sent);
-                return Err(Halt::Fenced);
-            }
-        };
-        let step = match written.order.current_step {
-            CurrentStep::Step(step) => Some(step),
-            CurrentStep::Terminal(_) => None,
-        };
-        lease.committed(what, step, written.revision, sent);
-        self.events.transition(&order.order, &written.order).await;
-        *order = written;
-        Ok(result)
+async fn sleep_or_never(timeout: Option<std::time::Duration>) {
+    match timeout {
+        Some(timeout) => tokio::time::sleep(timeout).await,
+        None => std::future::pending().await,
     }
 }

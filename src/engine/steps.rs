@@ -1,8 +1,115 @@
-//! The work of a step: today a simulated wait that fails with a configured probability.
+//! The work of a step, behind one seam: [`Steps`] runs a step and rolls one back. The pipeline calls
+//! it under the order's lease and decides what the outcome means for the document; a step never
+//! writes the document itself.
+//!
+//! [`Simulated`] is the implementation a node runs unless it is given another one: each step waits
+//! its duration and fails with the configured probability, drawn from a seed when one is set.
 
 use crate::config::FailureRates;
-use crate::domain::order::Step;
+use crate::domain::order::{Order, Step};
+use futures::future::BoxFuture;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// What running a step (or rolling one back) came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// The step is done (for a rollback: undone).
+    Done,
+    /// The step failed for the order: the steps done so far are rolled back and the order fails.
+    /// A rollback cannot fail this way; one that reports it is tried again on a later delivery.
+    Failed { reason: String },
+    /// The step cannot run now (it was cancelled, or what it needs is away): the order is handed back
+    /// and the step is run again, from its start, on a later delivery.
+    NotNow,
+}
+
+/// The work of the four steps. An implementation must be safe to run again for the same order and
+/// step: a node that dies in the middle of a step leaves it to be run again from its start by another
+/// node.
+///
+/// `cancel` fires when the pipeline stops waiting for the call: the lease ended or the node is
+/// stopping. The call's future is dropped then; the token lets work the call handed elsewhere stop.
+pub trait Steps: Send + Sync + 'static {
+    /// Runs `step` of `order`.
+    fn run<'a>(
+        &'a self,
+        order: &'a Order,
+        step: Step,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, StepOutcome>;
+
+    /// Undoes `step` of `order`, which completed earlier.
+    fn roll_back<'a>(
+        &'a self,
+        order: &'a Order,
+        step: Step,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, StepOutcome>;
+
+    /// How long one call may take before it counts as [`StepOutcome::NotNow`]; `None`: as long as it
+    /// takes (the lease is kept alive meanwhile).
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Today's steps: each waits its duration and fails with the configured probability.
+#[derive(Debug, Clone)]
+pub struct Simulated {
+    pub step_duration: Duration,
+    pub rollback_duration: Duration,
+    pub failures: FailureDraw,
+}
+
+impl Steps for Simulated {
+    fn run<'a>(
+        &'a self,
+        order: &'a Order,
+        step: Step,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, StepOutcome> {
+        Box::pin(async move {
+            if !waited(self.step_duration, &cancel).await {
+                return StepOutcome::NotNow;
+            }
+            if self.failures.fails(order.order_id, step, order.attempt) {
+                StepOutcome::Failed {
+                    reason: format!(
+                        "{step} failed (simulated failure, rate {})",
+                        self.failures.rates.get(step)
+                    ),
+                }
+            } else {
+                StepOutcome::Done
+            }
+        })
+    }
+
+    fn roll_back<'a>(
+        &'a self,
+        _order: &'a Order,
+        _step: Step,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, StepOutcome> {
+        Box::pin(async move {
+            if waited(self.rollback_duration, &cancel).await {
+                StepOutcome::Done
+            } else {
+                StepOutcome::NotNow
+            }
+        })
+    }
+}
+
+/// Sleeps `duration`; false if `cancel` fired first.
+async fn waited(duration: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(duration) => true,
+        _ = cancel.cancelled() => false,
+    }
+}
 
 /// Decides whether a step fails.
 #[derive(Debug, Clone)]

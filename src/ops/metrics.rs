@@ -97,25 +97,11 @@ fn zero_counters() {
         metrics::counter!(STEP_FAILURES, "step" => step.as_str()).absolute(0);
         metrics::counter!(ROLLBACKS, "step" => step.as_str()).absolute(0);
     }
-    for reason in ["shutdown", "store_unavailable", "over_batch"] {
-        metrics::counter!(MESSAGES_NAKED, "reason" => reason).absolute(0);
-    }
-    for reason in [
-        "invalid_id",
-        "invalid_payload",
-        "invalid_document",
-        "no_metadata",
-        "duplicate",
-        "deliveries_exhausted",
-    ] {
-        metrics::counter!(MESSAGES_TERMINATED, "reason" => reason).absolute(0);
-    }
     metrics::counter!(ORDERS_GIVEN_UP, "path" => "last_delivery").absolute(0);
     for reason in ["malformed_headers", "status_headers"] {
         metrics::counter!(MESSAGES_REQUEUED, "reason" => reason).absolute(0);
     }
     for name in [
-        MESSAGES_ACKED,
         REDELIVERIES,
         LEASES_LOST,
         SELF_FENCES,

@@ -13,9 +13,125 @@
 use crate::clock::now;
 use crate::domain::order::Order;
 use crate::domain::payload::shown_payload;
+use crate::engine::write::{Halt, StoreRetry, Writer};
+use crate::ops::audit::LeaseEnd;
 use crate::ops::metrics as m;
+use crate::ops::stats::WorkerStats;
+use crate::queue::delivery::{message_exists, Delivery};
+use crate::queue::settle::{Outcome, Settlement, TermReason};
 use crate::store::{OrderStore, StoreError, Versioned};
+use async_nats::jetstream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// Ends orders whose deliveries are exhausted, under the lease of the delivery that found them so.
+pub struct GiveUp {
+    pub writer: Writer,
+    pub stream: jetstream::stream::Stream,
+    pub stats: Arc<WorkerStats>,
+}
+
+/// How a give-up try ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GaveUp {
+    /// The order was written `Failed` (or created so): terminate the message.
+    Ended,
+    /// The order was terminal already: ack the message.
+    AlreadyTerminal,
+    /// Another message carries the order: only this copy is spent.
+    Duplicate,
+    /// The lease ended: nothing more may be done with the message.
+    LeaseEnded,
+}
+
+impl GiveUp {
+    /// Ends the order `Failed` with `reason`, written under the lease, then settles its message.
+    /// While the order store is unavailable it keeps the lease and tries again: the order is not
+    /// left for nobody to end.
+    pub async fn run(&self, settlement: Settlement, delivery: &Delivery, reason: String) {
+        let mut retry = StoreRetry::default();
+        let gave_up = loop {
+            match self.try_once(&settlement, delivery, &reason).await {
+                Ok(gave_up) => break gave_up,
+                Err(e) => {
+                    if !retry
+                        .wait(&e, settlement.lease(), &CancellationToken::new())
+                        .await
+                    {
+                        break GaveUp::LeaseEnded;
+                    }
+                }
+            }
+        };
+        let outcome = match gave_up {
+            GaveUp::AlreadyTerminal => Outcome::Ack,
+            GaveUp::Duplicate => Outcome::Term(TermReason::Duplicate),
+            GaveUp::Ended => Outcome::Term(TermReason::DeliveriesExhausted),
+            GaveUp::LeaseEnded => Outcome::Leave,
+        };
+        let why = if gave_up == GaveUp::LeaseEnded {
+            LeaseEnd::Fenced
+        } else {
+            LeaseEnd::Finished
+        };
+        settlement.settle(outcome, why).await;
+    }
+
+    /// One try; `Err` for a store failure that may pass.
+    async fn try_once(
+        &self,
+        settlement: &Settlement,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> Result<GaveUp, StoreError> {
+        let payload = &settlement.message().payload;
+        let ending = ending(self.writer.store(), delivery.order_id, payload, reason).await?;
+        let (revision, before, after) = match ending {
+            Ending::Terminal => return Ok(GaveUp::AlreadyTerminal),
+            Ending::Created(created) => {
+                record_given_up("last_delivery", reason);
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.writer.events().created(&created.order).await;
+                return Ok(GaveUp::Ended);
+            }
+            Ending::Replace {
+                revision,
+                before,
+                after,
+            } => (revision, before, after),
+        };
+        let carrier = before.as_ref().and_then(|order| order.message_seq);
+        if let Some(carrier) = carrier.filter(|seq| *seq != delivery.stream_seq) {
+            // Another message carries the order (it may be running under that message's lease):
+            // only this copy is spent.
+            if message_exists(&self.stream, carrier).await? {
+                return Ok(GaveUp::Duplicate);
+            }
+        }
+        let lease = settlement.lease();
+        match self
+            .writer
+            .write(lease, "give_up", before.as_ref(), &after, revision)
+            .await
+        {
+            Ok(_) => {
+                record_given_up("last_delivery", reason);
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                Ok(GaveUp::Ended)
+            }
+            Err(Halt::Store(e)) => Err(e),
+            Err(Halt::LeaseLost(e)) => {
+                lease.end(LeaseEnd::Lost);
+                metrics::counter!(m::LEASES_LOST).increment(1);
+                tracing::warn!(error = %e, "another writer took the order while it was being given up; dropping it");
+                Ok(GaveUp::LeaseEnded)
+            }
+            Err(_) => Ok(GaveUp::LeaseEnded),
+        }
+    }
+}
 
 /// How an order ends as failed.
 pub enum Ending {
@@ -45,7 +161,7 @@ pub async fn ending(
             let mut after = order.clone();
             after
                 .abandon(reason.to_owned(), now())
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                .map_err(|e| StoreError::unavailable("cannot end the order", e))?;
             Ok(Ending::Replace {
                 revision,
                 before: Some(order),

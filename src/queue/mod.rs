@@ -3,9 +3,12 @@
 //! consumer's configuration and sweeping messages no node can receive.
 
 pub mod connect;
+pub mod delivery;
 pub mod embedded;
 pub mod follow;
 pub mod give_up;
+pub mod process;
 pub mod pull;
+pub mod settle;
 pub mod setup;
 pub mod sweep;
