@@ -2,13 +2,11 @@
 //! once at start into typed values. A bad value stops the node before anything starts, with clap's
 //! message naming the setting.
 
-use crate::domain::order::Step;
-use crate::engine::lease::MIN_REPLICATED_WINDOW;
+use crate::engine::steps::FailureRates;
+use crate::engine::window::MIN_REPLICATED_WINDOW;
 use clap::{Parser, ValueEnum};
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Parser)]
@@ -157,69 +155,10 @@ fn parse_node_id(s: &str) -> Result<String, String> {
     }
 }
 
-/// The failure probability of each step.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FailureRates([f64; 4]);
-
-impl FailureRates {
-    pub fn uniform(p: f64) -> FailureRates {
-        FailureRates([p; 4])
-    }
-
-    pub fn get(&self, step: Step) -> f64 {
-        self.0[step.index()]
-    }
-}
-
-impl Default for FailureRates {
-    fn default() -> Self {
-        FailureRates::uniform(0.05)
-    }
-}
-
-impl FromStr for FailureRates {
-    type Err = String;
-
-    /// `P` sets every step; `STEP=P` sets one; later entries win. Steps named by no entry (and by no
-    /// bare number) never fail, so `Processing=1` makes exactly Processing fail, every time.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.trim().is_empty() {
-            return Err("empty: give a probability like 0.05, or STEP=P entries".into());
-        }
-        let mut rates = FailureRates::uniform(0.0);
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match part.split_once('=') {
-                None => rates = FailureRates::uniform(parse_probability(part)?),
-                Some((step, p)) => {
-                    let step: Step = step.trim().parse()?;
-                    rates.0[step.index()] = parse_probability(p.trim())?;
-                }
-            }
-        }
-        Ok(rates)
-    }
-}
-
-impl fmt::Display for FailureRates {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = Step::ALL
-            .iter()
-            .map(|step| format!("{step}={}", self.get(*step)))
-            .collect();
-        f.write_str(&parts.join(","))
-    }
-}
-
-fn parse_probability(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
-        _ => Err(format!("{s:?} is not a probability between 0 and 1")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::order::Step;
 
     #[test]
     fn failure_rates_accept_a_number_and_per_step_values() {

@@ -2,15 +2,38 @@
 //!
 //! An order is accepted into the `ORDERS` work-queue stream and the `orders` bucket, then runs through
 //! four steps on one of N nodes sharing one pull consumer. The order's document in the bucket is the
-//! authority on its progress and its owner; every write to it is a compare-and-set.
+//! authority on its progress and its owner; every write to it is a compare-and-set made under the
+//! lease the node holds on the order's work message.
+//!
+//! The layout, from the top down (each layer uses only the ones below it; `docs/architecture.md` has
+//! the whole map and the mechanisms):
+//!
+//! - [`node`]: wires a node from its parts, runs its tasks, drains it; [`config`] is its settings.
+//! - `api`: intake (shared by every interface), the HTTP API, the `orders` NATS service.
+//! - [`queue`]: the JetStream objects and connections, the pull loop, one delivery from arrival to
+//!   outcome, settling (the one way to ack, nak or terminate), giving up, following the consumer, the
+//!   sweep.
+//! - [`engine`]: the lease, writing under it (the one lease-guarded compare-and-set), the pipeline over
+//!   steps and rollbacks, the [`Steps`] seam, intents.
+//! - [`store`]: the `orders` bucket.
+//! - [`ops`]: metrics, the lease audit, order events, the cluster view.
+//! - [`domain`]: the order, its payload and its intents: pure.
+//!
+//! A library user runs a node with steps of their own through [`run_with`].
 
-pub mod api;
-pub mod clock;
+mod api;
+mod clock;
 pub mod config;
 pub mod domain;
 pub mod engine;
-pub mod error;
+mod error;
 pub mod node;
 pub mod ops;
 pub mod queue;
 pub mod store;
+mod task;
+
+pub use config::Config;
+pub use domain::order::{Order, State, Step};
+pub use engine::steps::{Simulated, StepOutcome, Steps};
+pub use node::{run, run_with};

@@ -2,16 +2,18 @@
 //! JetStream objects, and runs the workers, the HTTP API, the NATS service and the node heartbeat
 //! until it is told to stop. If any of them dies, the node stops instead of limping on.
 
-use crate::api::http::{self, AppState};
+use crate::api::http::{AppState, HttpServer};
 use crate::api::intake::Intake;
+use crate::api::service::Service;
 use crate::config::Config;
-use crate::engine::lease::Connection;
-use crate::engine::pipeline::{Pipeline, Stop};
+use crate::engine::connection::Connection;
+use crate::engine::pipeline::Pipeline;
 use crate::engine::steps::{FailureDraw, Simulated, Steps};
 use crate::engine::write::Writer;
 use crate::ops::audit::Audit;
 use crate::ops::cluster::Cluster;
 use crate::ops::events::Events;
+use crate::ops::metrics::QueueGauges;
 use crate::ops::stats::WorkerStats;
 use crate::queue::connect::{self, Role};
 use crate::queue::embedded::EmbeddedServer;
@@ -19,15 +21,17 @@ use crate::queue::follow::Follow;
 use crate::queue::give_up::GiveUp;
 use crate::queue::process::Processor;
 use crate::queue::pull::Puller;
-use crate::queue::setup::{self, Layout};
+use crate::queue::setup::{self, Layout, Setup};
 use crate::queue::sweep::Sweep;
 use crate::store::OrderStore;
+use crate::task::Task;
 use anyhow::Context as _;
-use futures::FutureExt;
+use metrics_exporter_prometheus::PrometheusHandle;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 /// A readable, unique default node id: the host name and a random suffix.
@@ -56,9 +60,27 @@ pub fn default_node_id() -> String {
     format!("{host}-{:04x}", rand::random::<u16>())
 }
 
-/// Runs a node until `shutdown` completes, then drains it: stops fetching, hands in-flight orders back
-/// at a step boundary within the grace period, and exits.
+/// Runs a node with the simulated steps the configuration describes until `shutdown` completes, then
+/// drains it: stops fetching, hands in-flight orders back at a step boundary within the grace period,
+/// and exits.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let steps = Arc::new(Simulated {
+        step_duration: config.step_duration,
+        rollback_duration: config.rollback_duration(),
+        failures: FailureDraw {
+            rates: config.failure_rate,
+            seed: config.seed,
+        },
+    });
+    run_with(config, steps, shutdown).await
+}
+
+/// [`run`], with `steps` doing the work of each step instead of the simulated steps.
+pub async fn run_with(
+    config: Config,
+    steps: Arc<dyn Steps>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let node_id = config.node_id.clone().unwrap_or_else(default_node_id);
     let metrics = crate::ops::metrics::install(&node_id);
     crate::queue::settle::zero_counters();
@@ -82,191 +104,56 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             (format!("nats://{}", config.embedded_nats_addr), server)
         }
     };
-    let result = run_connected(&config, node_id, &url, metrics, &mut shutdown).await;
+    let result = run_connected(&config, node_id, &url, metrics, steps, &mut shutdown).await;
     if let Some(server) = embedded {
         server.stop().await;
     }
     result
 }
 
-async fn run_connected(
+/// The signal that ends a node, as `run_with` was given it.
+type Shutdown<'a, F> = Pin<&'a mut F>;
+
+async fn run_connected<F: Future<Output = ()>>(
     config: &Config,
     node_id: String,
     url: &str,
-    metrics: metrics_exporter_prometheus::PrometheusHandle,
-    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    metrics: PrometheusHandle,
+    steps: Arc<dyn Steps>,
+    shutdown: &mut Shutdown<'_, F>,
 ) -> anyhow::Result<()> {
     let servers = connect::server_addrs(url)
         .map_err(anyhow::Error::msg)
         .context("NATS_URL")?;
     let drain = CancellationToken::new();
-    let connection = Connection::default();
-    let fetching = Connection::default();
     let connections = tokio::select! {
-        connected = async {
-            let work = connect::connect(&servers, &node_id, Role::Work, &connection, &drain).await?;
-            let fetch = connect::connect(&servers, &node_id, Role::Fetch, &fetching, &drain).await?;
-            let public = connect::connect(&servers, &node_id, Role::Public, &Connection::default(), &drain).await?;
-            Some((work, fetch, public))
-        } => connected,
+        connected = Connections::open(&servers, &node_id, &drain) => connected,
         _ = shutdown.as_mut() => None,
     };
-    let Some((client, fetch, public)) = connections else {
+    let Some(connections) = connections else {
         tracing::info!("stopped before connecting to NATS");
         return Ok(());
     };
-    let js = async_nats::jetstream::new(client.clone());
-    let public_js = async_nats::jetstream::new(public.clone());
-    let setup_deadline = Instant::now() + SETUP_PATIENCE;
     let layout = Layout {
         replicas: config.replicas,
         ack_wait: config.ack_wait,
     };
-    let setup = loop {
-        match setup::setup(&js, layout).await {
-            Ok(setup) => break setup,
-            // A cluster that is still forming cannot place replicas yet; JetStream may come up later.
-            Err(e @ setup::SetupError::Nats { .. }) if Instant::now() < setup_deadline => {
-                tracing::warn!(error = %e, "JetStream not ready; retrying in 1s");
-                tokio::select! {
-                    _ = shutdown.as_mut() => return Ok(()),
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
+    let Some(setup) = set_up(&connections.work, layout, shutdown).await? else {
+        return Ok(());
     };
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {} (ORDERLY_HTTP_ADDR)", config.http_addr))?;
     let http_addr = listener.local_addr()?.to_string();
-
-    let audit = match &config.audit_log {
-        Some(path) => Audit::open(path, &node_id).with_context(|| {
-            format!(
-                "cannot open the audit log {} (ORDERLY_AUDIT_LOG)",
-                path.display()
-            )
-        })?,
-        None => Audit::off(),
-    };
-    let store = OrderStore::new(setup.orders.clone(), audit.clone());
-    let public_orders = public_js
-        .get_key_value(crate::store::BUCKET)
-        .await
-        .context("cannot open the orders bucket")?;
-    let public_store = OrderStore::new(public_orders, audit.clone());
-    let events = Events::new(client.clone(), node_id.clone());
-    let follow = Follow::new(
-        setup.stream.clone(),
+    let parts = Parts {
+        config,
+        node_id: &node_id,
+        connections: &connections,
+        setup,
         layout,
-        setup.consumer.cached_info(),
-        connection.clone(),
-    );
-    let health = follow.health();
-    let stats = Arc::new(WorkerStats::default());
-    let stop = Stop {
-        drain: drain.clone(),
-        abort: CancellationToken::new(),
+        drain,
     };
-    let writer = Writer::new(store.clone(), events.clone());
-    let steps: Arc<dyn Steps> = Arc::new(Simulated {
-        step_duration: config.step_duration,
-        rollback_duration: config.rollback_duration(),
-        failures: FailureDraw {
-            rates: config.failure_rate,
-            seed: config.seed,
-        },
-    });
-    let pipeline = Arc::new(Pipeline::new(node_id.clone(), steps, writer.clone()));
-    let fetch_consumer = async_nats::jetstream::new(fetch.clone())
-        .get_consumer_from_stream(setup::CONSUMER, setup::STREAM)
-        .await
-        .context("cannot open the consumer on the fetch connection")?;
-    let processor = Processor {
-        pipeline,
-        give_up: GiveUp {
-            writer,
-            stream: setup.stream.clone(),
-            stats: stats.clone(),
-        },
-        stats: stats.clone(),
-        audit: audit.clone(),
-        windows: follow.windows(),
-        max_deliver: u32::try_from(config.max_deliver).unwrap_or(u32::MAX),
-    };
-    let worker = Puller::new(
-        fetch_consumer,
-        js.clone(),
-        connection.clone(),
-        health.clone(),
-        config.workers as usize,
-        processor,
-    );
-    let sweep = Sweep::new(
-        js.clone(),
-        setup.stream.clone(),
-        store.clone(),
-        follow.windows(),
-        setup.nodes.clone(),
-        node_id.clone(),
-        fetching,
-    );
-    let cluster = Cluster {
-        kv: setup.nodes.clone(),
-        node_id: node_id.clone(),
-        http_addr: http_addr.clone(),
-        started_at: crate::clock::now(),
-        workers: config.workers as usize,
-        interval: config.node_heartbeat,
-        stats,
-        draining: drain.clone(),
-        last_beat: Default::default(),
-    };
-    let intake = Intake {
-        js: public_js,
-        store: public_store,
-        events: Events::new(public.clone(), node_id.clone()),
-    };
-    let app = http::router(AppState {
-        intake: intake.clone(),
-        cluster: cluster.clone(),
-        clients: [client.clone(), fetch.clone(), public.clone()],
-        health,
-        metrics,
-        draining: drain.clone(),
-    });
-
-    let heartbeat_stop = CancellationToken::new();
-    let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
-    let worker_stop = stop.clone();
-    tasks.spawn(async move { ("workers", worker.run(worker_stop).await) });
-    let heartbeat = heartbeat_stop.clone();
-    tasks.spawn(async move {
-        cluster.run(heartbeat).await;
-        (HEARTBEAT_TASK, Ok(()))
-    });
-    let poll = crate::ops::metrics::poll_queue(
-        setup.stream.clone(),
-        setup.consumer.clone(),
-        QUEUE_POLL,
-        drain.clone(),
-    );
-    tasks.spawn(poll.map(|()| ("queue metrics", Ok(()))));
-    let http_drain = drain.clone();
-    tasks.spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(http_drain.cancelled_owned())
-            .await;
-        ("http server", served.map_err(anyhow::Error::from))
-    });
-    tasks.spawn(follow.run(drain.clone()).map(|r| ("consumer follower", r)));
-    tasks.spawn(sweep.run(drain.clone()).map(|r| ("sweep", r)));
-    tasks.spawn(
-        intake
-            .serve_nats(public.clone(), node_id.clone(), drain.clone())
-            .map(|r| ("nats service", r)),
-    );
+    let mut running = parts.start(listener, metrics, steps).await?;
     tracing::info!(
         node.id = %node_id,
         http = %http_addr,
@@ -277,67 +164,339 @@ async fn run_connected(
         ack_wait = %humantime::format_duration(config.ack_wait),
         "node started"
     );
-
-    let mut failure = None;
-    let mut heartbeat_running = true;
-    tokio::select! {
-        _ = shutdown.as_mut() => tracing::info!("shutdown requested: draining"),
-        Some(joined) = tasks.join_next() => {
-            let (name, result) = joined.unwrap_or_else(|e| ("a task", Err(anyhow::anyhow!("panicked: {e}"))));
-            heartbeat_running = name != HEARTBEAT_TASK;
-            let error = result.err().map_or_else(|| "it returned".to_owned(), |e| format!("{e:#}"));
-            tracing::error!(task = name, %error, "a task of the node stopped; stopping the node");
-            failure = Some(anyhow::anyhow!("{name} stopped: {error}"));
-        }
-    }
-
-    // Drain: stop fetching and accepting; orders stop at their next step boundary, or when the grace
-    // period ends, and are handed back.
-    drain.cancel();
-    let abort = stop.abort.clone();
-    let grace = config.shutdown_grace;
-    tokio::spawn(async move {
-        tokio::time::sleep(grace).await;
-        tracing::warn!("shutdown grace period over: interrupting the orders still running");
-        abort.cancel();
-    });
-    let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(5);
-    while tasks.len() > usize::from(heartbeat_running) {
-        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
-            Ok(Some(Ok((name, Err(e))))) => {
-                tracing::warn!(task = name, error = %format!("{e:#}"), "task ended with an error")
-            }
-            Ok(Some(Ok((name, Ok(()))))) => heartbeat_running &= name != HEARTBEAT_TASK,
-            Ok(Some(Err(e))) => tracing::error!(error = %e, "task panicked"),
-            Ok(None) => break,
-            Err(_) => {
-                tracing::warn!("tasks did not stop in time");
-                break;
-            }
-        }
-    }
-    heartbeat_stop.cancel();
-    if tokio::time::timeout(Duration::from_secs(3), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await
-    .is_err()
-    {
-        tasks.abort_all();
-    }
-    // Bounded: with NATS unreachable a flush would wait for the connection to come back.
-    for client in [&client, &fetch, &public] {
-        match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot flush the NATS connection"),
-            Err(_) => tracing::warn!("NATS unreachable; exiting without flushing"),
-        }
-    }
+    let failure = running.until_stopped(shutdown).await;
+    running.drain(config.shutdown_grace).await;
+    connections.flush().await;
     tracing::info!("node stopped");
     failure.map_or(Ok(()), Err)
 }
 
-const HEARTBEAT_TASK: &str = "node heartbeat";
+/// Sets up the JetStream objects, retrying for a while: a cluster that is still forming cannot place
+/// replicas yet, and JetStream may come up later. `None` if the node was told to stop meanwhile.
+async fn set_up<F: Future<Output = ()>>(
+    client: &async_nats::Client,
+    layout: Layout,
+    shutdown: &mut Shutdown<'_, F>,
+) -> anyhow::Result<Option<Setup>> {
+    let js = async_nats::jetstream::new(client.clone());
+    let deadline = Instant::now() + SETUP_PATIENCE;
+    loop {
+        match setup::setup(&js, layout).await {
+            Ok(setup) => return Ok(Some(setup)),
+            Err(e @ setup::SetupError::Nats { .. }) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "JetStream not ready; retrying in 1s");
+                tokio::select! {
+                    _ = shutdown.as_mut() => return Ok(None),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The node's three connections to NATS (see [`Role`]).
+struct Connections {
+    work: async_nats::Client,
+    fetch: async_nats::Client,
+    public: async_nats::Client,
+    /// The work connection as leases see it.
+    leases: Connection,
+    /// The fetch connection as the sweep sees it: a bad header block drops it.
+    fetching: Connection,
+}
+
+impl Connections {
+    /// Connects all three, retrying until they are up; `None` if `cancel` fires first.
+    async fn open(
+        servers: &[async_nats::ServerAddr],
+        node_id: &str,
+        cancel: &CancellationToken,
+    ) -> Option<Connections> {
+        let leases = Connection::default();
+        let fetching = Connection::default();
+        let work = connect::connect(servers, node_id, Role::Work, &leases, cancel).await?;
+        let fetch = connect::connect(servers, node_id, Role::Fetch, &fetching, cancel).await?;
+        let public = connect::connect(
+            servers,
+            node_id,
+            Role::Public,
+            &Connection::default(),
+            cancel,
+        )
+        .await?;
+        Some(Connections {
+            work,
+            fetch,
+            public,
+            leases,
+            fetching,
+        })
+    }
+
+    fn clients(&self) -> [async_nats::Client; 3] {
+        [self.work.clone(), self.fetch.clone(), self.public.clone()]
+    }
+
+    /// Flushes what is still buffered; bounded, since with NATS unreachable a flush would wait for
+    /// the connection to come back.
+    async fn flush(&self) {
+        for client in self.clients() {
+            match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot flush the NATS connection"),
+                Err(_) => tracing::warn!("NATS unreachable; exiting without flushing"),
+            }
+        }
+    }
+}
+
+/// What a node is built from, once it is connected and its JetStream objects are set up.
+struct Parts<'a> {
+    config: &'a Config,
+    node_id: &'a str,
+    connections: &'a Connections,
+    setup: Setup,
+    layout: Layout,
+    drain: CancellationToken,
+}
+
+impl Parts<'_> {
+    /// Builds every task of the node and starts them.
+    async fn start(
+        self,
+        listener: tokio::net::TcpListener,
+        metrics: PrometheusHandle,
+        steps: Arc<dyn Steps>,
+    ) -> anyhow::Result<Running> {
+        let config = self.config;
+        let node_id = self.node_id.to_owned();
+        let audit = match &config.audit_log {
+            Some(path) => Audit::open(path, &node_id).with_context(|| {
+                format!(
+                    "cannot open the audit log {} (ORDERLY_AUDIT_LOG)",
+                    path.display()
+                )
+            })?,
+            None => Audit::off(),
+        };
+        let follow = Follow::new(
+            self.setup.stream.clone(),
+            self.layout,
+            self.setup.consumer.cached_info(),
+            self.connections.leases.clone(),
+        );
+        let health = follow.health();
+        let stats = Arc::new(WorkerStats::default());
+        let cluster = Cluster::new(
+            self.setup.nodes.clone(),
+            node_id.clone(),
+            listener.local_addr()?.to_string(),
+            config.workers as usize,
+            config.node_heartbeat,
+            stats.clone(),
+            self.drain.clone(),
+        );
+        let intake = self.intake(&audit).await?;
+        let state = AppState::new(
+            intake.clone(),
+            cluster.clone(),
+            self.connections.clients(),
+            health.clone(),
+            metrics,
+            self.drain.clone(),
+        );
+        let mut running = Running::new(self.drain.clone(), cluster);
+        running.spawn(
+            self.workers(&follow, audit.clone(), stats, steps, running.abort.clone())
+                .await?,
+        );
+        running.spawn(QueueGauges::new(
+            self.setup.stream.clone(),
+            self.setup.consumer.clone(),
+            QUEUE_POLL,
+        ));
+        running.spawn(HttpServer::new(listener, state));
+        running.spawn(Sweep::new(
+            async_nats::jetstream::new(self.connections.work.clone()),
+            self.setup.stream.clone(),
+            OrderStore::new(self.setup.orders.clone(), audit),
+            follow.windows(),
+            self.setup.nodes.clone(),
+            node_id.clone(),
+            self.connections.fetching.clone(),
+        ));
+        running.spawn(follow);
+        running.spawn(Service::new(
+            intake,
+            self.connections.public.clone(),
+            node_id,
+        ));
+        Ok(running)
+    }
+
+    /// Intake, on the public connection.
+    async fn intake(&self, audit: &Audit) -> anyhow::Result<Intake> {
+        let public = &self.connections.public;
+        let js = async_nats::jetstream::new(public.clone());
+        let orders = js
+            .get_key_value(crate::store::BUCKET)
+            .await
+            .context("cannot open the orders bucket")?;
+        let store = OrderStore::new(orders, audit.clone());
+        let events = Events::new(public.clone(), self.node_id.to_owned());
+        Ok(Intake::new(js, store, events))
+    }
+
+    /// The pull loop and everything an order runs through: fetches on the fetch connection, holds
+    /// leases and writes on the work connection.
+    async fn workers(
+        &self,
+        follow: &Follow,
+        audit: Audit,
+        stats: Arc<WorkerStats>,
+        steps: Arc<dyn Steps>,
+        abort: CancellationToken,
+    ) -> anyhow::Result<Puller> {
+        let work = &self.connections.work;
+        let store = OrderStore::new(self.setup.orders.clone(), audit.clone());
+        let writer = Writer::new(store, Events::new(work.clone(), self.node_id.to_owned()));
+        let pipeline = Arc::new(Pipeline::new(
+            self.node_id.to_owned(),
+            steps,
+            writer.clone(),
+        ));
+        let give_up = GiveUp::new(writer, self.setup.stream.clone(), stats.clone());
+        let max_deliver = u32::try_from(self.config.max_deliver).unwrap_or(u32::MAX);
+        let processor = Processor::new(
+            pipeline,
+            give_up,
+            stats,
+            audit,
+            follow.windows(),
+            max_deliver,
+        );
+        let consumer = async_nats::jetstream::new(self.connections.fetch.clone())
+            .get_consumer_from_stream(setup::CONSUMER, setup::STREAM)
+            .await
+            .context("cannot open the consumer on the fetch connection")?;
+        Ok(Puller::new(
+            consumer,
+            async_nats::jetstream::new(work.clone()),
+            self.connections.leases.clone(),
+            follow.health(),
+            self.config.workers as usize,
+            processor,
+            abort,
+        ))
+    }
+}
+
+/// The tasks of a running node. The node heartbeat runs apart: it goes on while the others drain,
+/// so that the cluster view shows the node draining, and stops last.
+struct Running {
+    tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+    heartbeat: Option<JoinHandle<anyhow::Result<()>>>,
+    heartbeat_stop: CancellationToken,
+    drain: CancellationToken,
+    abort: CancellationToken,
+}
+
+impl Running {
+    fn new(drain: CancellationToken, heartbeat: impl Task) -> Running {
+        let heartbeat_stop = CancellationToken::new();
+        Running {
+            tasks: JoinSet::new(),
+            heartbeat: Some(tokio::spawn(heartbeat.run(heartbeat_stop.clone()))),
+            heartbeat_stop,
+            drain,
+            abort: CancellationToken::new(),
+        }
+    }
+
+    fn spawn<T: Task>(&mut self, task: T) {
+        let stop = self.drain.clone();
+        self.tasks
+            .spawn(async move { (T::NAME, task.run(stop).await) });
+    }
+
+    /// Waits until the node is told to stop, or until one of its tasks ends (which stops it too);
+    /// returns the failure in the second case.
+    async fn until_stopped<F: Future<Output = ()>>(
+        &mut self,
+        shutdown: &mut Shutdown<'_, F>,
+    ) -> Option<anyhow::Error> {
+        let heartbeat = self
+            .heartbeat
+            .as_mut()
+            .expect("the heartbeat runs until the drain");
+        let (name, result) = tokio::select! {
+            _ = shutdown.as_mut() => {
+                tracing::info!("shutdown requested: draining");
+                return None;
+            }
+            Some(joined) = self.tasks.join_next() => {
+                joined.unwrap_or_else(|e| ("a task", Err(anyhow::anyhow!("panicked: {e}"))))
+            }
+            joined = heartbeat => {
+                self.heartbeat = None;
+                let result = joined.unwrap_or_else(|e| Err(anyhow::anyhow!("panicked: {e}")));
+                (Cluster::NAME, result)
+            }
+        };
+        let error = result
+            .err()
+            .map_or_else(|| "it returned".to_owned(), |e| format!("{e:#}"));
+        tracing::error!(task = name, %error, "a task of the node stopped; stopping the node");
+        Some(anyhow::anyhow!("{name} stopped: {error}"))
+    }
+
+    /// Stops fetching and accepting; orders stop at their next step boundary, or when the grace period
+    /// ends, and are handed back. Then the heartbeat stops.
+    async fn drain(mut self, grace: Duration) {
+        self.drain.cancel();
+        let abort = self.abort.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            tracing::warn!("shutdown grace period over: interrupting the orders still running");
+            abort.cancel();
+        });
+        let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
+                Ok(Some(Ok((name, Err(e))))) => {
+                    tracing::warn!(task = name, error = %format!("{e:#}"), "task ended with an error")
+                }
+                Ok(Some(Ok((_, Ok(()))))) => {}
+                Ok(Some(Err(e))) => tracing::error!(error = %e, "task panicked"),
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!("tasks did not stop in time");
+                    break;
+                }
+            }
+        }
+        self.heartbeat_stop.cancel();
+        let heartbeat = self.heartbeat.take();
+        let abort_heartbeat = heartbeat.as_ref().map(|h| h.abort_handle());
+        let rest = async {
+            while self.tasks.join_next().await.is_some() {}
+            if let Some(heartbeat) = heartbeat {
+                let _ = heartbeat.await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(3), rest)
+            .await
+            .is_err()
+        {
+            self.tasks.abort_all();
+            if let Some(abort) = abort_heartbeat {
+                abort.abort();
+            }
+        }
+    }
+}
+
 /// How long a node retries setting up its JetStream objects before it gives up and exits.
 const SETUP_PATIENCE: Duration = Duration::from_secs(60);
 /// How often the work queue's state is read for the metrics.

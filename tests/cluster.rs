@@ -114,17 +114,17 @@ async fn the_cluster_view_lists_every_node_while_their_heartbeats_replace_each_o
         })
         .await
         .unwrap();
-    let cluster = |id: &str| Cluster {
-        kv: bucket.clone(),
-        node_id: id.into(),
-        http_addr: "127.0.0.1:0".into(),
-        started_at: chrono::Utc::now(),
-        workers: 50,
-        // Long enough that no entry goes stale during the test: only the listing is under test.
-        interval: Duration::from_secs(600),
-        stats: Default::default(),
-        draining: Default::default(),
-        last_beat: Default::default(),
+    let cluster = |id: &str| {
+        Cluster::new(
+            bucket.clone(),
+            id.into(),
+            "127.0.0.1:0".into(),
+            50,
+            // Long enough that no entry goes stale during the test: only the listing is under test.
+            Duration::from_secs(600),
+            Default::default(),
+            Default::default(),
+        )
     };
     let writers: Vec<_> = ["node-a", "node-b", "node-c"]
         .into_iter()

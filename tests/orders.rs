@@ -743,3 +743,55 @@ async fn a_resubmitted_order_whose_message_is_gone_is_continued() {
     assert_ne!(first.id, second.id);
     assert_eq!(terminal_revisions(&kv, id).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_intent_recorded_while_a_node_runs_the_order_is_seen_not_taken_for_a_takeover() {
+    use orderly::domain::intent::{Intent, IntentKind};
+    use orderly::engine::intent::{record, Recorded};
+
+    let server = NatsServer::start().await;
+    let node = Node::builder(&server.url)
+        .env("ORDERLY_STEP_DURATION", "1s")
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let id = submit(&http, &node, json!({ "customer": "ada" })).await;
+    let kv = orders_kv(&server).await;
+    wait_until("the order runs", Duration::from_secs(10), || async {
+        document(&kv, id)
+            .await
+            .filter(|doc| doc["state"] == "Running" && doc["owner"].is_object())
+    })
+    .await;
+
+    // From outside, as a cancel will: a compare-and-set on the document, no lease.
+    let store = orderly::store::OrderStore::new(kv.clone(), orderly::ops::audit::Audit::off());
+    let intent = Intent::new(
+        IntentKind::Cancel,
+        Some("a test".into()),
+        chrono::Utc::now(),
+    );
+    let recorded = record(&store, id, intent).await.expect("the store answers");
+    assert!(matches!(recorded, Recorded::Recorded(_)), "{recorded:?}");
+
+    let doc = wait_all_terminal(&kv, &[id], Duration::from_secs(20))
+        .await
+        .remove(0);
+    // The owner's next write met the intent, went on top of it, and marked it seen: the first
+    // delivery finished the order, with no lease lost and no redelivery.
+    assert_eq!(doc["state"], "Completed");
+    assert_eq!(doc["attempt"], 1);
+    assert_eq!(doc["intent"]["kind"], "cancel");
+    assert_eq!(doc["intent"]["requested_by"], "a test");
+    assert_eq!(doc["intent"]["seen_by"], node.id.as_str());
+    let scrape = node.metrics().await;
+    assert!(metric_sum(&scrape, "orderly_kv_cas_conflicts_total") >= 1.0);
+    assert_eq!(metric_sum(&scrape, "orderly_leases_lost_total"), 0.0);
+    assert_eq!(metric_sum(&scrape, "orderly_redeliveries_total"), 0.0);
+    // Recording it again changes nothing; an ended order takes no intent.
+    let again = Intent::new(IntentKind::Cancel, None, chrono::Utc::now());
+    assert!(matches!(
+        record(&store, id, again).await.expect("the store answers"),
+        Recorded::Terminal(_)
+    ));
+}

@@ -37,10 +37,10 @@ const NODE_SEED: u64 = 7;
 const RATE: f64 = 5.0;
 /// The redelivery window the nodes start with (the shortest a replicated consumer may have), and the
 /// one a live edit moves to and back from.
-const WINDOW: Duration = orderly::engine::lease::MIN_REPLICATED_WINDOW;
+const WINDOW: Duration = orderly::engine::window::MIN_REPLICATED_WINDOW;
 const EDITED_WINDOW: Duration = Duration::from_secs(5);
 /// The consumer metadata key that announces a shorter window before the consumer's is shortened.
-const ANNOUNCED: &str = orderly::engine::lease::WINDOW_METADATA;
+const ANNOUNCED: &str = orderly::engine::window::WINDOW_METADATA;
 /// Each server's JetStream file store: room for a long run's orders, small enough to fill quickly.
 const STORE_LIMIT: &str = "64MB";
 /// How long a node may take to exit after SIGTERM: its 3 s grace and room for a loaded machine.

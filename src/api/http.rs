@@ -20,17 +20,35 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub intake: Intake,
-    pub cluster: Cluster,
+    intake: Intake,
+    cluster: Cluster,
     /// The node's connections to NATS: work, fetch and public.
-    pub clients: [async_nats::Client; 3],
+    clients: [async_nats::Client; 3],
     /// Whether the shared consumer can be worked from.
-    pub health: crate::queue::follow::Health,
-    pub metrics: PrometheusHandle,
-    pub draining: CancellationToken,
+    health: crate::queue::follow::Health,
+    metrics: PrometheusHandle,
+    draining: CancellationToken,
 }
 
 impl AppState {
+    pub fn new(
+        intake: Intake,
+        cluster: Cluster,
+        clients: [async_nats::Client; 3],
+        health: crate::queue::follow::Health,
+        metrics: PrometheusHandle,
+        draining: CancellationToken,
+    ) -> AppState {
+        AppState {
+            intake,
+            cluster,
+            clients,
+            health,
+            metrics,
+            draining,
+        }
+    }
+
     /// Whether every connection of the node to NATS is up.
     fn nats_connected(&self) -> bool {
         self.clients
@@ -95,7 +113,34 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub fn router(state: AppState) -> Router {
+/// The HTTP API of one node, on a bound listener.
+pub struct HttpServer {
+    listener: tokio::net::TcpListener,
+    app: Router,
+}
+
+impl HttpServer {
+    pub fn new(listener: tokio::net::TcpListener, state: AppState) -> HttpServer {
+        HttpServer {
+            listener,
+            app: router(state),
+        }
+    }
+}
+
+impl crate::task::Task for HttpServer {
+    const NAME: &'static str = "http server";
+
+    /// Serves until `stop` fires, then lets the requests in progress finish.
+    async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        axum::serve(self.listener, self.app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await?;
+        Ok(())
+    }
+}
+
+fn router(state: AppState) -> Router {
     Router::new()
         .route(
             "/orders",
@@ -206,7 +251,7 @@ async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
         "workers_busy": status.workers_busy,
         "workers_total": status.workers_total,
         "heartbeat_age_seconds": heartbeat_age,
-        "heartbeat_interval_seconds": state.cluster.interval.as_secs_f64(),
+        "heartbeat_interval_seconds": state.cluster.interval().as_secs_f64(),
         "nats_connected": state.nats_connected(),
     }))
 }

@@ -11,18 +11,12 @@ use crate::domain::payload::validate_payload;
 use crate::error::{with_cause, BoxError};
 use crate::ops::events::Events;
 use crate::ops::metrics as m;
-use crate::queue::setup::{
-    submit_subject, CREATE_SUBJECT, DUPLICATE_WINDOW, GET_SUBJECT, VIA_HEADER,
-};
+use crate::queue::setup::{submit_subject, DUPLICATE_WINDOW, VIA_HEADER};
 use crate::store::{OrderStore, StoreError};
 use async_nats::jetstream::{self, message::PublishMessage};
-use async_nats::service::ServiceExt;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use serde::Serialize;
-use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Header with a client-chosen order id that makes a submission safe to repeat.
@@ -113,12 +107,16 @@ impl IntakeError {
 
 #[derive(Clone)]
 pub struct Intake {
-    pub js: jetstream::Context,
-    pub store: OrderStore,
-    pub events: Events,
+    js: jetstream::Context,
+    store: OrderStore,
+    events: Events,
 }
 
 impl Intake {
+    pub fn new(js: jetstream::Context, store: OrderStore, events: Events) -> Intake {
+        Intake { js, store, events }
+    }
+
     /// Accepts an order whose payload is `body`.
     ///
     /// With an `idempotency_key` (a UUID, lower-case and hyphenated) that key is the order id, so a
@@ -227,117 +225,5 @@ impl Intake {
             .get_raw(order_id)
             .await?
             .ok_or(IntakeError::NotFound(order_id))
-    }
-
-    /// Serves `orders.create` and `orders.get` as the NATS service `orders`, until `cancel` fires.
-    pub async fn serve_nats(
-        self,
-        client: async_nats::Client,
-        node_id: String,
-        cancel: CancellationToken,
-    ) -> anyhow::Result<()> {
-        let service = client
-            .service_builder()
-            .description("Orderly: submit and query orders")
-            .metadata([("node".to_string(), node_id)].into())
-            .start("orders", env!("CARGO_PKG_VERSION"))
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot start the NATS service: {e}"))?;
-        let group = service.group("orders");
-        let mut create = group
-            .endpoint("create")
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot add endpoint {CREATE_SUBJECT}: {e}"))?;
-        let mut get = group
-            .endpoint("get")
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot add endpoint {GET_SUBJECT}: {e}"))?;
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                Some(request) = create.next() => {
-                    let intake = self.clone();
-                    tokio::spawn(async move {
-                        let key = request
-                            .message
-                            .headers
-                            .as_ref()
-                            .and_then(|h| h.get(IDEMPOTENCY_KEY).or_else(|| h.get("Nats-Msg-Id")))
-                            .map(|v| v.as_str().to_owned());
-                        let result = intake.submit(&request.message.payload, Interface::Nats, key.as_deref()).await.map(|s| {
-                            Bytes::from(serde_json::to_vec(&s).expect("a reply always serializes"))
-                        });
-                        reply(&request, result).await;
-                    });
-                }
-                Some(request) = get.next() => {
-                    let intake = self.clone();
-                    tokio::spawn(async move {
-                        let id = parse_get_request(&request.message.payload);
-                        let result = match id {
-                            Ok(id) => intake.get(&id).await,
-                            Err(e) => Err(e),
-                        };
-                        reply(&request, result).await;
-                    });
-                }
-                else => break,
-            }
-        }
-        if let Err(e) = tokio::time::timeout(Duration::from_secs(2), service.stop()).await {
-            tracing::warn!(error = %e, "NATS service did not stop in time");
-        }
-        Ok(())
-    }
-}
-
-/// `orders.get` takes the id as the whole body, or as `{"order_id": "..."}`.
-fn parse_get_request(body: &[u8]) -> Result<String, IntakeError> {
-    let text = std::str::from_utf8(body)
-        .map_err(|_| IntakeError::BadRequest("request body is not UTF-8".into()))?
-        .trim();
-    if text.starts_with('{') {
-        #[derive(serde::Deserialize)]
-        struct Get {
-            order_id: String,
-        }
-        let get: Get = serde_json::from_str(text).map_err(|e| {
-            IntakeError::BadRequest(format!(
-                "expected an order id or {{\"order_id\": ...}}: {e}"
-            ))
-        })?;
-        Ok(get.order_id)
-    } else {
-        Ok(text.trim_matches('"').to_owned())
-    }
-}
-
-/// Replies with the body, or with a JSON error body and the service API's error headers.
-async fn reply(request: &async_nats::service::Request, result: Result<Bytes, IntakeError>) {
-    let sent = match result {
-        Ok(body) => request.respond(Ok(body)).await,
-        Err(e) => {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Service-Error", e.to_string().as_str());
-            headers.insert("Nats-Service-Error-Code", e.status().to_string().as_str());
-            let body = Bytes::from(e.body().to_string());
-            request.respond_with_headers(Ok(body), headers).await
-        }
-    };
-    if let Err(e) = sent {
-        tracing::warn!(error = %e, "cannot send the reply");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn get_requests_take_a_bare_or_wrapped_id() {
-        assert_eq!(parse_get_request(b" abc \n").unwrap(), "abc");
-        assert_eq!(parse_get_request(br#""abc""#).unwrap(), "abc");
-        assert_eq!(parse_get_request(br#"{"order_id":"abc"}"#).unwrap(), "abc");
-        assert!(parse_get_request(br#"{"id":1}"#).is_err());
     }
 }

@@ -362,6 +362,40 @@ impl Order {
         Ok(())
     }
 
+    /// Marks the recorded intent as seen by `node`, the order's owner; returns what it asks for.
+    pub fn see_intent(
+        &mut self,
+        node: &str,
+        now: DateTime<Utc>,
+    ) -> Result<super::intent::IntentKind, TransitionError> {
+        let Some(intent) = self.intent.as_mut() else {
+            return Err(TransitionError {
+                attempted: "see the intent of",
+                state: self.state,
+                next: self.next_action(),
+            });
+        };
+        intent.seen_by = Some(node.to_owned());
+        intent.seen_at = Some(now);
+        Ok(intent.kind)
+    }
+
+    /// Whether `stored` is this document with an intent recorded (or replaced) and nothing else
+    /// changed: the write of a requester, not of another owner.
+    pub fn only_intent_added(&self, stored: &Order) -> bool {
+        if stored.intent.is_none() || stored.intent == self.intent {
+            return false;
+        }
+        let without = |order: &Order| {
+            let mut value = serde_json::to_value(order).expect("an order always serializes");
+            if let Some(fields) = value.as_object_mut() {
+                fields.remove("intent");
+            }
+            value
+        };
+        without(self) == without(stored)
+    }
+
     /// Gives the order back (for another node to continue) without changing its progress.
     pub fn release(&mut self, now: DateTime<Utc>) {
         self.owner = None;
@@ -789,5 +823,24 @@ mod tests {
         assert!(parse_order_id(&id.to_string().to_uppercase()).is_err());
         assert!(parse_order_id(&id.simple().to_string()).is_err());
         assert!(parse_order_id("not-an-id").is_err());
+    }
+
+    #[test]
+    fn an_intent_is_told_from_a_takeover() {
+        use crate::domain::intent::{Intent, IntentKind};
+        // new_order() is claimed by n1's first delivery.
+        let mine = new_order();
+        let mut asked = mine.clone();
+        asked.intent = Some(Box::new(Intent::new(IntentKind::Cancel, None, t(1))));
+        assert!(mine.only_intent_added(&asked));
+        // The same intent seen twice is no news.
+        assert!(!asked.only_intent_added(&asked));
+        // Another owner, with or without an intent, is a takeover.
+        let mut taken = asked.clone();
+        taken.owner.as_mut().expect("owner").delivery = 2;
+        assert!(!mine.only_intent_added(&taken));
+        let mut moved = mine.clone();
+        moved.attempt += 1;
+        assert!(!mine.only_intent_added(&moved));
     }
 }

@@ -1,7 +1,10 @@
 //! Running an order: the lease a node holds on it, the one way to write under that lease, the
 //! pipeline that walks the order's steps and rollbacks, and the steps themselves.
 
+pub mod connection;
+pub mod intent;
 pub mod lease;
 pub mod pipeline;
 pub mod steps;
+pub mod window;
 pub mod write;

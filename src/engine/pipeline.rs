@@ -1,7 +1,7 @@
 //! Runs one order's remaining steps and rollbacks under its lease, writing every transition through
 //! the lease's [`Writer`].
 //!
-//! What to do next always comes from the document ([`Order::next_action`]), so the same loop starts a
+//! What to do next always comes from the document ([`Order::next_action`](crate::domain::order::Order::next_action)), so the same loop starts a
 //! new order, resumes one another node left half done, and finishes a rollback.
 
 use crate::clock::now;
@@ -54,6 +54,7 @@ impl Pipeline {
         stop: &Stop,
     ) -> Result<State, Halt> {
         loop {
+            self.see_intent(order, lease).await?;
             let action = order.order.next_action();
             if matches!(action, Action::Run(_) | Action::RollBack(_)) && stop.drain.is_cancelled() {
                 return Err(Halt::Interrupted);
@@ -72,6 +73,26 @@ impl Pipeline {
                 Action::Done => return Ok(order.order.state),
             }
         }
+    }
+
+    /// Marks an intent recorded since the last commit as seen. Acting on it is the business of the
+    /// request that recorded it (cancel, later); until then the order goes on.
+    async fn see_intent(&self, order: &mut Versioned, lease: &Lease) -> Result<(), Halt> {
+        let unseen = order
+            .order
+            .intent
+            .as_ref()
+            .is_some_and(|intent| intent.seen_by.is_none());
+        if unseen {
+            let kind = self
+                .writer
+                .commit(order, lease, "see_intent", |o| {
+                    o.see_intent(&self.node_id, now())
+                })
+                .await?;
+            tracing::info!(intent = ?kind, "intent seen");
+        }
+        Ok(())
     }
 
     async fn run_step(

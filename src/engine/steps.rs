@@ -5,9 +5,10 @@
 //! [`Simulated`] is the implementation a node runs unless it is given another one: each step waits
 //! its duration and fails with the configured probability, drawn from a seed when one is set.
 
-use crate::config::FailureRates;
 use crate::domain::order::{Order, Step};
 use futures::future::BoxFuture;
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -108,6 +109,66 @@ async fn waited(duration: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(duration) => true,
         _ = cancel.cancelled() => false,
+    }
+}
+
+/// The failure probability of each step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FailureRates([f64; 4]);
+
+impl FailureRates {
+    pub fn uniform(p: f64) -> FailureRates {
+        FailureRates([p; 4])
+    }
+
+    pub fn get(&self, step: Step) -> f64 {
+        self.0[step.index()]
+    }
+}
+
+impl Default for FailureRates {
+    fn default() -> Self {
+        FailureRates::uniform(0.05)
+    }
+}
+
+impl FromStr for FailureRates {
+    type Err = String;
+
+    /// `P` sets every step; `STEP=P` sets one; later entries win. Steps named by no entry (and by no
+    /// bare number) never fail, so `Processing=1` makes exactly Processing fail, every time.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().is_empty() {
+            return Err("empty: give a probability like 0.05, or STEP=P entries".into());
+        }
+        let mut rates = FailureRates::uniform(0.0);
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                None => rates = FailureRates::uniform(parse_probability(part)?),
+                Some((step, p)) => {
+                    let step: Step = step.trim().parse()?;
+                    rates.0[step.index()] = parse_probability(p.trim())?;
+                }
+            }
+        }
+        Ok(rates)
+    }
+}
+
+impl fmt::Display for FailureRates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = Step::ALL
+            .iter()
+            .map(|step| format!("{step}={}", self.get(*step)))
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+fn parse_probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a probability between 0 and 1")),
     }
 }
 

@@ -7,10 +7,9 @@
 //! or unconfirmed; the first confirmed write of a delivery opens the lease's audit interval.
 //!
 //! A write refused because someone else wrote the document is a lost lease, unless what was written
-//! is only an intent recorded for the owner (see [`crate::domain::intent`]): then the owner's change
+//! is only an intent recorded for the owner (see [`crate::engine::intent`]): then the owner's change
 //! is applied again on top of it and the order goes on.
 
-use crate::domain::intent;
 use crate::domain::order::{CurrentStep, Order, TransitionError};
 use crate::engine::lease::Lease;
 use crate::ops::events::Events;
@@ -172,12 +171,12 @@ impl Writer {
     /// The stored document, if it differs from `mine` only by an intent recorded since.
     async fn intent_only(&self, mine: &Versioned) -> Option<Versioned> {
         let stored = self.store.get(mine.order.order_id).await.ok()??;
-        (stored.revision > mine.revision && intent::only_intent_added(&mine.order, &stored.order))
+        (stored.revision > mine.revision && mine.order.only_intent_added(&stored.order))
             .then_some(stored)
     }
 }
 
-/// The first pause after a store failure; the pause doubles up to [`MAX_RETRY_DELAY`].
+/// The first pause after a store failure; the pause doubles up to 5 s.
 pub const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// The longest pause between two tries of an order whose store is unavailable. The node keeps the
 /// order (and its lease) meanwhile: an outage of the store, however long, uses up no delivery.

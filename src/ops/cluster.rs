@@ -3,6 +3,7 @@
 //! after three intervals (and out of the bucket after its max age).
 
 use crate::ops::stats::WorkerStats;
+use crate::task::Task;
 use async_nats::jetstream::kv;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -32,19 +33,42 @@ pub struct NodeStatus {
 
 #[derive(Clone)]
 pub struct Cluster {
-    pub kv: kv::Store,
-    pub node_id: String,
-    pub http_addr: String,
-    pub started_at: DateTime<Utc>,
-    pub workers: usize,
-    pub interval: Duration,
-    pub stats: Arc<WorkerStats>,
-    pub draining: CancellationToken,
+    kv: kv::Store,
+    node_id: String,
+    http_addr: String,
+    started_at: DateTime<Utc>,
+    workers: usize,
+    interval: Duration,
+    stats: Arc<WorkerStats>,
+    draining: CancellationToken,
     /// When this node's heartbeat was last written, in Unix milliseconds (0: never).
-    pub last_beat: Arc<AtomicI64>,
+    last_beat: Arc<AtomicI64>,
 }
 
 impl Cluster {
+    /// The view of node `node_id`, started now, with heartbeats every `interval` in bucket `kv`.
+    pub fn new(
+        kv: kv::Store,
+        node_id: String,
+        http_addr: String,
+        workers: usize,
+        interval: Duration,
+        stats: Arc<WorkerStats>,
+        draining: CancellationToken,
+    ) -> Cluster {
+        Cluster {
+            kv,
+            node_id,
+            http_addr,
+            started_at: crate::clock::now(),
+            workers,
+            interval,
+            stats,
+            draining,
+            last_beat: Default::default(),
+        }
+    }
+
     /// This node's status now.
     pub fn status(&self) -> NodeStatus {
         NodeStatus {
@@ -78,25 +102,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// Writes the heartbeat every interval until `stop` fires, then removes this node from the view.
-    pub async fn run(self, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut errors = crate::ops::rate::RateLimited::new(Duration::from_secs(30));
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            if let Err(e) = self.beat().await {
-                if let Some(skipped) = errors.allow() {
-                    tracing::warn!(error = %e, skipped, "cannot write the node heartbeat");
-                }
-            }
-        }
-        if let Err(e) = self.kv.delete(&self.node_id).await {
-            tracing::warn!(error = %e, "cannot remove this node from the cluster view");
-        }
+    /// How often this node writes its heartbeat.
+    pub fn interval(&self) -> Duration {
+        self.interval
     }
 
     /// How long ago this node's heartbeat was last written, if ever.
@@ -140,5 +148,31 @@ impl Cluster {
         }
         nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         Ok(nodes)
+    }
+}
+
+impl Task for Cluster {
+    const NAME: &'static str = "node heartbeat";
+
+    /// Writes the heartbeat every interval until `stop` fires, then removes this node from the view.
+    async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut errors = crate::ops::rate::RateLimited::new(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.beat().await {
+                if let Some(skipped) = errors.allow() {
+                    tracing::warn!(error = %e, skipped, "cannot write the node heartbeat");
+                }
+            }
+        }
+        if let Err(e) = self.kv.delete(&self.node_id).await {
+            tracing::warn!(error = %e, "cannot remove this node from the cluster view");
+        }
+        Ok(())
     }
 }

@@ -12,7 +12,7 @@ pub const SUBJECT_PREFIX: &str = "orders.events";
 pub struct Event<'a> {
     pub order_id: uuid::Uuid,
     /// What happened: `created`, `claimed`, `released`, `step_started`, `step_completed`,
-    /// `step_failed`, `rollback_started`, `rollback_completed`, `completed` or `failed`.
+    /// `step_failed`, `rollback_started`, `rollback_completed`, `intent_seen`, `completed` or `failed`.
     pub change: &'static str,
     pub from: State,
     pub to: State,
@@ -97,6 +97,7 @@ pub fn change(before: &Order, after: &Order) -> &'static str {
         Some(StepStatus::Failed) => "step_failed",
         Some(StepStatus::RollingBack) => "rollback_started",
         Some(StepStatus::RolledBack) => "rollback_completed",
+        None if before.intent != after.intent => "intent_seen",
         None if after.owner.is_some() => "claimed",
         None => "released",
     }

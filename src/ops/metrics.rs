@@ -68,7 +68,9 @@ pub fn install(node_id: &str) -> PrometheusHandle {
     if metrics::set_global_recorder(recorder).is_err() {
         tracing::warn!("a metrics recorder was installed already; this node's metrics go there");
     }
-    describe();
+    describe_orders();
+    describe_messages();
+    describe_node();
     zero_counters();
     metrics::gauge!(UP_SINCE).set(chrono::Utc::now().timestamp() as f64);
     let upkeep = handle.clone();
@@ -116,7 +118,8 @@ fn zero_counters() {
     metrics::gauge!(ORDERS_IN_FLIGHT).set(0.0);
 }
 
-fn describe() {
+/// The metrics of orders and their steps.
+fn describe_orders() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
         ORDERS_SUBMITTED,
@@ -148,6 +151,11 @@ fn describe() {
     );
     describe_counter!(STEP_FAILURES, "Steps that failed, by step.");
     describe_counter!(ROLLBACKS, "Steps rolled back, by step.");
+}
+
+/// The metrics of work messages, leases and the order store.
+fn describe_messages() {
+    use metrics::{describe_counter, describe_gauge};
     describe_gauge!(WORKERS_BUSY, "Workers holding an order.");
     describe_gauge!(WORKERS_TOTAL, "Workers on this node.");
     describe_counter!(
@@ -182,6 +190,11 @@ fn describe() {
         KV_CONFLICTS,
         "Compare-and-set writes refused because the order had changed."
     );
+}
+
+/// The metrics of the node: its connections, HTTP, the queue it reads, and itself.
+fn describe_node() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(
         NATS_CONNECTED,
         "1 while connected to NATS, by connection (work: leases and writes; fetch: work messages; public: the NATS service)."
@@ -241,39 +254,58 @@ fn describe() {
     );
 }
 
-/// Reads the work queue's state from JetStream every `interval` and exports it as gauges, so that the
-/// queue is visible even while every worker is busy. Runs until `stop` fires.
-pub async fn poll_queue(
-    mut stream: async_nats::jetstream::stream::Stream,
-    mut consumer: async_nats::jetstream::consumer::PullConsumer,
-    interval: Duration,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
+/// Reads the work queue's state from JetStream every `every` and exports it as gauges, so that the
+/// queue is visible even while every worker is busy.
+pub struct QueueGauges {
+    stream: async_nats::jetstream::stream::Stream,
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+    every: Duration,
+}
+
+impl QueueGauges {
+    pub fn new(
+        stream: async_nats::jetstream::stream::Stream,
+        consumer: async_nats::jetstream::consumer::PullConsumer,
+        every: Duration,
+    ) -> QueueGauges {
+        QueueGauges {
+            stream,
+            consumer,
+            every,
         }
-        match consumer.info().await {
-            Ok(info) => {
-                metrics::gauge!(QUEUE_PENDING).set(info.num_pending as f64);
-                metrics::gauge!(QUEUE_ACK_PENDING).set(info.num_ack_pending as f64);
-                metrics::gauge!(QUEUE_REDELIVERED).set(info.num_redelivered as f64);
-                metrics::gauge!(QUEUE_WAITING_PULLS).set(info.num_waiting as f64);
-                metrics::gauge!(QUEUE_MAX_ACK_PENDING).set(info.config.max_ack_pending as f64);
+    }
+}
+
+impl crate::task::Task for QueueGauges {
+    const NAME: &'static str = "queue metrics";
+
+    async fn run(mut self, stop: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tick.tick() => {}
             }
-            Err(e) => {
-                metrics::counter!(QUEUE_POLL_ERRORS).increment(1);
-                tracing::debug!(error = %e, "cannot read the consumer's state");
+            match self.consumer.info().await {
+                Ok(info) => {
+                    metrics::gauge!(QUEUE_PENDING).set(info.num_pending as f64);
+                    metrics::gauge!(QUEUE_ACK_PENDING).set(info.num_ack_pending as f64);
+                    metrics::gauge!(QUEUE_REDELIVERED).set(info.num_redelivered as f64);
+                    metrics::gauge!(QUEUE_WAITING_PULLS).set(info.num_waiting as f64);
+                    metrics::gauge!(QUEUE_MAX_ACK_PENDING).set(info.config.max_ack_pending as f64);
+                }
+                Err(e) => {
+                    metrics::counter!(QUEUE_POLL_ERRORS).increment(1);
+                    tracing::debug!(error = %e, "cannot read the consumer's state");
+                }
             }
-        }
-        match stream.info().await {
-            Ok(info) => metrics::gauge!(STREAM_MESSAGES).set(info.state.messages as f64),
-            Err(e) => {
-                metrics::counter!(QUEUE_POLL_ERRORS).increment(1);
-                tracing::debug!(error = %e, "cannot read the stream's state");
+            match self.stream.info().await {
+                Ok(info) => metrics::gauge!(STREAM_MESSAGES).set(info.state.messages as f64),
+                Err(e) => {
+                    metrics::counter!(QUEUE_POLL_ERRORS).increment(1);
+                    tracing::debug!(error = %e, "cannot read the stream's state");
+                }
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The node's connections to NATS: one per [`Role`], each reporting its state to the metrics and, for
 //! the connections leases depend on, to a [`Connection`] that ends every lease taken on it when it is lost.
 
-use crate::engine::lease::Connection;
+use crate::engine::connection::Connection;
 use crate::ops::metrics as m;
 use std::time::Duration;
 

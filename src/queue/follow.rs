@@ -11,10 +11,12 @@
 //!   is handed out again while a node may still be working on it. While it is missing the node takes
 //!   no work and reports not ready, saying why.
 
-use crate::engine::lease::{Connection, Windows, MIN_REPLICATED_WINDOW, WINDOW_METADATA};
+use crate::engine::connection::Connection;
+use crate::engine::window::{Windows, MIN_REPLICATED_WINDOW, WINDOW_METADATA};
 use crate::ops::metrics as m;
 use crate::ops::rate::RateLimited;
 use crate::queue::setup::{consumer_config, Layout, CONSUMER};
+use crate::task::Task;
 use async_nats::jetstream::{consumer, context::ConsumerInfoErrorKind, stream::Stream};
 use chrono::{DateTime, Utc};
 use std::sync::{Arc, Mutex};
@@ -122,50 +124,6 @@ impl Follow {
 
     pub fn health(&self) -> Health {
         self.health.clone()
-    }
-
-    pub async fn run(mut self, stop: CancellationToken) -> anyhow::Result<()> {
-        let mut errors = RateLimited::new(Duration::from_secs(10));
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(POLL) => {}
-            }
-            match self.stream.consumer_info(CONSUMER).await {
-                Ok(info) => {
-                    let problem = self.incompatible(&info).or_else(|| {
-                        info.paused.then(|| {
-                            let remaining = info.pause_remaining.unwrap_or_default();
-                            format!(
-                                "consumer {CONSUMER} is paused for another {}",
-                                humantime::format_duration(Duration::from_secs(
-                                    remaining.as_secs()
-                                ))
-                            )
-                        })
-                    });
-                    if problem.is_some() && problem != self.health.problem() {
-                        tracing::error!(
-                            problem = problem.as_deref().unwrap_or_default(),
-                            "not taking work"
-                        );
-                    }
-                    self.health.set(problem);
-                    let leader = leader_of(&info);
-                    let ended = self.adopt(windows_of(&info), &leader);
-                    self.follow_leader(leader, ended);
-                }
-                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
-                    self.recreate().await;
-                }
-                Err(e) => {
-                    metrics::counter!(m::QUEUE_POLL_ERRORS).increment(1);
-                    if let Some(skipped) = errors.allow() {
-                        tracing::warn!(error = %e, skipped, "cannot read the consumer's configuration; leases keep their own deadlines");
-                    }
-                }
-            }
-        }
     }
 
     /// A new consumer leader works from the replicated state, which can lag behind the in-progress
@@ -324,10 +282,58 @@ impl Follow {
     }
 }
 
+impl Task for Follow {
+    const NAME: &'static str = "consumer follower";
+
+    async fn run(mut self, stop: CancellationToken) -> anyhow::Result<()> {
+        let mut errors = RateLimited::new(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            match self.stream.consumer_info(CONSUMER).await {
+                Ok(info) => {
+                    let problem = self.incompatible(&info).or_else(|| {
+                        info.paused.then(|| {
+                            let remaining = info.pause_remaining.unwrap_or_default();
+                            format!(
+                                "consumer {CONSUMER} is paused for another {}",
+                                humantime::format_duration(Duration::from_secs(
+                                    remaining.as_secs()
+                                ))
+                            )
+                        })
+                    });
+                    if problem.is_some() && problem != self.health.problem() {
+                        tracing::error!(
+                            problem = problem.as_deref().unwrap_or_default(),
+                            "not taking work"
+                        );
+                    }
+                    self.health.set(problem);
+                    let leader = leader_of(&info);
+                    let ended = self.adopt(windows_of(&info), &leader);
+                    self.follow_leader(leader, ended);
+                }
+                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+                    self.recreate().await;
+                }
+                Err(e) => {
+                    metrics::counter!(m::QUEUE_POLL_ERRORS).increment(1);
+                    if let Some(skipped) = errors.allow() {
+                        tracing::warn!(error = %e, skipped, "cannot read the consumer's configuration; leases keep their own deadlines");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::lease::LeaseTiming;
+    use crate::engine::window::LeaseTiming;
 
     #[test]
     fn a_shrink_to_the_safe_length_is_learnt_before_the_server_can_redeliver() {
@@ -335,7 +341,7 @@ mod tests {
         // heartbeat and one poll after that heartbeat, and must still be inside its margin.
         for replicated in [false, true] {
             let timing = LeaseTiming::for_window(safe_shrink(replicated), replicated);
-            let learnt = crate::engine::lease::MAX_HEARTBEAT + POLL;
+            let learnt = crate::engine::window::MAX_HEARTBEAT + POLL;
             assert!(
                 learnt < timing.window - timing.margin,
                 "{learnt:?} vs {timing:?}"

@@ -28,9 +28,9 @@ use uuid::Uuid;
 
 /// Ends orders whose deliveries are exhausted, under the lease of the delivery that found them so.
 pub struct GiveUp {
-    pub writer: Writer,
-    pub stream: jetstream::stream::Stream,
-    pub stats: Arc<WorkerStats>,
+    writer: Writer,
+    stream: jetstream::stream::Stream,
+    stats: Arc<WorkerStats>,
 }
 
 /// How a give-up try ended.
@@ -47,6 +47,23 @@ enum GaveUp {
 }
 
 impl GiveUp {
+    pub fn new(
+        writer: Writer,
+        stream: jetstream::stream::Stream,
+        stats: Arc<WorkerStats>,
+    ) -> GiveUp {
+        GiveUp {
+            writer,
+            stream,
+            stats,
+        }
+    }
+
+    /// The stream the work messages are in.
+    pub fn stream(&self) -> &jetstream::stream::Stream {
+        &self.stream
+    }
+
     /// Ends the order `Failed` with `reason`, written under the lease, then settles its message.
     /// While the order store is unavailable it keeps the lease and tries again: the order is not
     /// left for nobody to end.

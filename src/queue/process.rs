@@ -4,8 +4,10 @@
 use crate::clock::now;
 use crate::domain::order::{parse_order_id, Interface, Order, Owner, State};
 use crate::domain::payload::{shown_payload, validate_payload};
-use crate::engine::lease::{Epoch, Holder, Lease, Windows};
+use crate::engine::connection::Epoch;
+use crate::engine::lease::{Holder, Lease};
 use crate::engine::pipeline::{Pipeline, Stop};
+use crate::engine::window::Windows;
 use crate::engine::write::{Halt, StoreRetry};
 use crate::ops::audit::{Audit, LeaseEnd};
 use crate::ops::metrics as m;
@@ -33,14 +35,14 @@ pub struct Timing {
 
 /// Everything a worker needs to take one delivery from arrival to outcome.
 pub struct Processor {
-    pub pipeline: Arc<Pipeline>,
-    pub give_up: GiveUp,
-    pub stats: Arc<WorkerStats>,
-    pub audit: Audit,
+    pipeline: Arc<Pipeline>,
+    give_up: GiveUp,
+    stats: Arc<WorkerStats>,
+    audit: Audit,
     /// The consumer's redelivery windows as they are now.
-    pub windows: watch::Receiver<Windows>,
+    windows: watch::Receiver<Windows>,
     /// Deliveries after which the order is given up (`ORDERLY_MAX_DELIVER`).
-    pub max_deliver: u32,
+    max_deliver: u32,
 }
 
 /// How processing ended, before it is turned into the message's outcome.
@@ -64,6 +66,34 @@ impl From<StoreError> for Failure {
 }
 
 impl Processor {
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        give_up: GiveUp,
+        stats: Arc<WorkerStats>,
+        audit: Audit,
+        windows: watch::Receiver<Windows>,
+        max_deliver: u32,
+    ) -> Processor {
+        Processor {
+            pipeline,
+            give_up,
+            stats,
+            audit,
+            windows,
+            max_deliver,
+        }
+    }
+
+    /// The node's worker counters.
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+
+    /// The consumer's redelivery windows as they are now.
+    pub fn windows(&self) -> watch::Receiver<Windows> {
+        self.windows.clone()
+    }
+
     fn store(&self) -> &OrderStore {
         self.pipeline.writer().store()
     }
@@ -227,7 +257,7 @@ impl Processor {
         {
             // The order was submitted again after the duplicate window. While the message that carries
             // it exists, that one is the order's; this copy is ended. If it is gone, this one takes over.
-            if message_exists(&self.give_up.stream, carrier).await? {
+            if message_exists(self.give_up.stream(), carrier).await? {
                 tracing::warn!(
                     carrier,
                     "second message for an order that another message carries; terminating it"

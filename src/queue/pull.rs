@@ -5,14 +5,17 @@
 //! after the node stopped reading a batch (it is draining, or the fetch failed) is handed back at once
 //! rather than left to wait out its ack wait.
 
-use crate::engine::lease::{Connection, Holder, Lease, Windows};
+use crate::engine::connection::Connection;
+use crate::engine::lease::{Holder, Lease};
 use crate::engine::pipeline::Stop;
+use crate::engine::window::Windows;
 use crate::ops::audit::LeaseEnd;
 use crate::ops::metrics as m;
 use crate::ops::rate::RateLimited;
 use crate::queue::follow::Health;
 use crate::queue::process::{Processor, Timing};
 use crate::queue::settle::{NakReason, Outcome, Settlement};
+use crate::task::Task;
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::{Stream, StreamExt};
 use std::sync::atomic::Ordering;
@@ -43,6 +46,8 @@ pub struct Puller {
     windows: watch::Receiver<Windows>,
     workers: usize,
     processor: Arc<Processor>,
+    /// Fires when the node's grace period is over: orders stop in the middle of a step.
+    abort: CancellationToken,
 }
 
 /// Why the node stopped reading a batch before it ended.
@@ -60,20 +65,30 @@ impl Puller {
         health: Health,
         workers: usize,
         processor: Processor,
+        abort: CancellationToken,
     ) -> Puller {
         Puller {
             consumer,
             leases,
             connection,
             health,
-            windows: processor.windows.clone(),
+            windows: processor.windows(),
             workers,
             processor: Arc::new(processor),
+            abort,
         }
     }
+}
 
-    /// Runs until `stop.drain` fires, then waits for in-flight orders to be finished or handed back.
-    pub async fn run(self, stop: Stop) -> anyhow::Result<()> {
+impl Task for Puller {
+    const NAME: &'static str = "workers";
+
+    /// Runs until `drain` fires, then waits for in-flight orders to be finished or handed back.
+    async fn run(self, drain: CancellationToken) -> anyhow::Result<()> {
+        let stop = Stop {
+            drain,
+            abort: self.abort.clone(),
+        };
         let mut pull_errors = RateLimited::new(Duration::from_secs(10));
         let slots = Arc::new(Semaphore::new(self.workers));
         let mut tasks = JoinSet::new();
@@ -108,7 +123,9 @@ impl Puller {
         }
         Ok(())
     }
+}
 
+impl Puller {
     /// One pull for as many messages as `permits` allows; each message is started on a worker task.
     async fn fetch(
         &self,
@@ -226,10 +243,10 @@ impl Puller {
         let processor = self.processor.clone();
         let stop = stop.clone();
         tasks.spawn(async move {
-            processor.stats.busy.fetch_add(1, Ordering::Relaxed);
+            processor.stats().busy.fetch_add(1, Ordering::Relaxed);
             metrics::gauge!(m::WORKERS_BUSY).increment(1.0);
             processor.handle(message, timing, stop).await;
-            processor.stats.busy.fetch_sub(1, Ordering::Relaxed);
+            processor.stats().busy.fetch_sub(1, Ordering::Relaxed);
             metrics::gauge!(m::WORKERS_BUSY).decrement(1.0);
             drop(permit);
         });
@@ -318,9 +335,9 @@ mod tests {
         );
         for (window, replicated) in [
             (Duration::from_secs(1), false),
-            (crate::engine::lease::MIN_REPLICATED_WINDOW, true),
+            (crate::engine::window::MIN_REPLICATED_WINDOW, true),
         ] {
-            let timing = crate::engine::lease::LeaseTiming::for_window(window, replicated);
+            let timing = crate::engine::window::LeaseTiming::for_window(window, replicated);
             assert!(fetch_expiry(timing.window) < timing.window - timing.margin);
         }
     }

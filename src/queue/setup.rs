@@ -137,6 +137,23 @@ pub struct Setup {
 
 /// Creates whatever is missing and checks that what exists matches `layout`.
 pub async fn setup(js: &jetstream::Context, layout: Layout) -> Result<Setup, SetupError> {
+    let mut stream = work_stream(js, layout).await?;
+    let consumer = work_consumer(&mut stream, layout).await?;
+    let orders = bucket(js, orders_bucket_config(layout)).await?;
+    let nodes = bucket(js, nodes_bucket_config(layout)).await?;
+    Ok(Setup {
+        stream,
+        consumer,
+        orders,
+        nodes,
+    })
+}
+
+/// The `ORDERS` stream, created if it is missing; an existing one must match what Orderly needs.
+async fn work_stream(
+    js: &jetstream::Context,
+    layout: Layout,
+) -> Result<stream::Stream, SetupError> {
     let wanted = stream_config(layout);
     let stream = match js.get_stream(STREAM).await {
         Ok(stream) => stream,
@@ -168,7 +185,15 @@ pub async fn setup(js: &jetstream::Context, layout: Layout) -> Result<Setup, Set
         &actual.num_replicas,
     );
     conflict("stream ORDERS", diffs)?;
+    Ok(stream)
+}
 
+/// The `workers` consumer, created if it is missing (and upgraded if an earlier Orderly gave it a
+/// delivery limit); an existing one must match what Orderly needs.
+async fn work_consumer(
+    stream: &mut stream::Stream,
+    layout: Layout,
+) -> Result<consumer::PullConsumer, SetupError> {
     let wanted = consumer_config(layout);
     let mut consumer: consumer::PullConsumer = match stream.get_consumer(CONSUMER).await {
         Ok(consumer) => consumer,
@@ -227,15 +252,7 @@ pub async fn setup(js: &jetstream::Context, layout: Layout) -> Result<Setup, Set
         &actual.filter_subject,
     );
     conflict("consumer ORDERS/workers", diffs)?;
-
-    let orders = bucket(js, orders_bucket_config(layout)).await?;
-    let nodes = bucket(js, nodes_bucket_config(layout)).await?;
-    Ok(Setup {
-        stream,
-        consumer,
-        orders,
-        nodes,
-    })
+    Ok(consumer)
 }
 
 /// The configuration that upgrades a consumer an earlier Orderly created (with a delivery limit, and

@@ -24,11 +24,13 @@
 //! the cluster at a time.
 
 use crate::domain::order::parse_order_id;
-use crate::engine::lease::{Connection, Windows};
+use crate::engine::connection::Connection;
+use crate::engine::window::Windows;
 use crate::ops::metrics as m;
 use crate::ops::rate::RateLimited;
 use crate::queue::setup::{CONSUMER, STREAM, SUBMIT_PREFIX};
 use crate::store::OrderStore;
+use crate::task::Task;
 use async_nats::jetstream::{self, kv, stream::Stream};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -219,34 +221,6 @@ impl Sweep {
         }
     }
 
-    pub async fn run(mut self, stop: CancellationToken) -> anyhow::Result<()> {
-        let mut errors = RateLimited::new(Duration::from_secs(30));
-        let mut seen_losses = self.connection.losses();
-        loop {
-            let lost = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                _ = self.connection.wait_loss_after(seen_losses) => true,
-                _ = tokio::time::sleep(EVERY) => false,
-            };
-            if lost {
-                seen_losses = self.connection.losses();
-                // Wait for the connection to come back before reading.
-                let client = self.js.client();
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = wait_connected(&client) => {}
-                }
-            } else if !self.my_turn().await {
-                continue;
-            }
-            if let Err(e) = self.sweep().await {
-                if let Some(skipped) = errors.allow() {
-                    tracing::warn!(error = %e, skipped, "cannot sweep the work queue; trying again later");
-                }
-            }
-        }
-    }
-
     /// One node of the cluster sweeps in each period: the one that creates the period's key.
     async fn my_turn(&self) -> bool {
         let slot = chrono::Utc::now().timestamp() as u64 / EVERY.as_secs().max(1);
@@ -359,6 +333,38 @@ impl Sweep {
             "work message with a header block no node can receive: published again without headers"
         );
         Ok(())
+    }
+}
+
+impl Task for Sweep {
+    const NAME: &'static str = "sweep";
+
+    async fn run(mut self, stop: CancellationToken) -> anyhow::Result<()> {
+        let mut errors = RateLimited::new(Duration::from_secs(30));
+        let mut seen_losses = self.connection.losses();
+        loop {
+            let lost = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = self.connection.wait_loss_after(seen_losses) => true,
+                _ = tokio::time::sleep(EVERY) => false,
+            };
+            if lost {
+                seen_losses = self.connection.losses();
+                // Wait for the connection to come back before reading.
+                let client = self.js.client();
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = wait_connected(&client) => {}
+                }
+            } else if !self.my_turn().await {
+                continue;
+            }
+            if let Err(e) = self.sweep().await {
+                if let Some(skipped) = errors.allow() {
+                    tracing::warn!(error = %e, skipped, "cannot sweep the work queue; trying again later");
+                }
+            }
+        }
     }
 }
 
