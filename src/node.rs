@@ -436,11 +436,11 @@ impl Running {
                 return None;
             }
             Some(joined) = self.tasks.join_next() => {
-                joined.unwrap_or_else(|e| ("a task", Err(anyhow::anyhow!("panicked: {e}"))))
+                joined.unwrap_or_else(|e| ("a task", Err(anyhow::Error::new(e).context("panicked"))))
             }
             joined = heartbeat => {
                 self.heartbeat = None;
-                let result = joined.unwrap_or_else(|e| Err(anyhow::anyhow!("panicked: {e}")));
+                let result = joined.unwrap_or_else(|e| Err(anyhow::Error::new(e).context("panicked")));
                 (Cluster::NAME, result)
             }
         };

@@ -39,16 +39,14 @@ impl Task for Service {
             .metadata([("node".to_string(), self.node_id)].into())
             .start("orders", env!("CARGO_PKG_VERSION"))
             .await
-            .map_err(|e| anyhow::anyhow!("cannot start the NATS service: {e}"))?;
+            .map_err(|e| anyhow::anyhow!(e).context("cannot start the NATS service"))?;
         let group = service.group("orders");
-        let mut create = group
-            .endpoint("create")
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot add endpoint {CREATE_SUBJECT}: {e}"))?;
-        let mut get = group
-            .endpoint("get")
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot add endpoint {GET_SUBJECT}: {e}"))?;
+        let mut create = group.endpoint("create").await.map_err(|e| {
+            anyhow::anyhow!(e).context(format!("cannot add endpoint {CREATE_SUBJECT}"))
+        })?;
+        let mut get = group.endpoint("get").await.map_err(|e| {
+            anyhow::anyhow!(e).context(format!("cannot add endpoint {GET_SUBJECT}"))
+        })?;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,

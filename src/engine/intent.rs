@@ -3,14 +3,12 @@
 //!
 //! 1. The requester records the intent in the order's document ([`record`]): a compare-and-set on the
 //!    revision it read, like every write. It needs no lease: it changes nothing the owner decides.
-//! 2. The owner's next write under its lease is refused (the revision moved). The [`Writer`] reads the
+//! 2. The owner's next write under its lease is refused (the revision moved). The `Writer` reads the
 //!    document again; if the only difference is the intent, it applies its change on top and writes
 //!    again, still under the lease and before its deadline. Any other difference (another owner, more
 //!    progress) is a lost lease, as before.
 //! 3. The pipeline checks the document at each commit. An intent it has not seen yet is marked seen
 //!    (`intent.seen_by`, `intent.seen_at`), so the requester can tell that the owner got it.
-//!
-//! [`Writer`]: crate::engine::write::Writer
 
 use crate::domain::intent::Intent;
 use crate::store::{OrderStore, StoreError, Versioned};

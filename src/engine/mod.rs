@@ -4,7 +4,7 @@
 pub mod connection;
 pub mod intent;
 pub mod lease;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod steps;
 pub mod window;
-pub mod write;
+pub(crate) mod write;

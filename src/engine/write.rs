@@ -7,7 +7,7 @@
 //! or unconfirmed; the first confirmed write of a delivery opens the lease's audit interval.
 //!
 //! A write refused because someone else wrote the document is a lost lease, unless what was written
-//! is only an intent recorded for the owner (see [`crate::engine::intent`]): then the owner's change
+//! is only an intent recorded for the owner (see the `intent` module): then the owner's change
 //! is applied again on top of it and the order goes on.
 
 use crate::domain::order::{CurrentStep, Order, TransitionError};

