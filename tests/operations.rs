@@ -464,6 +464,17 @@ fn alert_rules_pass_promtool_checks_and_unit_tests() {
     assert!(ok, "promtool check rules: {output}");
     let (ok, output) = promtool(&["check", "config", "prometheus.yml"], None);
     assert!(ok, "promtool check config: {output}");
+    // The shipped configuration scrapes what the README starts, one node with HTTP on
+    // 127.0.0.1:8080, and nothing else: a target nobody listens on raises OrderlyNodeDown.
+    let config = std::fs::read_to_string(repo("prometheus/prometheus.yml")).unwrap();
+    let targets: Vec<&str> = config
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| *l != "- targets:")
+        .skip(1)
+        .map_while(|l| l.strip_prefix("- "))
+        .collect();
+    assert_eq!(targets, ["127.0.0.1:8080"], "targets in prometheus.yml");
     let (ok, output) = promtool(&["test", "rules", "alerts.test.yml"], None);
     assert!(ok, "promtool test rules: {output}");
 }
