@@ -118,10 +118,12 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    async fn start(target: &str) -> Prometheus {
+    /// A Prometheus that scrapes `targets` as the job `orderly` and evaluates the shipped alert
+    /// rules, both every second.
+    async fn start(targets: &[&str]) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
         let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\nscrape_configs:\n  - job_name: orderly\n    static_configs:\n      - targets: ['{target}']\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\nscrape_configs:\n  - job_name: orderly\n    static_configs:\n      - targets: {targets:?}\n",
             rules = repo("prometheus/alerts.yml").display(),
         );
         std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
@@ -155,6 +157,32 @@ impl Prometheus {
         prometheus
     }
 
+    async fn get(&self, path: &str) -> Value {
+        reqwest::get(format!("{}{path}", self.url))
+            .await
+            .expect("Prometheus answers")
+            .json()
+            .await
+            .expect("JSON")
+    }
+
+    /// How many times each rule group has been evaluated, from Prometheus' own metrics.
+    async fn group_evaluations(&self) -> Vec<(String, f64)> {
+        let text = reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .expect("Prometheus answers")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .filter_map(|line| line.strip_prefix("prometheus_rule_group_iterations_total{"))
+            .filter_map(|rest| {
+                let (labels, value) = rest.split_once("} ")?;
+                Some((labels.to_owned(), value.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
     async fn query(&self, expr: &str) -> Value {
         reqwest::Client::new()
             .get(format!("{}/api/v1/query", self.url))
@@ -183,7 +211,7 @@ async fn every_dashboard_query_returns_data_from_a_live_node() {
         .env("ORDERLY_FAILURE_RATE", "0.1")
         .start()
         .await;
-    let prometheus = Prometheus::start(node.http.trim_start_matches("http://")).await;
+    let prometheus = Prometheus::start(&[node.http.trim_start_matches("http://")]).await;
 
     // Orders through every interface, some failing, a bad submission and a poison message.
     let http = reqwest::Client::new();
@@ -312,12 +340,141 @@ async fn every_dashboard_query_returns_data_from_a_live_node() {
     }
 }
 
+/// A newcomer's first minutes: two healthy nodes that have taken a few orders, and a Prometheus that
+/// has just started with the shipped alert rules. Once it has scraped both nodes and evaluated every
+/// rule group on that data, no alert is pending or firing, over many evaluations of every group.
+#[tokio::test(flavor = "multi_thread")]
+async fn healthy_nodes_and_a_fresh_prometheus_raise_no_alert() {
+    const EVALUATIONS: f64 = 15.0;
+    let server = NatsServer::start().await;
+    let a = Node::builder(&server.url).id("a").start().await;
+    let b = Node::builder(&server.url).id("b").start().await;
+    let targets = [
+        a.http.trim_start_matches("http://"),
+        b.http.trim_start_matches("http://"),
+    ];
+
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for (i, node) in [&a, &b, &a, &b, &a, &b].into_iter().enumerate() {
+        ids.push(submit(&http, node, json!({ "n": i })).await);
+    }
+    let prometheus = Prometheus::start(&targets).await;
+    let kv = server.js().await.get_key_value("orders").await.unwrap();
+    wait_all_terminal(&kv, &ids, Duration::from_secs(30)).await;
+
+    // From the first scrape of both nodes on, every evaluation of every group finds nothing.
+    wait_until(
+        "Prometheus to scrape both nodes",
+        Duration::from_secs(20),
+        || async {
+            let up = prometheus.query(r#"up{job="orderly"} == 1"#).await;
+            (up["data"]["result"].as_array()?.len() == 2).then_some(())
+        },
+    )
+    .await;
+    // An evaluation that ran before the first scrape may have seen no node (OrderlyNoNodes pending
+    // for one evaluation): watch from the second evaluation after both nodes were scraped.
+    let scraped = prometheus.group_evaluations().await;
+    let start = wait_until(
+        "every rule group to be evaluated on the scraped data",
+        Duration::from_secs(20),
+        || async {
+            let now = prometheus.group_evaluations().await;
+            let before = |group: &str| {
+                scraped
+                    .iter()
+                    .find(|(g, _)| g == group)
+                    .map_or(0.0, |(_, n)| *n)
+            };
+            now.iter()
+                .all(|(group, n)| n - before(group) >= 2.0)
+                .then_some(now)
+        },
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let mut seen = Vec::new();
+    loop {
+        let alerts = prometheus.get("/api/v1/alerts").await;
+        for alert in alerts["data"]["alerts"].as_array().into_iter().flatten() {
+            seen.push(format!(
+                "{} {}: {}",
+                alert["state"], alert["labels"], alert["annotations"]["description"]
+            ));
+        }
+        let now = prometheus.group_evaluations().await;
+        let groups: Vec<_> = now
+            .iter()
+            .filter(|(group, _)| group.contains("alerts.yml;orderly-"))
+            .collect();
+        let evaluated = groups.len() == 3
+            && groups.iter().all(|(group, n)| {
+                let before = start
+                    .iter()
+                    .find(|(g, _)| g == group)
+                    .map_or(0.0, |(_, n)| *n);
+                n - before >= EVALUATIONS
+            });
+        if evaluated {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "every rule group evaluated {EVALUATIONS} times within 40 s: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        seen.is_empty(),
+        "alerts pending or firing with healthy nodes:\n{}",
+        seen.join("\n")
+    );
+
+    // The rules evaluated without error, and the last evaluation also found nothing.
+    let rules = prometheus.get("/api/v1/rules").await;
+    for rule in rules["data"]["groups"]
+        .as_array()
+        .expect("rule groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+    {
+        assert_eq!(
+            rule["health"], "ok",
+            "rule {}: {}",
+            rule["name"], rule["lastError"]
+        );
+        assert_eq!(
+            rule["state"], "inactive",
+            "rule {}: {}",
+            rule["name"], rule["alerts"]
+        );
+    }
+    let alerts = prometheus.get("/api/v1/alerts").await;
+    assert_eq!(
+        alerts["data"]["alerts"],
+        json!([]),
+        "alerts with healthy nodes"
+    );
+}
+
 #[test]
 fn alert_rules_pass_promtool_checks_and_unit_tests() {
     let (ok, output) = promtool(&["check", "rules", "alerts.yml"], None);
     assert!(ok, "promtool check rules: {output}");
     let (ok, output) = promtool(&["check", "config", "prometheus.yml"], None);
     assert!(ok, "promtool check config: {output}");
+    // The shipped configuration scrapes what the README starts, one node with HTTP on
+    // 127.0.0.1:8080, and nothing else: a target nobody listens on raises OrderlyNodeDown.
+    let config = std::fs::read_to_string(repo("prometheus/prometheus.yml")).unwrap();
+    let targets: Vec<&str> = config
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| *l != "- targets:")
+        .skip(1)
+        .map_while(|l| l.strip_prefix("- "))
+        .collect();
+    assert_eq!(targets, ["127.0.0.1:8080"], "targets in prometheus.yml");
     let (ok, output) = promtool(&["test", "rules", "alerts.test.yml"], None);
     assert!(ok, "promtool test rules: {output}");
 }
@@ -339,10 +496,33 @@ fn every_alert_has_a_runbook_entry_and_a_firing_and_a_quiet_test() {
         .map(str::trim)
         .collect();
     assert!(names.len() >= 10, "alerts: {names:?}");
+    // Runbook links are absolute, so Alertmanager and every receiver can open them: the base is the
+    // RUNBOOK.md of the repository named in Cargo.toml, and the anchor is the alert's heading.
+    let manifest = std::fs::read_to_string(repo("Cargo.toml")).unwrap();
+    let repository = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("repository = "))
+        .expect("Cargo.toml names the repository")
+        .trim_matches('"');
+    let base = format!("{repository}/blob/main/prometheus/RUNBOOK.md");
+    assert!(base.starts_with("https://"), "runbook base {base}");
+    let urls: Vec<&str> = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook_url:"))
+        .map(|url| url.trim().trim_matches('"'))
+        .collect();
+    assert_eq!(urls.len(), names.len(), "one runbook_url per alert");
+    for (name, url) in names.iter().zip(&urls) {
+        assert_eq!(
+            *url,
+            format!("{base}#{}", name.to_lowercase()),
+            "runbook_url of {name}"
+        );
+    }
     for name in names {
         assert!(
-            runbook.contains(&name.to_lowercase()),
-            "RUNBOOK.md has no entry for {name}"
+            runbook.contains(&format!("\n## {}\n", name.to_lowercase())),
+            "RUNBOOK.md has no section headed {name}"
         );
         let cases: Vec<&str> = tests
             .split("- eval_time:")
