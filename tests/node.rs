@@ -572,3 +572,78 @@ async fn service_error_replies_are_counted_and_keep_their_json_body() {
         "the last error is the 404: {endpoint}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_log_line_names_the_node_and_a_reconnect_is_logged_once() {
+    let mut server = NatsServer::start().await;
+    let node = Node::builder(&server.url)
+        .env("ORDERLY_LOG_FORMAT", "json")
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let id = submit(&http, &node, json!({ "customer": "ada" })).await;
+    let kv = server
+        .js()
+        .await
+        .get_key_value("orders")
+        .await
+        .expect("orders bucket");
+    wait_all_terminal(&kv, &[id], Duration::from_secs(20)).await;
+
+    server.restart().await;
+    let message = |line: &Value| line["fields"]["message"].as_str().unwrap_or("").to_owned();
+    let lines = || -> Vec<Value> {
+        node.logs()
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("a JSON line ({e}): {line}"))
+            })
+            .collect()
+    };
+    wait_until(
+        "the node's three connections to reconnect",
+        Duration::from_secs(20),
+        || async {
+            let reconnected = lines()
+                .iter()
+                .filter(|l| message(l) == "reconnected to NATS")
+                .count();
+            (reconnected >= 3).then_some(())
+        },
+    )
+    .await;
+    let lines = lines();
+    for line in &lines {
+        assert_eq!(
+            line["node_id"],
+            node.id.as_str(),
+            "a line without the node id: {line}"
+        );
+    }
+    for event in [
+        "connected to NATS",
+        "disconnected from NATS; reconnecting",
+        "reconnected to NATS",
+    ] {
+        for connection in ["work", "fetch", "public"] {
+            let count = lines
+                .iter()
+                .filter(|l| message(l) == event && l["fields"]["connection"] == connection)
+                .count();
+            assert_eq!(count, 1, "{event:?} on the {connection} connection");
+        }
+    }
+    let client_events: Vec<&Value> = lines
+        .iter()
+        .filter(|l| {
+            l["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("async_nats"))
+        })
+        .filter(|l| message(l).starts_with("event:") || message(l) == "connected successfully")
+        .collect();
+    assert!(
+        client_events.is_empty(),
+        "logged again by the client: {client_events:?}"
+    );
+}
