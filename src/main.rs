@@ -2,11 +2,13 @@
 
 use clap::Parser;
 use orderly::config::{Config, LogFormat};
+use std::sync::Arc;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let config = match Config::try_parse() {
+    let mut config = match Config::try_parse() {
         Ok(config) => config,
         Err(e) => exit_on_bad_config(e),
     };
@@ -14,7 +16,12 @@ async fn main() -> std::process::ExitCode {
         eprintln!("error: {e}");
         return std::process::ExitCode::from(2);
     }
-    let filter = match EnvFilter::try_new(&config.log) {
+    // The node's id is chosen here, so that every log line can carry it.
+    let node_id = config
+        .node_id
+        .get_or_insert_with(orderly::node::default_node_id)
+        .clone();
+    let filter = match EnvFilter::try_new(filter_directives(&config.log)) {
         Ok(filter) => filter,
         Err(e) => {
             eprintln!(
@@ -27,7 +34,10 @@ async fn main() -> std::process::ExitCode {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(NodeTagged::new(
+            &node_id,
+            matches!(config.log_format, LogFormat::Json),
+        ));
     match config.log_format {
         LogFormat::Json => logs
             .json()
@@ -43,6 +53,79 @@ async fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The log filter: the user's, with the NATS client's own connection messages (`event: connected`,
+/// `connected successfully`) left out unless it names the client's target (`async_nats=debug`): the
+/// node logs every connection event itself, once, naming the connection.
+fn filter_directives(user: &str) -> String {
+    if user.contains("async_nats") {
+        user.to_owned()
+    } else {
+        format!("{user},async_nats=warn")
+    }
+}
+
+/// Writes log lines to stderr, each with the node's id: `"node_id": ...` as the first field of a JSON
+/// line, `node_id=... ` at the start of a text line. The subscriber writes each event with one call,
+/// so every line carries the id, whichever task or library logged it.
+#[derive(Clone)]
+struct NodeTagged {
+    prefix: Arc<[u8]>,
+    json: bool,
+}
+
+impl NodeTagged {
+    fn new(node_id: &str, json: bool) -> NodeTagged {
+        let prefix = if json {
+            format!("\"node_id\":{},", serde_json::Value::from(node_id))
+        } else {
+            format!("node_id={node_id} ")
+        };
+        NodeTagged {
+            prefix: prefix.into_bytes().into(),
+            json,
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for NodeTagged {
+    type Writer = NodeTagged;
+
+    fn make_writer(&'a self) -> NodeTagged {
+        self.clone()
+    }
+}
+
+impl NodeTagged {
+    /// One formatted event, with the node's id.
+    fn tag(&self, event: &[u8]) -> Vec<u8> {
+        let mut line = Vec::with_capacity(self.prefix.len() + event.len());
+        match event.strip_prefix(b"{") {
+            Some(fields) if self.json => {
+                line.push(b'{');
+                line.extend_from_slice(&self.prefix);
+                line.extend_from_slice(fields);
+            }
+            _ if self.json => line.extend_from_slice(event),
+            _ => {
+                line.extend_from_slice(&self.prefix);
+                line.extend_from_slice(event);
+            }
+        }
+        line
+    }
+}
+
+impl std::io::Write for NodeTagged {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stderr().lock().write_all(&self.tag(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 
@@ -81,5 +164,33 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_log_line_carries_the_node_id() {
+        let json = NodeTagged::new("node-a", true);
+        let line = json.tag(b"{\"level\":\"INFO\",\"fields\":{}}\n");
+        let value: serde_json::Value = serde_json::from_slice(&line).expect("still JSON");
+        assert_eq!(value["node_id"], "node-a");
+        assert_eq!(value["level"], "INFO");
+        let text = NodeTagged::new("node-a", false);
+        assert_eq!(
+            text.tag(b"2026-01-01T00:00:00Z  INFO orderly: started\n"),
+            b"node_id=node-a 2026-01-01T00:00:00Z  INFO orderly: started\n"
+        );
+    }
+
+    #[test]
+    fn the_clients_own_connection_messages_are_left_out_unless_asked_for() {
+        assert_eq!(filter_directives("info"), "info,async_nats=warn");
+        assert_eq!(
+            filter_directives("info,async_nats=debug"),
+            "info,async_nats=debug"
+        );
     }
 }

@@ -36,8 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 /// A readable, unique default node id: the host name and a random suffix.
 pub fn default_node_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
+    let host = host_name()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_default();
     let host: String = host
@@ -58,6 +57,25 @@ pub fn default_node_id() -> String {
         host
     };
     format!("{host}-{:04x}", rand::random::<u16>())
+}
+
+/// The host name, as the kernel reports it.
+#[cfg(target_os = "linux")]
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok()
+}
+
+/// The host name, as the system reports it (other Unix systems have no `/proc/sys`).
+#[cfg(not(target_os = "linux"))]
+fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`, which lives for the call.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8(buf[..end].to_vec()).ok()
 }
 
 /// Runs a node with the simulated steps the configuration describes until `shutdown` completes, then

@@ -438,3 +438,212 @@ async fn an_ack_no_consumer_takes_is_not_confirmed() {
         "{err}"
     );
 }
+
+/// Sends a request to the node's HTTP API and returns the status, the JSON body (null if there is
+/// none) and how long the answer took.
+async fn timed(request: reqwest::RequestBuilder) -> (u16, Value, Duration) {
+    let started = std::time::Instant::now();
+    let response = request.send().await.expect("the node answers");
+    let status = response.status().as_u16();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body, started.elapsed())
+}
+
+/// Asserts a 503 with the JSON error body of an unavailable service, within the 2 s a user waits.
+fn assert_unavailable_in_time(what: &str, (status, body, took): (u16, Value, Duration)) {
+    assert_eq!(status, 503, "{what}: {body}");
+    assert_eq!(body["code"], "unavailable", "{what}: {body}");
+    assert!(body["error"].is_string(), "{what}: {body}");
+    assert!(
+        took < Duration::from_secs(2),
+        "{what} answered after {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_and_submissions_answer_503_within_2s_while_nats_is_away() {
+    let mut server = NatsServer::start().await;
+    let node = Node::builder(&server.url).start().await;
+    let http = reqwest::Client::new();
+    let id = submit(&http, &node, json!({ "customer": "ada" })).await;
+    let order = format!("{}/orders/{id}", node.http);
+    let cluster = format!("{}/diagnostic/cluster", node.http);
+    let (status, body, _) = timed(http.get(&order)).await;
+    assert_eq!(status, 200, "GET {order}: {body}");
+
+    // A stopped server keeps its connections open: the node cannot tell it is away.
+    server.signal("STOP");
+    assert_unavailable_in_time(
+        "GET /orders/{id}, server stopped",
+        timed(http.get(&order)).await,
+    );
+    assert_unavailable_in_time(
+        "GET /diagnostic/cluster, server stopped",
+        timed(http.get(&cluster)).await,
+    );
+    server.signal("CONT");
+    wait_until(
+        "the node to read the order again",
+        Duration::from_secs(20),
+        || async { (timed(http.get(&order)).await.0 == 200).then_some(()) },
+    )
+    .await;
+
+    // A killed server closes them: the node knows, and says so at once.
+    server.kill();
+    assert_unavailable_in_time(
+        "GET /orders/{id}, server killed",
+        timed(http.get(&order)).await,
+    );
+    assert_unavailable_in_time(
+        "GET /diagnostic/cluster, server killed",
+        timed(http.get(&cluster)).await,
+    );
+    wait_until(
+        "the node to see its connections lost",
+        Duration::from_secs(10),
+        || async {
+            let scrape = node.metrics().await;
+            (metric_sum(&scrape, "orderly_nats_connected") == 0.0).then_some(())
+        },
+    )
+    .await;
+    let post = http
+        .post(format!("{}/orders", node.http))
+        .json(&json!({ "customer": "bob" }));
+    assert_unavailable_in_time("POST /orders, server killed", timed(post).await);
+}
+
+/// The `orders.get` endpoint's error count in the service statistics (`nats micro stats orders`).
+async fn get_errors(client: &async_nats::Client) -> (u64, Value) {
+    let reply = client
+        .request("$SRV.STATS.orders", "".into())
+        .await
+        .expect("the service answers $SRV.STATS");
+    let stats: Value = serde_json::from_slice(&reply.payload).expect("JSON statistics");
+    let get = stats["endpoints"]
+        .as_array()
+        .expect("endpoints[]")
+        .iter()
+        .find(|e| e["subject"] == "orders.get")
+        .unwrap_or_else(|| panic!("an orders.get endpoint in {stats}"))
+        .clone();
+    (get["num_errors"].as_u64().expect("num_errors"), get)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn service_error_replies_are_counted_and_keep_their_json_body() {
+    let server = NatsServer::start().await;
+    let _node = Node::builder(&server.url).start().await;
+    let client = server.client().await;
+    let (before, _) = get_errors(&client).await;
+    let missing = uuid::Uuid::now_v7();
+    for (request, status, code) in [
+        ("not-an-id".to_owned(), "400", "bad_request"),
+        (missing.to_string(), "404", "not_found"),
+    ] {
+        let reply = client
+            .request("orders.get", request.clone().into())
+            .await
+            .expect("orders.get answers");
+        let header = |name: &str| {
+            reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.to_string())
+        };
+        assert_eq!(
+            header("Nats-Service-Error-Code").as_deref(),
+            Some(status),
+            "orders.get {request}"
+        );
+        assert!(header("Nats-Service-Error").is_some_and(|e| !e.is_empty()));
+        let body: Value = serde_json::from_slice(&reply.payload).expect("a JSON error body");
+        assert_eq!(body["code"], code, "orders.get {request}: {body}");
+        assert!(body["error"].is_string(), "{body}");
+    }
+    let (after, endpoint) = get_errors(&client).await;
+    assert_eq!(after, before + 2, "two error replies counted: {endpoint}");
+    assert!(
+        endpoint["last_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("404:")),
+        "the last error is the 404: {endpoint}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_log_line_names_the_node_and_a_reconnect_is_logged_once() {
+    let mut server = NatsServer::start().await;
+    let node = Node::builder(&server.url)
+        .env("ORDERLY_LOG_FORMAT", "json")
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let id = submit(&http, &node, json!({ "customer": "ada" })).await;
+    let kv = server
+        .js()
+        .await
+        .get_key_value("orders")
+        .await
+        .expect("orders bucket");
+    wait_all_terminal(&kv, &[id], Duration::from_secs(20)).await;
+
+    server.restart().await;
+    let message = |line: &Value| line["fields"]["message"].as_str().unwrap_or("").to_owned();
+    let lines = || -> Vec<Value> {
+        node.logs()
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("a JSON line ({e}): {line}"))
+            })
+            .collect()
+    };
+    wait_until(
+        "the node's three connections to reconnect",
+        Duration::from_secs(20),
+        || async {
+            let reconnected = lines()
+                .iter()
+                .filter(|l| message(l) == "reconnected to NATS")
+                .count();
+            (reconnected >= 3).then_some(())
+        },
+    )
+    .await;
+    let lines = lines();
+    for line in &lines {
+        assert_eq!(
+            line["node_id"],
+            node.id.as_str(),
+            "a line without the node id: {line}"
+        );
+    }
+    for event in [
+        "connected to NATS",
+        "disconnected from NATS; reconnecting",
+        "reconnected to NATS",
+    ] {
+        for connection in ["work", "fetch", "public"] {
+            let count = lines
+                .iter()
+                .filter(|l| message(l) == event && l["fields"]["connection"] == connection)
+                .count();
+            assert_eq!(count, 1, "{event:?} on the {connection} connection");
+        }
+    }
+    let client_events: Vec<&Value> = lines
+        .iter()
+        .filter(|l| {
+            l["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("async_nats"))
+        })
+        .filter(|l| message(l).starts_with("event:") || message(l) == "connected successfully")
+        .collect();
+    assert!(
+        client_events.is_empty(),
+        "logged again by the client: {client_events:?}"
+    );
+}

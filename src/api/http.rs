@@ -1,7 +1,7 @@
 //! The HTTP API: submit and query orders, node diagnostics, health and metrics. Every error is a JSON
 //! body `{"error": ..., "code": ...}` with a fitting status.
 
-use crate::api::intake::{Intake, IntakeError, IDEMPOTENCY_KEY};
+use crate::api::intake::{bounded_read, Intake, IntakeError, IDEMPOTENCY_KEY};
 use crate::domain::order::Interface;
 use crate::ops::cluster::Cluster;
 use crate::ops::metrics as m;
@@ -257,13 +257,18 @@ async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
 }
 
 async fn cluster(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let nodes = state.cluster.live_nodes().await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            format!("cannot read the cluster view: {e}"),
-        )
-    })?;
+    // The heartbeats bucket is read on the work connection (the first one).
+    let read = async {
+        state
+            .cluster
+            .live_nodes()
+            .await
+            .map_err(|e| IntakeError::Unavailable {
+                context: "cannot read the cluster view".into(),
+                source: Some(e),
+            })
+    };
+    let nodes = bounded_read(&state.clients[0], read).await?;
     let busy: usize = nodes.iter().map(|n| n.workers_busy).sum();
     let total: usize = nodes.iter().map(|n| n.workers_total).sum();
     Ok(Json(json!({

@@ -17,7 +17,42 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use std::future::Future;
+use std::time::Duration;
 use uuid::Uuid;
+
+/// How long a read waits for NATS before the caller is told the service is unavailable. A read takes
+/// milliseconds when NATS is there; a user looking an order up while NATS is away hears so within 2 s
+/// instead of after the client's request timeout (10 s).
+pub const READ_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Runs `read` on `client` unless the client is not connected, and gives up after [`READ_TIMEOUT`]:
+/// an `Unavailable` error at once when NATS is known to be away, or as soon as the wait is over when
+/// it does not answer (a stopped server keeps its connection open).
+pub async fn bounded_read<T, E>(
+    client: &async_nats::Client,
+    read: impl Future<Output = Result<T, E>>,
+) -> Result<T, IntakeError>
+where
+    E: Into<IntakeError>,
+{
+    if client.connection_state() != async_nats::connection::State::Connected {
+        return Err(IntakeError::Unavailable {
+            context: "not connected to NATS".into(),
+            source: None,
+        });
+    }
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(IntakeError::Unavailable {
+            context: format!(
+                "NATS did not answer within {}",
+                humantime::format_duration(READ_TIMEOUT)
+            ),
+            source: None,
+        }),
+    }
+}
 
 /// Header with a client-chosen order id that makes a submission safe to repeat.
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
@@ -221,8 +256,7 @@ impl Intake {
     /// The order's document as stored, byte for byte.
     pub async fn get(&self, id: &str) -> Result<Bytes, IntakeError> {
         let order_id = parse_order_id(id).map_err(|e| IntakeError::BadRequest(e.to_string()))?;
-        self.store
-            .get_raw(order_id)
+        bounded_read(&self.js.client(), self.store.get_raw(order_id))
             .await?
             .ok_or(IntakeError::NotFound(order_id))
     }

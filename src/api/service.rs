@@ -52,6 +52,7 @@ impl Task for Service {
                 _ = cancel.cancelled() => break,
                 Some(request) = create.next() => {
                     let intake = self.intake.clone();
+                    let client = self.client.clone();
                     tokio::spawn(async move {
                         let key = request
                             .message
@@ -62,18 +63,19 @@ impl Task for Service {
                         let result = intake.submit(&request.message.payload, Interface::Nats, key.as_deref()).await.map(|s| {
                             Bytes::from(serde_json::to_vec(&s).expect("a reply always serializes"))
                         });
-                        reply(&request, result).await;
+                        reply(&client, request, result).await;
                     });
                 }
                 Some(request) = get.next() => {
                     let intake = self.intake.clone();
+                    let client = self.client.clone();
                     tokio::spawn(async move {
                         let id = parse_get_request(&request.message.payload);
                         let result = match id {
                             Ok(id) => intake.get(&id).await,
                             Err(e) => Err(e),
                         };
-                        reply(&request, result).await;
+                        reply(&client, request, result).await;
                     });
                 }
                 else => break,
@@ -108,15 +110,40 @@ fn parse_get_request(body: &[u8]) -> Result<String, IntakeError> {
 }
 
 /// Replies with the body, or with a JSON error body and the service API's error headers.
-async fn reply(request: &async_nats::service::Request, result: Result<Bytes, IntakeError>) {
+///
+/// An error is also counted in the endpoint's statistics (`num_errors` and `last_error` in `nats micro
+/// stats orders`). The service API counts an error only when it sends the reply itself, and then
+/// sends an empty body; so the counted error reply goes to an inbox nobody listens on, and the caller
+/// gets the same headers with the JSON body (`{"error": ..., "code": ...}`) on its reply subject.
+async fn reply(
+    client: &async_nats::Client,
+    mut request: async_nats::service::Request,
+    result: Result<Bytes, IntakeError>,
+) {
     let sent = match result {
         Ok(body) => request.respond(Ok(body)).await,
         Err(e) => {
+            let error = async_nats::service::error::Error {
+                status: e.to_string(),
+                code: usize::from(e.status()),
+            };
+            let Some(reply_to) = request.message.reply.replace(client.new_inbox().into()) else {
+                return; // a publish, not a request: nobody to answer
+            };
+            if let Err(e) = request.respond(Err(error.clone())).await {
+                tracing::debug!(error = %e, "cannot count the error reply");
+            }
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Service-Error", e.to_string().as_str());
-            headers.insert("Nats-Service-Error-Code", e.status().to_string().as_str());
+            headers.insert(
+                async_nats::service::NATS_SERVICE_ERROR,
+                error.status.as_str(),
+            );
+            headers.insert(
+                async_nats::service::NATS_SERVICE_ERROR_CODE,
+                error.code.to_string().as_str(),
+            );
             let body = Bytes::from(e.body().to_string());
-            request.respond_with_headers(Ok(body), headers).await
+            client.publish_with_headers(reply_to, headers, body).await
         }
     };
     if let Err(e) = sent {

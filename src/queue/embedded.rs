@@ -22,7 +22,7 @@ pub enum EmbeddedError {
 }
 
 /// A nats-server child process with JetStream, started for a node that was given no `NATS_URL`. It is
-/// stopped when dropped, and the kernel kills it if the node dies without dropping it.
+/// stopped when dropped, and on Linux the kernel kills it if the node dies without dropping it.
 pub struct EmbeddedServer {
     child: Child,
 }
@@ -59,6 +59,11 @@ impl EmbeddedServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true);
+        // On Linux the kernel kills the server when the thread that started it dies. Other Unix
+        // systems have no parent-death signal: there the server is stopped when the node stops or
+        // drops it, but a node killed with SIGKILL leaves it running (the next node started on the
+        // same address uses it).
+        #[cfg(target_os = "linux")]
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
         unsafe {
             command.pre_exec(|| {
