@@ -536,6 +536,19 @@ async fn service_error_replies_are_counted_and_keep_their_json_body() {
     let server = NatsServer::start().await;
     let _node = Node::builder(&server.url).start().await;
     let client = server.client().await;
+    // The service registers on its own connection, next to the HTTP API that answers /readyz.
+    wait_until(
+        "the orders service answers",
+        Duration::from_secs(10),
+        || async {
+            client
+                .request("$SRV.STATS.orders", "".into())
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
     let (before, _) = get_errors(&client).await;
     let missing = uuid::Uuid::now_v7();
     for (request, status, code) in [
