@@ -406,22 +406,7 @@ async fn poison_and_ever_failing_orders_end_within_the_delivery_cap() {
     // delivery from the shared consumer and never answers.
     let abandoned = Uuid::now_v7();
     publish_order(&js, abandoned).await;
-    let mut deliveries = 0;
-    while deliveries < max_deliver {
-        use futures::StreamExt;
-        let mut batch = setup
-            .consumer
-            .fetch()
-            .max_messages(1)
-            .expires(Duration::from_secs(10))
-            .messages()
-            .await
-            .expect("fetch");
-        if let Some(message) = batch.next().await {
-            let message = message.expect("a delivery");
-            deliveries = message.info().expect("metadata").delivered;
-        }
-    }
+    take_unsettled(&setup.consumer, max_deliver, Duration::from_secs(10)).await;
 
     // An order whose processing keeps erroring: its stored document is unreadable.
     let unreadable = Uuid::now_v7();

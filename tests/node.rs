@@ -93,43 +93,14 @@ async fn a_node_refuses_to_start_against_a_conflicting_consumer() {
 /// removes the limit (nothing else differs), and the order the limit stranded runs.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_with_a_delivery_limit_is_upgraded_and_its_stranded_order_runs() {
-    use futures::StreamExt;
     let server = NatsServer::start().await;
     let js = server.js().await;
-    let stream: async_nats::jetstream::stream::Config =
-        serde_json::from_str(include_str!("../nats/orders-stream.json")).expect("stream JSON");
-    let stream = js.create_stream(stream).await.expect("create stream");
-    let mut earlier: async_nats::jetstream::consumer::pull::Config =
-        serde_json::from_str(include_str!("../nats/workers-consumer.json")).expect("consumer JSON");
-    let window = Duration::from_secs(1);
-    earlier.ack_wait = window;
-    earlier.max_deliver = 2;
-    earlier.backoff = vec![window, window];
-    let consumer = stream
-        .create_consumer(earlier)
-        .await
-        .expect("create consumer");
+    let (_stream, consumer) = orders_with_delivery_limit(&js, Duration::from_secs(1), 2).await;
 
     // Both deliveries go to a worker that dies with them: the limit strands the order.
     let id = uuid::Uuid::now_v7();
     publish_order(&js, id).await;
-    let mut delivered = 0;
-    while delivered < 2 {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(1)
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await
-            .expect("fetch");
-        if let Some(message) = batch.next().await {
-            delivered = message
-                .expect("a delivery")
-                .info()
-                .expect("metadata")
-                .delivered;
-        }
-    }
+    take_unsettled(&consumer, 2, Duration::from_secs(5)).await;
     let node = Node::builder(&server.url)
         .env("ORDERLY_ACK_WAIT", "1s")
         .env("ORDERLY_STEP_DURATION", "50ms")

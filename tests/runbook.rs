@@ -150,19 +150,7 @@ async fn raising_max_ack_pending_needs_no_restart() {
 async fn a_stranded_message_is_retried_as_the_runbook_says() {
     let server = NatsServer::start().await;
     let js = server.js().await;
-    let stream: async_nats::jetstream::stream::Config =
-        serde_json::from_str(include_str!("../nats/orders-stream.json")).expect("stream JSON");
-    let stream = js.create_stream(stream).await.expect("create stream");
-    let mut limited: pull::Config =
-        serde_json::from_str(include_str!("../nats/workers-consumer.json")).expect("consumer JSON");
-    let window = Duration::from_secs(1);
-    limited.ack_wait = window;
-    limited.max_deliver = 2;
-    limited.backoff = vec![window, window];
-    let consumer = stream
-        .create_consumer(limited)
-        .await
-        .expect("create consumer");
+    let (stream, consumer) = orders_with_delivery_limit(&js, Duration::from_secs(1), 2).await;
 
     // Both deliveries go to a client that never settles them, and the last one runs out.
     let mut advisories = server
@@ -173,23 +161,7 @@ async fn a_stranded_message_is_retried_as_the_runbook_says() {
         .expect("subscribe to advisories");
     let id = uuid::Uuid::now_v7();
     let seq = publish_order(&js, id).await.sequence;
-    let mut delivered = 0;
-    while delivered < 2 {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(1)
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await
-            .expect("fetch");
-        if let Some(message) = batch.next().await {
-            delivered = message
-                .expect("a delivery")
-                .info()
-                .expect("metadata")
-                .delivered;
-        }
-    }
+    take_unsettled(&consumer, 2, Duration::from_secs(5)).await;
     // A pull waiting after the last delivery's window: the server gives up on the message instead
     // of delivering it, and says so.
     let mut batch = consumer

@@ -427,6 +427,56 @@ pub async fn publish_order(js: &jetstream::Context, id: Uuid) -> jetstream::publ
         .expect("the stream stores the order")
 }
 
+/// Creates `ORDERS` and `workers` from `nats/*.json`, as an operator with the `nats` CLI would, but with
+/// the delivery limit an earlier Orderly gave the consumer: `max_deliver` deliveries, `window` apart.
+pub async fn orders_with_delivery_limit(
+    js: &jetstream::Context,
+    window: Duration,
+    max_deliver: i64,
+) -> (jetstream::stream::Stream, jetstream::consumer::PullConsumer) {
+    let stream: jetstream::stream::Config =
+        serde_json::from_str(include_str!("../../nats/orders-stream.json")).expect("stream JSON");
+    let stream = js.create_stream(stream).await.expect("create stream");
+    let mut limited: jetstream::consumer::pull::Config =
+        serde_json::from_str(include_str!("../../nats/workers-consumer.json"))
+            .expect("consumer JSON");
+    limited.ack_wait = window;
+    limited.max_deliver = max_deliver;
+    limited.backoff = vec![window; max_deliver as usize];
+    let consumer = stream
+        .create_consumer(limited)
+        .await
+        .expect("create consumer");
+    (stream, consumer)
+}
+
+/// Takes the next message from `consumer` and never settles it, again at each redelivery, until it has
+/// been delivered `times` times: as a worker that dies with every delivery would.
+pub async fn take_unsettled(
+    consumer: &jetstream::consumer::PullConsumer,
+    times: i64,
+    expires: Duration,
+) {
+    use futures::StreamExt;
+    let mut delivered = 0;
+    while delivered < times {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(expires)
+            .messages()
+            .await
+            .expect("fetch");
+        if let Some(message) = batch.next().await {
+            delivered = message
+                .expect("a delivery")
+                .info()
+                .expect("metadata")
+                .delivered;
+        }
+    }
+}
+
 /// Reads an order's document straight from the `orders` bucket (what `nats kv get orders <id>` shows).
 pub async fn document(kv: &jetstream::kv::Store, id: Uuid) -> Option<Value> {
     let value = kv.get(id.to_string()).await.expect("kv get")?;
