@@ -36,12 +36,7 @@ pub async fn bounded_read<T, E>(
 where
     E: Into<IntakeError>,
 {
-    if client.connection_state() != async_nats::connection::State::Connected {
-        return Err(IntakeError::Unavailable {
-            context: "not connected to NATS".into(),
-            source: None,
-        });
-    }
+    connected(client)?;
     match tokio::time::timeout(READ_TIMEOUT, read).await {
         Ok(result) => result.map_err(Into::into),
         Err(_) => Err(IntakeError::Unavailable {
@@ -51,6 +46,18 @@ where
             ),
             source: None,
         }),
+    }
+}
+
+/// `Unavailable` while `client` is not connected to NATS.
+fn connected(client: &async_nats::Client) -> Result<(), IntakeError> {
+    if client.connection_state() == async_nats::connection::State::Connected {
+        Ok(())
+    } else {
+        Err(IntakeError::Unavailable {
+            context: "not connected to NATS".into(),
+            source: None,
+        })
     }
 }
 
@@ -171,12 +178,7 @@ impl Intake {
         })?;
         // A publish made while disconnected would sit in the client's buffer and might be stored
         // later, after the caller was told it failed: refuse it outright instead.
-        if self.js.client().connection_state() != async_nats::connection::State::Connected {
-            return Err(IntakeError::Unavailable {
-                context: "not connected to NATS".into(),
-                source: None,
-            });
-        }
+        connected(&self.js.client())?;
         let order_id = match idempotency_key {
             Some(key) => parse_order_id(key.trim())
                 .map_err(|e| IntakeError::BadRequest(format!("Idempotency-Key: {e}")))?,
