@@ -88,17 +88,7 @@ impl NodeTagged {
             json,
         }
     }
-}
 
-impl<'a> MakeWriter<'a> for NodeTagged {
-    type Writer = NodeTagged;
-
-    fn make_writer(&'a self) -> NodeTagged {
-        self.clone()
-    }
-}
-
-impl NodeTagged {
     /// One formatted event, with the node's id.
     fn tag(&self, event: &[u8]) -> Vec<u8> {
         let mut line = Vec::with_capacity(self.prefix.len() + event.len());
@@ -115,6 +105,14 @@ impl NodeTagged {
             }
         }
         line
+    }
+}
+
+impl<'a> MakeWriter<'a> for NodeTagged {
+    type Writer = NodeTagged;
+
+    fn make_writer(&'a self) -> NodeTagged {
+        self.clone()
     }
 }
 

@@ -324,10 +324,19 @@ impl Parts<'_> {
             metrics,
             self.drain.clone(),
         );
+        // The work connection's view of the orders: leases write through it, and the sweep reads it.
+        let store = OrderStore::new(self.setup.orders.clone(), audit.clone());
         let mut running = Running::new(self.drain.clone(), cluster);
         running.spawn(
-            self.workers(&follow, audit.clone(), stats, steps, running.abort.clone())
-                .await?,
+            self.workers(
+                &follow,
+                store.clone(),
+                audit,
+                stats,
+                steps,
+                running.abort.clone(),
+            )
+            .await?,
         );
         running.spawn(QueueGauges::new(
             self.setup.stream.clone(),
@@ -338,7 +347,7 @@ impl Parts<'_> {
         running.spawn(Sweep::new(
             async_nats::jetstream::new(self.connections.work.clone()),
             self.setup.stream.clone(),
-            OrderStore::new(self.setup.orders.clone(), audit),
+            store,
             follow.windows(),
             self.setup.nodes.clone(),
             node_id.clone(),
@@ -371,13 +380,13 @@ impl Parts<'_> {
     async fn workers(
         &self,
         follow: &Follow,
+        store: OrderStore,
         audit: Audit,
         stats: Arc<WorkerStats>,
         steps: Arc<dyn Steps>,
         abort: CancellationToken,
     ) -> anyhow::Result<Puller> {
         let work = &self.connections.work;
-        let store = OrderStore::new(self.setup.orders.clone(), audit.clone());
         let writer = Writer::new(store, Events::new(work.clone(), self.node_id.to_owned()));
         let pipeline = Arc::new(Pipeline::new(
             self.node_id.to_owned(),
