@@ -2,11 +2,13 @@
 //! JetStream objects, and runs the workers, the HTTP API, the NATS service and the node heartbeat
 //! until it is told to stop. If any of them dies, the node stops instead of limping on.
 
+use crate::api::control::Control;
 use crate::api::http::{AppState, HttpServer};
 use crate::api::intake::Intake;
 use crate::api::service::Service;
 use crate::config::Config;
 use crate::engine::connection::Connection;
+use crate::engine::interrupt::Interrupts;
 use crate::engine::pipeline::Pipeline;
 use crate::engine::steps::{FailureDraw, Simulated, Steps};
 use crate::engine::write::Writer;
@@ -23,6 +25,7 @@ use crate::queue::process::Processor;
 use crate::queue::pull::Puller;
 use crate::queue::setup::{self, Layout, Setup};
 use crate::queue::sweep::Sweep;
+use crate::queue::wake::WakeListener;
 use crate::store::OrderStore;
 use crate::task::Task;
 use anyhow::Context as _;
@@ -316,8 +319,10 @@ impl Parts<'_> {
             self.drain.clone(),
         );
         let intake = self.intake(&audit).await?;
+        let control = Control::new(intake.clone(), node_id.clone());
         let state = AppState::new(
             intake.clone(),
+            control.clone(),
             cluster.clone(),
             self.connections.clients(),
             health.clone(),
@@ -327,6 +332,7 @@ impl Parts<'_> {
         // The work connection's view of the orders: leases write through it, and the sweep reads it.
         let store = OrderStore::new(self.setup.orders.clone(), audit.clone());
         let mut running = Running::new(self.drain.clone(), cluster);
+        let interrupts = Interrupts::default();
         running.spawn(
             self.workers(
                 &follow,
@@ -334,10 +340,17 @@ impl Parts<'_> {
                 audit,
                 stats,
                 steps,
+                interrupts.clone(),
                 running.abort.clone(),
             )
             .await?,
         );
+        running.spawn(WakeListener::new(
+            self.connections.public.clone(),
+            node_id.clone(),
+            store.clone(),
+            interrupts,
+        ));
         running.spawn(QueueGauges::new(
             self.setup.stream.clone(),
             self.setup.consumer.clone(),
@@ -356,6 +369,7 @@ impl Parts<'_> {
         running.spawn(follow);
         running.spawn(Service::new(
             intake,
+            control,
             self.connections.public.clone(),
             node_id,
         ));
@@ -384,6 +398,7 @@ impl Parts<'_> {
         audit: Audit,
         stats: Arc<WorkerStats>,
         steps: Arc<dyn Steps>,
+        interrupts: Interrupts,
         abort: CancellationToken,
     ) -> anyhow::Result<Puller> {
         let work = &self.connections.work;
@@ -392,6 +407,7 @@ impl Parts<'_> {
             self.node_id.to_owned(),
             steps,
             writer.clone(),
+            interrupts,
         ));
         let give_up = GiveUp::new(writer, self.setup.stream.clone(), stats.clone());
         let max_deliver = u32::try_from(self.config.max_deliver).unwrap_or(u32::MAX);

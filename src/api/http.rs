@@ -1,6 +1,7 @@
 //! The HTTP API: submit and query orders, node diagnostics, health and metrics. Every error is a JSON
 //! body `{"error": ..., "code": ...}` with a fitting status.
 
+use crate::api::control::{Answer, Control};
 use crate::api::intake::{bounded_read, Intake, IntakeError, IDEMPOTENCY_KEY};
 use crate::domain::order::Interface;
 use crate::ops::cluster::Cluster;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone)]
 pub struct AppState {
     intake: Intake,
+    control: Control,
     cluster: Cluster,
     /// The node's connections to NATS: work, fetch and public.
     clients: [async_nats::Client; 3],
@@ -33,6 +35,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(
         intake: Intake,
+        control: Control,
         cluster: Cluster,
         clients: [async_nats::Client; 3],
         health: crate::queue::follow::Health,
@@ -41,6 +44,7 @@ impl AppState {
     ) -> AppState {
         AppState {
             intake,
+            control,
             cluster,
             clients,
             health,
@@ -147,6 +151,8 @@ fn router(state: AppState) -> Router {
             post(create_order).layer(DefaultBodyLimit::max(crate::domain::payload::MAX_PAYLOAD)),
         )
         .route("/orders/{id}", get(get_order))
+        .route("/orders/{id}/cancel", post(cancel_order))
+        .route("/orders/{id}/retry", post(retry_order))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/diagnostic/heartbeat", get(heartbeat))
@@ -190,6 +196,55 @@ async fn get_order(
 ) -> Result<Response, ApiError> {
     let document = state.intake.get(&id).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], document).into_response())
+}
+
+/// The body of `POST /orders/{id}/cancel`: empty, or `{"reason": "..."}`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelRequest {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn cancel_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    let request = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelRequest::default()
+    } else {
+        serde_json::from_slice::<CancelRequest>(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("expected an empty body or {{\"reason\": \"...\"}}: {e}"),
+            )
+        })?
+    };
+    let answer = state
+        .control
+        .cancel(&id, request.reason, Interface::Http)
+        .await?;
+    Ok(answered(answer))
+}
+
+async fn retry_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(answered(state.control.retry(&id, Interface::Http).await?))
+}
+
+/// `200` with the document when the request is done, `202` when it is under way.
+fn answered(answer: Answer) -> Response {
+    let status = if answer.done {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    (status, Json(answer.order)).into_response()
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -50,7 +50,7 @@ where
 }
 
 /// `Unavailable` while `client` is not connected to NATS.
-fn connected(client: &async_nats::Client) -> Result<(), IntakeError> {
+pub(crate) fn connected(client: &async_nats::Client) -> Result<(), IntakeError> {
     if client.connection_state() == async_nats::connection::State::Connected {
         Ok(())
     } else {
@@ -83,6 +83,12 @@ pub enum IntakeError {
     /// The id is taken by something that is not this order; submitting again will not help.
     #[error("{0}")]
     Conflict(String),
+    /// The order's state does not allow the request; the body names the state.
+    #[error("order {order_id}: {refused}")]
+    Refused {
+        order_id: Uuid,
+        refused: crate::domain::order::Refused,
+    },
     /// NATS could not take or give the order now; the caller may retry.
     #[error("order service unavailable: {}", with_cause(context, source.as_deref()))]
     Unavailable {
@@ -102,7 +108,7 @@ impl IntakeError {
         match self {
             IntakeError::BadRequest(_) => 400,
             IntakeError::NotFound(_) => 404,
-            IntakeError::Conflict(_) => 409,
+            IntakeError::Conflict(_) | IntakeError::Refused { .. } => 409,
             IntakeError::TooLarge(_) => 413,
             IntakeError::Unavailable { .. } | IntakeError::Uncertain { .. } => 503,
         }
@@ -113,6 +119,7 @@ impl IntakeError {
             IntakeError::BadRequest(_) => "bad_request",
             IntakeError::NotFound(_) => "not_found",
             IntakeError::Conflict(_) => "conflict",
+            IntakeError::Refused { .. } => "invalid_state",
             IntakeError::TooLarge(_) => "payload_too_large",
             IntakeError::Unavailable { .. } => "unavailable",
             IntakeError::Uncertain { .. } => "uncertain",
@@ -122,8 +129,15 @@ impl IntakeError {
     /// The JSON error body: `{"error": ..., "code": ...}`.
     pub fn body(&self) -> serde_json::Value {
         let mut body = serde_json::json!({ "error": self.to_string(), "code": self.code() });
-        if let IntakeError::Uncertain { order_id, .. } = self {
-            body["order_id"] = serde_json::json!(order_id);
+        match self {
+            IntakeError::Uncertain { order_id, .. } => {
+                body["order_id"] = serde_json::json!(order_id);
+            }
+            IntakeError::Refused { order_id, refused } => {
+                body["order_id"] = serde_json::json!(order_id);
+                body["state"] = serde_json::json!(refused.state);
+            }
+            _ => {}
         }
         body
     }
@@ -136,7 +150,7 @@ impl From<StoreError> for IntakeError {
 }
 
 impl IntakeError {
-    fn unavailable(
+    pub(crate) fn unavailable(
         context: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> IntakeError {
@@ -253,6 +267,18 @@ impl Intake {
                 DUPLICATE_WINDOW.as_secs()
             ))),
         }
+    }
+
+    pub(crate) fn store(&self) -> &OrderStore {
+        &self.store
+    }
+
+    pub(crate) fn events(&self) -> &Events {
+        &self.events
+    }
+
+    pub(crate) fn jetstream(&self) -> &jetstream::Context {
+        &self.js
     }
 
     /// The order's document as stored, byte for byte.

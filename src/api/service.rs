@@ -1,9 +1,11 @@
-//! The `orders` NATS service: `orders.create` and `orders.get`, answered by [`Intake`] like the HTTP
-//! API, with the service API's error headers on a failure (`nats req orders.get <id>`).
+//! The `orders` NATS service: `orders.create`, `orders.get`, `orders.cancel` and `orders.retry`,
+//! answered by [`Intake`] and [`Control`] like the HTTP API, with the service API's error headers on a
+//! failure (`nats req orders.get <id>`).
 
+use crate::api::control::Control;
 use crate::api::intake::{Intake, IntakeError, IDEMPOTENCY_KEY};
 use crate::domain::order::Interface;
-use crate::queue::setup::{CREATE_SUBJECT, GET_SUBJECT};
+use crate::queue::setup::{CANCEL_SUBJECT, CREATE_SUBJECT, GET_SUBJECT, RETRY_SUBJECT};
 use crate::task::Task;
 use async_nats::service::ServiceExt;
 use bytes::Bytes;
@@ -14,14 +16,21 @@ use tokio_util::sync::CancellationToken;
 /// The NATS service of one node, on its public connection.
 pub struct Service {
     intake: Intake,
+    control: Control,
     client: async_nats::Client,
     node_id: String,
 }
 
 impl Service {
-    pub fn new(intake: Intake, client: async_nats::Client, node_id: String) -> Service {
+    pub fn new(
+        intake: Intake,
+        control: Control,
+        client: async_nats::Client,
+        node_id: String,
+    ) -> Service {
         Service {
             intake,
+            control,
             client,
             node_id,
         }
@@ -41,12 +50,10 @@ impl Task for Service {
             .await
             .map_err(|e| anyhow::anyhow!(e).context("cannot start the NATS service"))?;
         let group = service.group("orders");
-        let mut create = group.endpoint("create").await.map_err(|e| {
-            anyhow::anyhow!(e).context(format!("cannot add endpoint {CREATE_SUBJECT}"))
-        })?;
-        let mut get = group.endpoint("get").await.map_err(|e| {
-            anyhow::anyhow!(e).context(format!("cannot add endpoint {GET_SUBJECT}"))
-        })?;
+        let mut create = endpoint(&group, "create", CREATE_SUBJECT, "Submit an order: the body is its payload, a JSON object; replies {order_id, start_time}.").await?;
+        let mut get = endpoint(&group, "get", GET_SUBJECT, "Look an order up: the body is its id, or {\"order_id\": ...}; replies its document.").await?;
+        let mut cancel_ = endpoint(&group, "cancel", CANCEL_SUBJECT, "Cancel an order: the body is its id, or {\"order_id\": ..., \"reason\": ...}; replies its document (Cancelled, or Cancelling on its way there), or error 409 if it ended otherwise.").await?;
+        let mut retry = endpoint(&group, "retry", RETRY_SUBJECT, "Run a Failed or Cancelled order again as a new attempt: the body is its id, or {\"order_id\": ...}; replies its document.").await?;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -70,9 +77,30 @@ impl Task for Service {
                     let intake = self.intake.clone();
                     let client = self.client.clone();
                     tokio::spawn(async move {
-                        let id = parse_get_request(&request.message.payload);
-                        let result = match id {
-                            Ok(id) => intake.get(&id).await,
+                        let result = match parse_request(&request.message.payload) {
+                            Ok(asked) => intake.get(&asked.order_id).await,
+                            Err(e) => Err(e),
+                        };
+                        reply(&client, request, result).await;
+                    });
+                }
+                Some(request) = cancel_.next() => {
+                    let control = self.control.clone();
+                    let client = self.client.clone();
+                    tokio::spawn(async move {
+                        let result = match parse_request(&request.message.payload) {
+                            Ok(asked) => control.cancel(&asked.order_id, asked.reason, Interface::Nats).await.map(document),
+                            Err(e) => Err(e),
+                        };
+                        reply(&client, request, result).await;
+                    });
+                }
+                Some(request) = retry.next() => {
+                    let control = self.control.clone();
+                    let client = self.client.clone();
+                    tokio::spawn(async move {
+                        let result = match parse_request(&request.message.payload) {
+                            Ok(asked) => control.retry(&asked.order_id, Interface::Nats).await.map(document),
                             Err(e) => Err(e),
                         };
                         reply(&client, request, result).await;
@@ -88,24 +116,54 @@ impl Task for Service {
     }
 }
 
-/// `orders.get` takes the id as the whole body, or as `{"order_id": "..."}`.
-fn parse_get_request(body: &[u8]) -> Result<String, IntakeError> {
+/// Adds endpoint `name` (subject `subject`) to the group, with its description in its metadata, as
+/// `nats micro info orders` shows it.
+async fn endpoint(
+    group: &async_nats::service::Group,
+    name: &str,
+    subject: &str,
+    description: &str,
+) -> anyhow::Result<async_nats::service::endpoint::Endpoint> {
+    group
+        .endpoint_builder()
+        .name(name)
+        .metadata([("description".to_string(), description.to_string())].into())
+        .add(name)
+        .await
+        .map_err(|e| anyhow::anyhow!(e).context(format!("cannot add endpoint {subject}")))
+}
+
+/// The reply of a cancel or a retry: the document.
+fn document(answer: crate::api::control::Answer) -> Bytes {
+    Bytes::from(serde_json::to_vec(&answer.order).expect("a document always serializes"))
+}
+
+/// What `orders.get`, `orders.cancel` and `orders.retry` are asked.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Asked {
+    order_id: String,
+    /// Why, for a cancel.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// The body is the id, bare or quoted, or `{"order_id": "...", "reason": "..."}`.
+fn parse_request(body: &[u8]) -> Result<Asked, IntakeError> {
     let text = std::str::from_utf8(body)
         .map_err(|_| IntakeError::BadRequest("request body is not UTF-8".into()))?
         .trim();
     if text.starts_with('{') {
-        #[derive(serde::Deserialize)]
-        struct Get {
-            order_id: String,
-        }
-        let get: Get = serde_json::from_str(text).map_err(|e| {
+        serde_json::from_str(text).map_err(|e| {
             IntakeError::BadRequest(format!(
                 "expected an order id or {{\"order_id\": ...}}: {e}"
             ))
-        })?;
-        Ok(get.order_id)
+        })
     } else {
-        Ok(text.trim_matches('"').to_owned())
+        Ok(Asked {
+            order_id: text.trim_matches('"').to_owned(),
+            reason: None,
+        })
     }
 }
 
@@ -156,10 +214,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn get_requests_take_a_bare_or_wrapped_id() {
-        assert_eq!(parse_get_request(b" abc \n").unwrap(), "abc");
-        assert_eq!(parse_get_request(br#""abc""#).unwrap(), "abc");
-        assert_eq!(parse_get_request(br#"{"order_id":"abc"}"#).unwrap(), "abc");
-        assert!(parse_get_request(br#"{"id":1}"#).is_err());
+    fn requests_take_a_bare_or_wrapped_id() {
+        let id = |body: &[u8]| parse_request(body).map(|asked| asked.order_id);
+        assert_eq!(id(b" abc \n").unwrap(), "abc");
+        assert_eq!(id(br#""abc""#).unwrap(), "abc");
+        assert_eq!(id(br#"{"order_id":"abc"}"#).unwrap(), "abc");
+        assert!(id(br#"{"id":1}"#).is_err());
+        let asked = parse_request(br#"{"order_id":"abc","reason":"late"}"#).unwrap();
+        assert_eq!(asked.reason.as_deref(), Some("late"));
     }
 }

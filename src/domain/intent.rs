@@ -6,6 +6,7 @@
 //! the intent, the owner's change goes on top of it: a recorded intent is never taken for a takeover,
 //! and a takeover (any other change, a new owner above all) is never taken for an intent.
 
+use super::order::Interface;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -22,9 +23,15 @@ pub enum IntentKind {
 pub struct Intent {
     pub kind: IntentKind,
     pub requested_at: DateTime<Utc>,
-    /// Who asked (a node id, a user); free text.
+    /// Who took the request (the node that answered it); free text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by: Option<String>,
+    /// Through which interface the request came (`http` or `nats`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<Interface>,
+    /// Why, as the requester put it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// The node that owned the order when it saw the intent, and when; unset until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seen_by: Option<String>,
@@ -38,8 +45,17 @@ impl Intent {
             kind,
             requested_at: now,
             requested_by,
+            via: None,
+            reason: None,
             seen_by: None,
             seen_at: None,
         }
+    }
+
+    /// The same intent, saying which interface it came through and why.
+    pub fn with_request(mut self, via: Interface, reason: Option<String>) -> Intent {
+        self.via = Some(via);
+        self.reason = reason;
+        self
     }
 }

@@ -12,6 +12,8 @@ use std::fmt;
 use std::str::FromStr;
 use uuid::Uuid;
 
+use super::intent::{Intent, IntentKind};
+
 /// The four processing steps, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Step {
@@ -86,13 +88,27 @@ pub enum State {
     Running,
     /// A step failed; the steps done so far are being undone in reverse order.
     RollingBack,
+    /// A cancel was accepted; the steps done so far are being undone in reverse order, and the order
+    /// will end `Cancelled`. No step starts any more.
+    Cancelling,
     Completed,
     Failed,
+    Cancelled,
 }
 
 impl State {
+    pub const ALL: [State; 7] = [
+        State::Queued,
+        State::Running,
+        State::RollingBack,
+        State::Cancelling,
+        State::Completed,
+        State::Failed,
+        State::Cancelled,
+    ];
+
     pub fn is_terminal(self) -> bool {
-        matches!(self, State::Completed | State::Failed)
+        matches!(self, State::Completed | State::Failed | State::Cancelled)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -100,9 +116,26 @@ impl State {
             State::Queued => "Queued",
             State::Running => "Running",
             State::RollingBack => "RollingBack",
+            State::Cancelling => "Cancelling",
             State::Completed => "Completed",
             State::Failed => "Failed",
+            State::Cancelled => "Cancelled",
         }
+    }
+}
+
+impl FromStr for State {
+    type Err = String;
+
+    /// Accepts the names the document uses ("RollingBack"), in any case.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        State::ALL
+            .into_iter()
+            .find(|state| state.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                let names: Vec<&str> = State::ALL.iter().map(|state| state.as_str()).collect();
+                format!("unknown state {s:?} (expected one of {})", names.join(", "))
+            })
     }
 }
 
@@ -124,6 +157,7 @@ pub enum CurrentStep {
 pub enum Terminal {
     Completed,
     Failed,
+    Cancelled,
 }
 
 /// How one step's record stands.
@@ -229,7 +263,47 @@ pub struct Order {
     pub payload: Box<RawValue>,
     /// A request from outside for the node that owns the order; absent unless one was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub intent: Option<Box<super::intent::Intent>>,
+    pub intent: Option<Box<Intent>>,
+    /// How many times the order was retried after it ended `Failed` or `Cancelled`.
+    #[serde(default)]
+    pub retries: u32,
+    /// The earlier attempts of a retried order, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<EarlierAttempt>,
+}
+
+/// An attempt of a retried order, as it ended: kept in the document's `history`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EarlierAttempt {
+    /// 0 for the first attempt, then 1, 2, ... for each retry.
+    pub retry: u32,
+    pub state: State,
+    pub start_time: DateTime<Utc>,
+    pub complete_time: Option<DateTime<Utc>>,
+    pub steps: Vec<StepRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<Step>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<Box<Intent>>,
+}
+
+/// What a cancel request comes to, decided by the document alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelAnswer {
+    /// The order is `Cancelled` (now, or already): `200`.
+    Cancelled,
+    /// The order is on its way to `Cancelled` (`Cancelling`): `202`. It will end `Cancelled`.
+    Accepted,
+}
+
+/// A request the order's state does not allow (`409`): the order will not be cancelled or retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {attempted} an order that is {state}")]
+pub struct Refused {
+    pub attempted: &'static str,
+    pub state: State,
 }
 
 /// What has to happen next to an order, derived from its document alone.
@@ -243,6 +317,8 @@ pub enum Action {
     Complete,
     /// Every step that needed undoing is rolled back: mark the order `Failed`.
     Fail,
+    /// Every step done before a cancel is rolled back: mark the order `Cancelled`.
+    Cancel,
     /// The order is terminal; nothing is left to do.
     Done,
 }
@@ -281,6 +357,8 @@ impl Order {
             updated_at: now,
             payload,
             intent: None,
+            retries: 0,
+            history: Vec::new(),
         }
     }
 
@@ -306,7 +384,8 @@ impl Order {
 
     pub fn next_action(&self) -> Action {
         match self.state {
-            State::Completed | State::Failed => Action::Done,
+            State::Completed | State::Failed | State::Cancelled => Action::Done,
+            State::Cancelling => self.next_rollback().map_or(Action::Cancel, Action::RollBack),
             State::Queued | State::Running => match self.steps.last() {
                 None => Action::Run(Step::Scheduling),
                 Some(last) => match last.status {
@@ -316,20 +395,22 @@ impl Order {
                     }
                     // A failed step always moves the order to RollingBack; treat a stray one the same.
                     StepStatus::Failed | StepStatus::RollingBack | StepStatus::RolledBack => {
-                        self.next_rollback()
+                        self.next_rollback().map_or(Action::Fail, Action::RollBack)
                     }
                 },
             },
-            State::RollingBack => self.next_rollback(),
+            State::RollingBack => self.next_rollback().map_or(Action::Fail, Action::RollBack),
         }
     }
 
-    fn next_rollback(&self) -> Action {
+    /// The latest step not rolled back yet, if any. A step interrupted by a cancel (still recorded
+    /// running) may have done part of its work, so it is rolled back like the others.
+    fn next_rollback(&self) -> Option<Step> {
         self.steps
             .iter()
             .rev()
             .find(|record| record.status != StepStatus::RolledBack)
-            .map_or(Action::Fail, |record| Action::RollBack(record.step_name))
+            .map(|record| record.step_name)
     }
 
     fn expect(
@@ -380,20 +461,99 @@ impl Order {
         Ok(intent.kind)
     }
 
-    /// Whether `stored` is this document with an intent recorded (or replaced) and nothing else
-    /// changed: the write of a requester, not of another owner.
+    /// Whether `stored` is this document with an intent recorded and nothing else changed: the
+    /// write of a requester, not of another owner. It is, when applying the stored intent to this
+    /// document gives exactly the stored document.
     pub fn only_intent_added(&self, stored: &Order) -> bool {
-        if stored.intent.is_none() || stored.intent == self.intent {
+        let Some(intent) = stored.intent.as_deref() else {
+            return false;
+        };
+        if stored.intent == self.intent {
             return false;
         }
-        let without = |order: &Order| {
-            let mut value = serde_json::to_value(order).expect("an order always serializes");
-            if let Some(fields) = value.as_object_mut() {
-                fields.remove("intent");
+        let mut expected = self.clone();
+        expected.apply_intent(intent.clone());
+        let value = |order: &Order| serde_json::to_value(order).expect("an order always serializes");
+        value(&expected) == value(stored)
+    }
+
+    /// Records `intent` and what it does to the document at once. A cancel of an order nobody ever
+    /// picked up ends it `Cancelled` here; any other cancel moves it to `Cancelling`, for its owner
+    /// (or the next one) to roll back what is done. The change depends on the document and the
+    /// intent alone, so the owner can tell it from any other write ([`Order::only_intent_added`]).
+    fn apply_intent(&mut self, intent: Intent) {
+        let at = intent.requested_at;
+        match intent.kind {
+            IntentKind::Cancel if self.never_picked_up() => {
+                self.state = State::Cancelled;
+                self.current_step = CurrentStep::Terminal(Terminal::Cancelled);
+                self.complete_time = Some(at);
             }
-            value
-        };
-        without(self) == without(stored)
+            IntentKind::Cancel => self.state = State::Cancelling,
+        }
+        self.intent = Some(Box::new(intent));
+        self.updated_at = at;
+    }
+
+    fn never_picked_up(&self) -> bool {
+        self.state == State::Queued && self.owner.is_none() && self.steps.is_empty()
+    }
+
+    /// Asks for the order to be cancelled. The answer is final: `Cancelled` and `Accepted` mean the
+    /// order will end `Cancelled`, a refusal that it will not (it ended, or is rolling back after a
+    /// failure and will end `Failed`). Returns whether the document changed.
+    pub fn request_cancel(&mut self, intent: Intent) -> Result<(CancelAnswer, bool), Refused> {
+        match self.state {
+            State::Cancelled => Ok((CancelAnswer::Cancelled, false)),
+            State::Cancelling => Ok((CancelAnswer::Accepted, false)),
+            State::Completed | State::Failed | State::RollingBack => Err(Refused {
+                attempted: "cancel",
+                state: self.state,
+            }),
+            State::Queued | State::Running => {
+                self.apply_intent(Intent {
+                    kind: IntentKind::Cancel,
+                    ..intent
+                });
+                let answer = if self.state == State::Cancelled {
+                    CancelAnswer::Cancelled
+                } else {
+                    CancelAnswer::Accepted
+                };
+                Ok((answer, true))
+            }
+        }
+    }
+
+    /// Starts the order again from `Scheduling`, as retry number `retries + 1`, keeping the attempt
+    /// that ended in `history`. Only a `Failed` or `Cancelled` order can be retried.
+    pub fn retry(&mut self, now: DateTime<Utc>) -> Result<(), Refused> {
+        if !matches!(self.state, State::Failed | State::Cancelled) {
+            return Err(Refused {
+                attempted: "retry",
+                state: self.state,
+            });
+        }
+        self.history.push(EarlierAttempt {
+            retry: self.retries,
+            state: self.state,
+            start_time: self.start_time,
+            complete_time: self.complete_time,
+            steps: std::mem::take(&mut self.steps),
+            failed_step: self.failed_step.take(),
+            failure_reason: self.failure_reason.take(),
+            intent: self.intent.take(),
+        });
+        self.retries += 1;
+        self.state = State::Queued;
+        self.current_step = CurrentStep::Step(Step::Scheduling);
+        self.start_time = now;
+        self.complete_time = None;
+        self.attempt = 0;
+        self.owner = None;
+        self.message_seq = None;
+        self.updated_at = now;
+        Ok(())
     }
 
     /// Gives the order back (for another node to continue) without changing its progress.
@@ -441,8 +601,9 @@ impl Order {
     ) -> Result<&mut StepRecord, TransitionError> {
         let state = self.state;
         let next = self.next_action();
+        let stepping = matches!(state, State::Running | State::Cancelling);
         match self.steps.last_mut() {
-            Some(last) if state == State::Running && last.status == StepStatus::Running => Ok(last),
+            Some(last) if stepping && last.status == StepStatus::Running => Ok(last),
             _ => Err(TransitionError {
                 attempted,
                 state,
@@ -461,7 +622,8 @@ impl Order {
         Ok(step)
     }
 
-    /// The running step failed: the order starts rolling back.
+    /// The running step failed: the order starts rolling back (or goes on rolling back, when a cancel
+    /// came first: it still ends `Cancelled`).
     pub fn fail_step(
         &mut self,
         reason: String,
@@ -471,7 +633,9 @@ impl Order {
         record.status = StepStatus::Failed;
         record.step_complete_time = Some(now);
         let step = record.step_name;
-        self.state = State::RollingBack;
+        if self.state == State::Running {
+            self.state = State::RollingBack;
+        }
         self.failed_step = Some(step);
         self.failure_reason = Some(reason);
         self.updated_at = now;
@@ -524,11 +688,13 @@ impl Order {
         Ok(())
     }
 
-    /// Marks the order terminal: `Completed` after the last step, `Failed` after the last rollback.
+    /// Marks the order terminal: `Completed` after the last step, `Failed` after the last rollback
+    /// of a failure, `Cancelled` after the last rollback of a cancel.
     pub fn finish(&mut self, now: DateTime<Utc>) -> Result<State, TransitionError> {
         let (state, marker) = match self.next_action() {
             Action::Complete => (State::Completed, Terminal::Completed),
             Action::Fail => (State::Failed, Terminal::Failed),
+            Action::Cancel => (State::Cancelled, Terminal::Cancelled),
             next => {
                 return Err(TransitionError {
                     attempted: "finish",
@@ -545,8 +711,9 @@ impl Order {
         Ok(state)
     }
 
-    /// Ends the order as failed without running what is left, for an order that cannot go on (for
-    /// example one whose deliveries are exhausted). A step left running is marked failed.
+    /// Ends the order without running what is left, for an order that cannot go on (for example one
+    /// whose deliveries are exhausted): `Failed`, or `Cancelled` when a cancel was accepted (that
+    /// answer stands). A step left running is marked failed.
     pub fn abandon(&mut self, reason: String, now: DateTime<Utc>) -> Result<(), TransitionError> {
         self.expect("abandon", |next| next != Action::Done)?;
         if let Some(last) = self.steps.last_mut() {
@@ -556,8 +723,13 @@ impl Order {
                 self.failed_step = Some(last.step_name);
             }
         }
-        self.state = State::Failed;
-        self.current_step = CurrentStep::Terminal(Terminal::Failed);
+        if self.state == State::Cancelling {
+            self.state = State::Cancelled;
+            self.current_step = CurrentStep::Terminal(Terminal::Cancelled);
+        } else {
+            self.state = State::Failed;
+            self.current_step = CurrentStep::Terminal(Terminal::Failed);
+        }
         self.failure_reason = Some(reason);
         self.complete_time = Some(now);
         self.owner = None;
@@ -625,7 +797,7 @@ mod tests {
                     clock += 1;
                     order.complete_rollback(step, t(clock)).unwrap();
                 }
-                Action::Complete | Action::Fail => {
+                Action::Complete | Action::Fail | Action::Cancel => {
                     order.finish(t(clock)).unwrap();
                 }
                 Action::Done => return,
@@ -831,8 +1003,14 @@ mod tests {
         // new_order() is claimed by n1's first delivery.
         let mine = new_order();
         let mut asked = mine.clone();
-        asked.intent = Some(Box::new(Intent::new(IntentKind::Cancel, None, t(1))));
+        asked
+            .request_cancel(Intent::new(IntentKind::Cancel, None, t(1)))
+            .unwrap();
         assert!(mine.only_intent_added(&asked));
+        // An intent written with anything else changed is not an intent alone.
+        let mut more = asked.clone();
+        more.attempt += 1;
+        assert!(!mine.only_intent_added(&more));
         // The same intent seen twice is no news.
         assert!(!asked.only_intent_added(&asked));
         // Another owner, with or without an intent, is a takeover.
@@ -842,5 +1020,157 @@ mod tests {
         let mut moved = mine.clone();
         moved.attempt += 1;
         assert!(!mine.only_intent_added(&moved));
+    }
+
+    fn cancel_intent(at: i64) -> Intent {
+        Intent::new(IntentKind::Cancel, Some("n9".into()), t(at))
+            .with_request(Interface::Http, Some("changed my mind".into()))
+    }
+
+    #[test]
+    fn a_cancel_before_any_pickup_ends_the_order_at_once() {
+        let mut order = Order::queued(Uuid::now_v7(), payload(), Interface::Http, t(0));
+        let before = order.clone();
+        assert_eq!(
+            order.request_cancel(cancel_intent(5)),
+            Ok((CancelAnswer::Cancelled, true))
+        );
+        assert_eq!(order.state, State::Cancelled);
+        assert_eq!(
+            order.current_step,
+            CurrentStep::Terminal(Terminal::Cancelled)
+        );
+        assert_eq!(order.complete_time, Some(t(5)));
+        assert!(before.only_intent_added(&order));
+        assert_eq!(order.next_action(), Action::Done);
+        // Asking again changes nothing and gets the same answer.
+        assert_eq!(
+            order.request_cancel(cancel_intent(6)),
+            Ok((CancelAnswer::Cancelled, false))
+        );
+    }
+
+    #[test]
+    fn a_cancel_of_a_running_order_rolls_back_what_was_started_and_ends_cancelled() {
+        let mut order = new_order();
+        order.start_step(Step::Scheduling, "n1", t(2)).unwrap();
+        order.complete_step(t(3)).unwrap();
+        order.start_step(Step::PreProcessing, "n1", t(4)).unwrap();
+        let mine = order.clone();
+        assert_eq!(
+            order.request_cancel(cancel_intent(5)),
+            Ok((CancelAnswer::Accepted, true))
+        );
+        assert_eq!(order.state, State::Cancelling);
+        assert!(mine.only_intent_added(&order));
+        // No step starts after the cancel; the interrupted one is rolled back first.
+        assert!(order.start_step(Step::Processing, "n1", t(6)).is_err());
+        assert_eq!(order.next_action(), Action::RollBack(Step::PreProcessing));
+        assert_eq!(
+            order.request_cancel(cancel_intent(6)),
+            Ok((CancelAnswer::Accepted, false))
+        );
+        drive(&mut order, None);
+        assert_eq!(order.state, State::Cancelled);
+        assert!(order
+            .steps
+            .iter()
+            .all(|r| r.status == StepStatus::RolledBack));
+        assert_eq!(order.steps[1].step_complete_time, None, "interrupted");
+        let intent = order.intent.as_deref().unwrap();
+        assert_eq!(intent.via, Some(Interface::Http));
+        assert_eq!(intent.reason.as_deref(), Some("changed my mind"));
+    }
+
+    #[test]
+    fn a_step_that_ends_after_the_cancel_is_recorded_and_rolled_back() {
+        for fails in [false, true] {
+            let mut order = new_order();
+            order.start_step(Step::Scheduling, "n1", t(2)).unwrap();
+            order.request_cancel(cancel_intent(3)).unwrap();
+            if fails {
+                order.fail_step("boom".into(), t(4)).unwrap();
+            } else {
+                order.complete_step(t(4)).unwrap();
+            }
+            assert_eq!(order.state, State::Cancelling);
+            assert_eq!(order.next_action(), Action::RollBack(Step::Scheduling));
+            // Finishing the order as completed is refused: the cancel stands.
+            assert!(order.finish(t(5)).is_err());
+            drive(&mut order, None);
+            assert_eq!(order.state, State::Cancelled);
+        }
+    }
+
+    #[test]
+    fn a_cancel_is_refused_once_the_outcome_is_decided() {
+        let mut rolling = new_order();
+        rolling.start_step(Step::Scheduling, "n1", t(2)).unwrap();
+        rolling.fail_step("boom".into(), t(3)).unwrap();
+        let mut failed = rolling.clone();
+        drive(&mut failed, None);
+        let mut completed = new_order();
+        drive(&mut completed, None);
+        for (mut order, state) in [
+            (rolling, State::RollingBack),
+            (failed, State::Failed),
+            (completed, State::Completed),
+        ] {
+            let before = order.clone();
+            assert_eq!(
+                order.request_cancel(cancel_intent(9)),
+                Err(Refused {
+                    attempted: "cancel",
+                    state
+                })
+            );
+            assert_eq!(order.updated_at, before.updated_at, "nothing changed");
+        }
+    }
+
+    #[test]
+    fn a_cancelled_order_given_up_stays_cancelled() {
+        let mut order = new_order();
+        order.start_step(Step::Scheduling, "n1", t(2)).unwrap();
+        order.request_cancel(cancel_intent(3)).unwrap();
+        order.abandon("gave up".into(), t(4)).unwrap();
+        assert_eq!(order.state, State::Cancelled);
+    }
+
+    #[test]
+    fn a_retry_starts_a_new_attempt_and_keeps_the_old_one() {
+        let mut order = new_order();
+        drive(&mut order, Some(Step::Processing));
+        let failed = order.clone();
+        order.retry(t(50)).unwrap();
+        assert_eq!(order.state, State::Queued);
+        assert_eq!(order.retries, 1);
+        assert_eq!(order.next_action(), Action::Run(Step::Scheduling));
+        assert!(order.steps.is_empty() && order.failure_reason.is_none());
+        let earlier = &order.history[0];
+        assert_eq!((earlier.retry, earlier.state), (0, State::Failed));
+        assert_eq!(earlier.steps, failed.steps);
+        assert_eq!(earlier.failed_step, Some(Step::Processing));
+        // Only an order that ended Failed or Cancelled runs again.
+        assert_eq!(order.retry(t(51)).unwrap_err().state, State::Queued);
+        let mut completed = new_order();
+        drive(&mut completed, None);
+        assert!(completed.retry(t(52)).is_err());
+        // The document keeps both attempts through a round trip.
+        let back: Order = serde_json::from_value(serde_json::to_value(&order).unwrap()).unwrap();
+        assert_eq!(back.history, order.history);
+    }
+
+    #[test]
+    fn states_parse_by_their_names() {
+        for state in State::ALL {
+            assert_eq!(state.as_str().parse::<State>(), Ok(state));
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::json!(state.as_str())
+            );
+        }
+        assert_eq!("cancelled".parse::<State>(), Ok(State::Cancelled));
+        assert!("Done".parse::<State>().is_err());
     }
 }

@@ -1,7 +1,7 @@
 //! How a request from outside reaches the node that owns an order, without being taken for a lost
 //! lease and without weakening fencing.
 //!
-//! 1. The requester records the intent in the order's document ([`record`]): a compare-and-set on the
+//! 1. The requester records the intent in the order's document ([`cancel`]): a compare-and-set on the
 //!    revision it read, like every write. It needs no lease: it changes nothing the owner decides.
 //! 2. The owner's next write under its lease is refused (the revision moved). The `Writer` reads the
 //!    document again; if the only difference is the intent, it applies its change on top and writes
@@ -11,16 +11,22 @@
 //!    (`intent.seen_by`, `intent.seen_at`), so the requester can tell that the owner got it.
 
 use crate::domain::intent::Intent;
+use crate::domain::order::{CancelAnswer, Order, Refused};
 use crate::store::{OrderStore, StoreError, Versioned};
 use uuid::Uuid;
 
-/// What recording an intent came to.
+/// What a cancel request came to.
 #[derive(Debug)]
-pub enum Recorded {
-    /// The intent is in the document (it may have been there already, from an earlier request).
-    Recorded(Box<Versioned>),
-    /// The order is terminal: nobody will act on an intent any more.
-    Terminal(Box<Versioned>),
+pub enum Cancel {
+    /// The answer is final: the order is (or will be) `Cancelled`. `before` is the document this
+    /// request changed, `None` when it changed nothing (the cancel was there already).
+    Answered {
+        answer: CancelAnswer,
+        order: Box<Versioned>,
+        before: Option<Box<Order>>,
+    },
+    /// The order's state does not allow a cancel: it will not be cancelled.
+    Refused(Refused, Box<Versioned>),
     /// No such order.
     NotFound,
 }
@@ -28,38 +34,43 @@ pub enum Recorded {
 /// How often a requester reads and writes again when the owner wrote in between.
 const TRIES: usize = 10;
 
-/// Records `intent` in the document of order `order_id`, unless it holds an intent of the same kind
-/// already or the order is terminal.
-pub async fn record(
+/// Records a cancel of order `order_id` in its document, if its state allows one
+/// ([`Order::request_cancel`] decides, from the document alone).
+pub async fn cancel(
     store: &OrderStore,
     order_id: Uuid,
     intent: Intent,
-) -> Result<Recorded, StoreError> {
+) -> Result<Cancel, StoreError> {
     for _ in 0..TRIES {
         let Some(current) = store.get(order_id).await? else {
-            return Ok(Recorded::NotFound);
+            return Ok(Cancel::NotFound);
         };
-        if current.order.is_terminal() {
-            return Ok(Recorded::Terminal(Box::new(current)));
-        }
-        if current
-            .order
-            .intent
-            .as_ref()
-            .is_some_and(|recorded| recorded.kind == intent.kind)
-        {
-            return Ok(Recorded::Recorded(Box::new(current)));
-        }
         let mut next = current.order.clone();
-        next.intent = Some(Box::new(intent.clone()));
+        let answer = match next.request_cancel(intent.clone()) {
+            Err(refused) => return Ok(Cancel::Refused(refused, Box::new(current))),
+            Ok((answer, false)) => {
+                return Ok(Cancel::Answered {
+                    answer,
+                    order: Box::new(current),
+                    before: None,
+                })
+            }
+            Ok((answer, true)) => answer,
+        };
         match store.update(&next, current.revision).await {
-            Ok(written) => return Ok(Recorded::Recorded(Box::new(written))),
-            // The owner wrote in between: read again.
+            Ok(written) => {
+                return Ok(Cancel::Answered {
+                    answer,
+                    order: Box::new(written),
+                    before: Some(Box::new(current.order)),
+                })
+            }
+            // The owner wrote in between: read again, and decide again.
             Err(e) if e.is_conflict() => continue,
             Err(e) => return Err(e),
         }
     }
     Err(StoreError::unavailable_because(format!(
-        "order {order_id} changed {TRIES} times while an intent was being recorded"
+        "order {order_id} changed {TRIES} times while a cancel was being recorded"
     )))
 }

@@ -3,6 +3,7 @@
 
 pub mod connection;
 pub mod intent;
+pub mod interrupt;
 pub mod lease;
 pub(crate) mod pipeline;
 pub mod steps;

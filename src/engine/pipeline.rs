@@ -6,6 +6,7 @@
 
 use crate::clock::now;
 use crate::domain::order::{Action, State, Step};
+use crate::engine::interrupt::Interrupts;
 use crate::engine::lease::Lease;
 use crate::engine::steps::{StepOutcome, Steps};
 use crate::engine::write::{Halt, Writer};
@@ -27,14 +28,21 @@ pub struct Pipeline {
     node_id: String,
     steps: Arc<dyn Steps>,
     writer: Writer,
+    interrupts: Interrupts,
 }
 
 impl Pipeline {
-    pub fn new(node_id: String, steps: Arc<dyn Steps>, writer: Writer) -> Pipeline {
+    pub fn new(
+        node_id: String,
+        steps: Arc<dyn Steps>,
+        writer: Writer,
+        interrupts: Interrupts,
+    ) -> Pipeline {
         Pipeline {
             node_id,
             steps,
             writer,
+            interrupts,
         }
     }
 
@@ -54,25 +62,41 @@ impl Pipeline {
         stop: &Stop,
     ) -> Result<State, Halt> {
         loop {
-            self.see_intent(order, lease).await?;
-            let action = order.order.next_action();
-            if matches!(action, Action::Run(_) | Action::RollBack(_)) && stop.drain.is_cancelled() {
-                return Err(Halt::Interrupted);
-            }
-            match action {
-                Action::Run(step) => self.run_step(order, step, lease, stop).await?,
-                Action::RollBack(step) => self.roll_back(order, step, lease, stop).await?,
-                Action::Complete | Action::Fail => {
-                    let state = self
-                        .writer
-                        .commit(order, lease, "finish", |o| o.finish(now()))
-                        .await?;
-                    tracing::debug!(state = %state, "order finished");
-                    return Ok(state);
-                }
-                Action::Done => return Ok(order.order.state),
+            match self.next(order, lease, stop).await {
+                Ok(Some(state)) => return Ok(state),
+                // A cancel came in: what comes next is decided again from the document.
+                Ok(None) | Err(Halt::Redirected) => {}
+                Err(halt) => return Err(halt),
             }
         }
+    }
+
+    /// Takes the next action the document calls for; returns the terminal state once there is one.
+    async fn next(
+        &self,
+        order: &mut Versioned,
+        lease: &Lease,
+        stop: &Stop,
+    ) -> Result<Option<State>, Halt> {
+        self.see_intent(order, lease).await?;
+        let action = order.order.next_action();
+        if matches!(action, Action::Run(_) | Action::RollBack(_)) && stop.drain.is_cancelled() {
+            return Err(Halt::Interrupted);
+        }
+        match action {
+            Action::Run(step) => self.run_step(order, step, lease, stop).await?,
+            Action::RollBack(step) => self.roll_back(order, step, lease, stop).await?,
+            Action::Complete | Action::Fail | Action::Cancel => {
+                let state = self
+                    .writer
+                    .commit(order, lease, "finish", |o| o.finish(now()))
+                    .await?;
+                tracing::debug!(state = %state, "order finished");
+                return Ok(Some(state));
+            }
+            Action::Done => return Ok(Some(order.order.state)),
+        }
+        Ok(None)
     }
 
     /// Marks an intent recorded since the last commit as seen. Acting on it is the business of the
@@ -109,10 +133,20 @@ impl Pipeline {
             .await?;
         tracing::debug!(order.step = %step, "step started");
         let started = Instant::now();
-        let outcome = self.call(lease, stop, |cancel| {
+        let running = self.interrupts.register(order.order.order_id);
+        let outcome = self.call(lease, stop, running.token(), |cancel| {
             self.steps.run(&order.order, step, cancel)
         });
-        match outcome.await? {
+        let outcome = outcome.await;
+        drop(running);
+        if let Err(Halt::Redirected) = outcome {
+            // Interrupted by a cancel recorded in the document: take it up, then roll back.
+            if self.writer.take_up_intent(order).await {
+                tracing::info!(order.step = %step, "step interrupted by a cancel");
+            }
+            return Err(Halt::Redirected);
+        }
+        match outcome? {
             StepOutcome::Done => {
                 self.writer
                     .commit(order, lease, "complete_step", |o| o.complete_step(now()))
@@ -148,7 +182,9 @@ impl Pipeline {
             })
             .await?;
         tracing::debug!(order.step = %step, "rollback started");
-        let outcome = self.call(lease, stop, |cancel| {
+        // A rollback is never interrupted: it is what a cancel asks for.
+        let never = CancellationToken::new();
+        let outcome = self.call(lease, stop, &never, |cancel| {
             self.steps.roll_back(&order.order, step, cancel)
         });
         match outcome.await? {
@@ -169,12 +205,13 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Waits for one call of the steps, unless the lease is lost, the node aborts or the call's
-    /// timeout passes first; the call's token fires in each of those cases.
+    /// Waits for one call of the steps, unless the lease is lost, the node aborts, the call is
+    /// interrupted or its timeout passes first; the call's token fires in each of those cases.
     async fn call<'a>(
         &'a self,
         lease: &Lease,
         stop: &Stop,
+        interrupted: &CancellationToken,
         call: impl FnOnce(CancellationToken) -> futures::future::BoxFuture<'a, StepOutcome>,
     ) -> Result<StepOutcome, Halt> {
         let cancel = CancellationToken::new();
@@ -185,6 +222,7 @@ impl Pipeline {
             outcome = running => Ok(outcome),
             _ = lease.lost() => Err(Halt::Fenced),
             _ = stop.abort.cancelled() => Err(Halt::Interrupted),
+            _ = interrupted.cancelled() => Err(Halt::Redirected),
             _ = sleep_or_never(timeout) => Ok(StepOutcome::NotNow),
         }
     }

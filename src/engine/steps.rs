@@ -75,7 +75,9 @@ impl Steps for Simulated {
             if !waited(self.step_duration, &cancel).await {
                 return StepOutcome::NotNow;
             }
-            if self.failures.fails(order.order_id, step, order.attempt) {
+            // A retry draws anew: its number goes in the high bits, so a first run draws as before.
+            let attempt = order.attempt | (order.retries << 16);
+            if self.failures.fails(order.order_id, step, attempt) {
                 StepOutcome::Failed {
                     reason: format!(
                         "{step} failed (simulated failure, rate {})",

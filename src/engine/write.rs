@@ -39,6 +39,10 @@ pub enum Halt {
     /// The document does not allow the transition: it was written by something else.
     #[error(transparent)]
     Invalid(#[from] TransitionError),
+    /// A request from outside (a cancel) changed what comes next: the pipeline decides again from
+    /// the document, which now holds the request.
+    #[error("a request changed what comes next")]
+    Redirected,
 }
 
 impl From<StoreError> for Halt {
@@ -86,7 +90,12 @@ impl Writer {
         let mut rebases = 0;
         loop {
             let mut next = order.order.clone();
-            let result = change(&mut next)?;
+            let result = match change(&mut next) {
+                Ok(result) => result,
+                // The change was planned before a request came in, and no longer fits.
+                Err(_) if rebases > 0 => return Err(Halt::Redirected),
+                Err(e) => return Err(e.into()),
+            };
             match self
                 .write(lease, what, Some(&order.order), &next, order.revision)
                 .await
@@ -166,6 +175,18 @@ impl Writer {
             None => self.events.created(&written.order).await,
         }
         Ok(written)
+    }
+
+    /// Takes up an intent recorded since `order` was last written, if that is all that changed
+    /// (see [`Order::only_intent_added`]); returns whether there was one.
+    pub async fn take_up_intent(&self, order: &mut Versioned) -> bool {
+        match self.intent_only(order).await {
+            Some(stored) => {
+                *order = stored;
+                true
+            }
+            None => false,
+        }
     }
 
     /// The stored document, if it differs from `mine` only by an intent recorded since.

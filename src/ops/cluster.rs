@@ -28,6 +28,7 @@ pub struct NodeStatus {
     pub workers_total: usize,
     pub orders_completed: u64,
     pub orders_failed: u64,
+    pub orders_cancelled: u64,
     pub heartbeat_interval_ms: u64,
 }
 
@@ -88,6 +89,7 @@ impl Cluster {
             workers_total: self.workers,
             orders_completed: self.stats.completed.load(Ordering::Relaxed),
             orders_failed: self.stats.failed.load(Ordering::Relaxed),
+            orders_cancelled: self.stats.cancelled.load(Ordering::Relaxed),
             heartbeat_interval_ms: self.interval.as_millis() as u64,
         }
     }

@@ -12,7 +12,8 @@ pub const SUBJECT_PREFIX: &str = "orders.events";
 pub struct Event<'a> {
     pub order_id: uuid::Uuid,
     /// What happened: `created`, `claimed`, `released`, `step_started`, `step_completed`,
-    /// `step_failed`, `rollback_started`, `rollback_completed`, `intent_seen`, `completed` or `failed`.
+    /// `step_failed`, `rollback_started`, `rollback_completed`, `cancel_requested`, `intent_seen`,
+    /// `completed`, `failed`, `cancelled` or `retried`.
     pub change: &'static str,
     pub from: State,
     pub to: State,
@@ -81,10 +82,15 @@ impl Events {
 
 /// Names the change from `before` to `after`, two successive versions of one order's document.
 pub fn change(before: &Order, after: &Order) -> &'static str {
-    match after.state {
-        State::Completed if before.state != State::Completed => return "completed",
-        State::Failed if before.state != State::Failed => return "failed",
-        _ => {}
+    if after.state != before.state {
+        match after.state {
+            State::Completed => return "completed",
+            State::Failed => return "failed",
+            State::Cancelled => return "cancelled",
+            State::Cancelling => return "cancel_requested",
+            State::Queued if before.state.is_terminal() => return "retried",
+            _ => {}
+        }
     }
     let changed = after
         .steps
@@ -152,5 +158,19 @@ mod tests {
         let before = ended.clone();
         ended.finish(t(11)).unwrap();
         assert_eq!(change(&before, &ended), "failed");
+        let mut retried = ended.clone();
+        retried.retry(t(12)).unwrap();
+        assert_eq!(change(&ended, &retried), "retried");
+        let mut cancelling = claimed.clone();
+        let intent = crate::domain::intent::Intent::new(
+            crate::domain::intent::IntentKind::Cancel,
+            None,
+            t(13),
+        );
+        cancelling.request_cancel(intent.clone()).unwrap();
+        assert_eq!(change(&claimed, &cancelling), "cancel_requested");
+        let mut cancelled = queued.clone();
+        cancelled.request_cancel(intent).unwrap();
+        assert_eq!(change(&queued, &cancelled), "cancelled");
     }
 }

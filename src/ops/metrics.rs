@@ -8,6 +8,7 @@ use std::time::Duration;
 
 pub const ORDERS_SUBMITTED: &str = "orderly_orders_submitted_total";
 pub const ORDERS_FINISHED: &str = "orderly_orders_finished_total";
+pub const ORDER_REQUESTS: &str = "orderly_order_requests_total";
 pub const ORDERS_GIVEN_UP: &str = "orderly_orders_given_up_total";
 pub const ORDERS_IN_FLIGHT: &str = "orderly_orders_in_flight";
 pub const ORDER_DURATION: &str = "orderly_order_duration_seconds";
@@ -92,7 +93,7 @@ fn zero_counters() {
     for interface in ["http", "nats", "stream"] {
         metrics::counter!(ORDERS_SUBMITTED, "interface" => interface).absolute(0);
     }
-    for outcome in ["completed", "failed"] {
+    for outcome in ["completed", "failed", "cancelled"] {
         metrics::counter!(ORDERS_FINISHED, "outcome" => outcome).absolute(0);
     }
     for step in Step::ALL {
@@ -100,6 +101,14 @@ fn zero_counters() {
         metrics::counter!(ROLLBACKS, "step" => step.as_str()).absolute(0);
     }
     metrics::counter!(ORDERS_GIVEN_UP, "path" => "last_delivery").absolute(0);
+    for (request, answers) in [
+        ("cancel", &["done", "accepted", "refused", "not_found"][..]),
+        ("retry", &["accepted", "refused", "not_found"][..]),
+    ] {
+        for answer in answers {
+            metrics::counter!(ORDER_REQUESTS, "request" => request, "answer" => *answer).absolute(0);
+        }
+    }
     for reason in ["malformed_headers", "status_headers"] {
         metrics::counter!(MESSAGES_REQUEUED, "reason" => reason).absolute(0);
     }
@@ -132,6 +141,10 @@ fn describe_orders() {
     describe_counter!(
         ORDERS_GIVEN_UP,
         "Orders ended Failed because they used up the deliveries ORDERLY_MAX_DELIVER allows (path: last_delivery)."
+    );
+    describe_counter!(
+        ORDER_REQUESTS,
+        "Cancel and retry requests this node answered, by request and answer (done, accepted, refused, not_found)."
     );
     describe_gauge!(ORDERS_IN_FLIGHT, "Orders this node is working on.");
     describe_histogram!(

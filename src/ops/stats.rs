@@ -8,4 +8,5 @@ pub struct WorkerStats {
     pub busy: AtomicUsize,
     pub completed: AtomicU64,
     pub failed: AtomicU64,
+    pub cancelled: AtomicU64,
 }

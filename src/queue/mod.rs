@@ -12,3 +12,4 @@ pub(crate) mod pull;
 pub(crate) mod settle;
 pub mod setup;
 pub(crate) mod sweep;
+pub(crate) mod wake;

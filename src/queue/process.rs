@@ -15,7 +15,7 @@ use crate::ops::stats::WorkerStats;
 use crate::queue::delivery::{message_exists, Delivery};
 use crate::queue::give_up::GiveUp;
 use crate::queue::settle::{NakReason, Outcome, Settlement, TermReason};
-use crate::queue::setup::{SUBMIT_PREFIX, VIA_HEADER};
+use crate::queue::setup::{RETRY_HEADER, SUBMIT_PREFIX, VIA_HEADER};
 use crate::store::{OrderStore, StoreError, Versioned};
 use async_nats::jetstream;
 use chrono::SubsecRound;
@@ -247,8 +247,15 @@ impl Processor {
             None => self.create(message, delivery, payload).await?,
         };
         if order.order.is_terminal() {
-            tracing::info!(state = %order.order.state, "order already terminal; acknowledging its message");
-            return Ok(Processed::AlreadyTerminal);
+            // The work message of a retry can arrive before its requester recorded the retry: then
+            // this delivery records it, and runs the new attempt.
+            match self.take_up_retry(message, order).await? {
+                Some(retried) => order = retried,
+                None => {
+                    tracing::info!("order already terminal; acknowledging its message");
+                    return Ok(Processed::AlreadyTerminal);
+                }
+            }
         }
         if let Some(carrier) = order
             .order
@@ -265,7 +272,13 @@ impl Processor {
                 return Err(Failure::Poison(TermReason::Duplicate));
             }
         }
-        self.claim(&mut order, delivery, lease).await?;
+        match self.claim(&mut order, delivery, lease).await {
+            // Cancelled before anyone picked it up, while this delivery was claiming it.
+            Err(Failure::Halt(Halt::Redirected)) if order.order.is_terminal() => {
+                return Ok(Processed::AlreadyTerminal)
+            }
+            claimed => claimed?,
+        }
         metrics::gauge!(m::ORDERS_IN_FLIGHT).increment(1.0);
         let result = self.pipeline.run(&mut order, lease, stop).await;
         metrics::gauge!(m::ORDERS_IN_FLIGHT).decrement(1.0);
@@ -329,6 +342,49 @@ impl Processor {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The order, retried, if `message` is the work message of its next retry (see
+    /// `api::control::retry`); `None` if the message carries nothing more for a terminal order.
+    async fn take_up_retry(
+        &self,
+        message: &jetstream::Message,
+        mut order: Versioned,
+    ) -> Result<Option<Versioned>, Failure> {
+        let Some(number) = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(RETRY_HEADER))
+            .and_then(|v| v.as_str().parse::<u32>().ok())
+        else {
+            return Ok(None);
+        };
+        for _ in 0..3 {
+            if order.order.retries >= number {
+                // Recorded already, by its requester or an earlier delivery.
+                return Ok(Some(order).filter(|o| !o.order.is_terminal()));
+            }
+            let mut next = order.order.clone();
+            if next.retry(now()).is_err() || next.retries != number {
+                return Ok(None);
+            }
+            match self.store().update(&next, order.revision).await {
+                Ok(written) => {
+                    let events = self.pipeline.writer().events();
+                    events.transition(&order.order, &written.order).await;
+                    tracing::info!(retry = number, "retry recorded by its work message");
+                    return Ok(Some(written));
+                }
+                Err(e) if e.is_conflict() => {
+                    let Some(stored) = self.store().get(order.order.order_id).await? else {
+                        return Ok(None);
+                    };
+                    order = stored;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
     }
 
     /// Claims the order for this delivery, unless this delivery's lease claimed it already (a retry
@@ -445,6 +501,10 @@ impl Processor {
                 metrics::counter!(m::LEASES_LOST).increment(1);
                 (Outcome::Leave, LeaseEnd::Lost)
             }
+            Err(Failure::Halt(Halt::Redirected)) => {
+                // A cancel recorded while the order was being claimed; the next delivery goes on.
+                (Outcome::Nak(NakReason::NotNow), LeaseEnd::Released)
+            }
             Err(Failure::Halt(Halt::Invalid(e))) => {
                 tracing::error!(error = %e, "order document does not allow the next transition; terminating its message");
                 (
@@ -461,14 +521,19 @@ impl Processor {
 
     /// Counts and logs an order that reached its terminal state on this node.
     fn finished(&self, state: State, order: &Order) {
-        match state {
-            State::Completed => self.stats.completed.fetch_add(1, Ordering::Relaxed),
-            _ => self.stats.failed.fetch_add(1, Ordering::Relaxed),
-        };
-        let outcome = if state == State::Completed {
-            "completed"
-        } else {
-            "failed"
+        let outcome = match state {
+            State::Completed => {
+                self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                "completed"
+            }
+            State::Cancelled => {
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                "cancelled"
+            }
+            _ => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                "failed"
+            }
         };
         metrics::counter!(m::ORDERS_FINISHED, "outcome" => outcome).increment(1);
         if let Some(done) = order.complete_time {

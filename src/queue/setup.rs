@@ -20,6 +20,15 @@ pub const NODES_BUCKET: &str = "orderly-nodes";
 pub const CREATE_SUBJECT: &str = "orders.create";
 /// Subject of `nats req orders.get <id>`.
 pub const GET_SUBJECT: &str = "orders.get";
+/// Subject of `nats req orders.cancel <id>`.
+pub const CANCEL_SUBJECT: &str = "orders.cancel";
+/// Subject of `nats req orders.retry <id>`.
+pub const RETRY_SUBJECT: &str = "orders.retry";
+/// A node listens on `orders.interrupt.<node id>` for the ids of orders whose running step a cancel
+/// should interrupt (core NATS; the document stays the authority).
+pub const INTERRUPT_PREFIX: &str = "orders.interrupt";
+/// Header on the work message of a retry: the retry's number (the document's `retries` once it runs).
+pub const RETRY_HEADER: &str = "Orderly-Retry";
 /// How long a repeated submission of the same order id is recognised as the same order.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Revisions of each order kept in the bucket (`nats kv history orders <id>`).
@@ -31,6 +40,10 @@ pub const MAX_ACK_PENDING: i64 = 20_000;
 
 pub fn submit_subject(order_id: &uuid::Uuid) -> String {
     format!("{SUBMIT_PREFIX}.{order_id}")
+}
+
+pub fn interrupt_subject(node_id: &str) -> String {
+    format!("{INTERRUPT_PREFIX}.{node_id}")
 }
 
 /// What the node needs to know about the JetStream objects it runs on.

@@ -79,6 +79,10 @@ pub struct Report {
     pub unconfirmed_applied_late: usize,
     pub completed: usize,
     pub failed: usize,
+    pub cancelled: usize,
+    /// Revisions that recorded a cancel request (written without a lease, by the node that took
+    /// the request).
+    pub cancels_recorded: usize,
 }
 
 impl Report {
@@ -291,12 +295,24 @@ async fn check_order(
     let mut last_doc = Value::Null;
     // By the server's account too: no revision shows a step running again after one showed it complete.
     let mut completed_steps = HashSet::new();
+    // The first revision that holds an accepted cancel: no step starts after it.
+    let mut cancelled_from: Option<Value> = None;
+    let mut previous = Value::Null;
     for (index, entry) in history(orders, id).await.into_iter().enumerate() {
         let written = entry.written;
         if let Ok(doc) = serde_json::from_slice::<Value>(&entry.value) {
             let state = doc["state"].as_str().unwrap_or_default().to_owned();
-            if matches!(state.as_str(), "Completed" | "Failed") {
+            if matches!(state.as_str(), "Completed" | "Failed" | "Cancelled") {
                 terminal += 1;
+            }
+            if let Some(cancelling) = &cancelled_from {
+                assert!(
+                    no_step_started_since(cancelling, &doc),
+                    "order {id}: revision {} starts a step after the cancel was recorded in {cancelling}",
+                    entry.revision
+                );
+            } else if matches!(state.as_str(), "Cancelling" | "Cancelled") {
+                cancelled_from = Some(doc.clone());
             }
             for step in doc["steps"].as_array().into_iter().flatten() {
                 let name = step["step_name"].as_str().unwrap_or_default().to_owned();
@@ -315,7 +331,15 @@ async fn check_order(
             last_state = state;
             last_doc = doc;
         }
+        let doc = serde_json::from_slice::<Value>(&entry.value).unwrap_or(Value::Null);
+        let requested = is_cancel_request(&previous, &doc);
+        previous = doc;
         if outside.revisions.contains(&entry.revision) {
+            continue;
+        }
+        if requested {
+            // A cancel recorded by whoever took the request: no lease, no audit line.
+            report.cancels_recorded += 1;
             continue;
         }
         // A create whose answer its node never got (or that was in flight when the node died)
@@ -400,8 +424,38 @@ async fn check_order(
     match last_state.as_str() {
         "Completed" => report.completed += 1,
         "Failed" => report.failed += 1,
+        "Cancelled" => report.cancelled += 1,
         other => panic!("order {id} ended in state {other:?}"),
     }
+}
+
+/// Whether `doc` is `previous` with a cancel recorded and nothing a lease holder decides changed: the
+/// same steps, owner, attempt and delivery; only the state (to `Cancelling`, or `Cancelled` for an
+/// order nobody had picked up), the intent, and the times that go with them.
+fn is_cancel_request(previous: &Value, doc: &Value) -> bool {
+    if previous.is_null() || doc["intent"]["kind"] != "cancel" || previous["intent"] == doc["intent"] {
+        return false;
+    }
+    let state_ok = match doc["state"].as_str() {
+        Some("Cancelling") => matches!(previous["state"].as_str(), Some("Running" | "Queued")),
+        Some("Cancelled") => previous["state"] == "Queued" && doc["steps"] == serde_json::json!([]),
+        _ => false,
+    };
+    let kept = ["steps", "owner", "attempt", "message_seq", "retries", "payload", "start_time"]
+        .iter()
+        .all(|field| previous[field] == doc[field]);
+    state_ok && kept
+}
+
+/// Whether `doc` started no step that `cancelling` (the revision that recorded the cancel) had not
+/// started: no new step record, no step started again.
+fn no_step_started_since(cancelling: &Value, doc: &Value) -> bool {
+    let before = cancelling["steps"].as_array().cloned().unwrap_or_default();
+    let after = doc["steps"].as_array().cloned().unwrap_or_default();
+    after.len() == before.len()
+        && before.iter().zip(&after).all(|(b, a)| {
+            b["step_start_time"] == a["step_start_time"] && b["runs"] == a["runs"]
+        })
 }
 
 /// One stored revision of an order's document.

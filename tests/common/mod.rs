@@ -485,7 +485,10 @@ pub async fn document(kv: &jetstream::kv::Store, id: Uuid) -> Option<Value> {
 }
 
 pub fn is_terminal(doc: &Value) -> bool {
-    matches!(doc["state"].as_str(), Some("Completed" | "Failed"))
+    matches!(
+        doc["state"].as_str(),
+        Some("Completed" | "Failed" | "Cancelled")
+    )
 }
 
 /// Waits until every order is terminal and returns their documents.
@@ -555,6 +558,11 @@ pub fn check_terminal_document(doc: &Value) {
     ];
     for (i, step) in steps.iter().enumerate() {
         assert_eq!(step["step_name"], names[i], "step {i} of {doc}");
+        if step["step_complete_time"].is_null() && doc["state"] == "Cancelled" {
+            // The step a cancel interrupted: it never completed.
+            assert_eq!(i + 1, steps.len(), "only the last step can be interrupted: {doc}");
+            continue;
+        }
         assert!(time(&step["step_complete_time"]) >= time(&step["step_start_time"]));
         if i > 0 {
             assert!(time(&step["step_start_time"]) >= time(&steps[i - 1]["step_complete_time"]));
@@ -589,6 +597,25 @@ pub fn check_terminal_document(doc: &Value) {
                     // Reverse order: this step's rollback starts after the later step's finished.
                     assert!(
                         start >= time(&steps[i + 1]["rollback_complete_time"]),
+                        "{doc}"
+                    );
+                }
+            }
+        }
+        Some("Cancelled") => {
+            assert_eq!(doc["current_step"], "Cancelled");
+            assert_eq!(doc["intent"]["kind"], "cancel", "{doc}");
+            let requested = time(&doc["intent"]["requested_at"]);
+            for (i, step) in steps.iter().enumerate() {
+                assert_eq!(step["status"], "RolledBack", "{doc}");
+                assert!(
+                    time(&step["step_start_time"]) <= requested,
+                    "no step starts after the cancel: {doc}"
+                );
+                if i + 1 < steps.len() {
+                    assert!(
+                        time(&step["rollback_start_time"])
+                            >= time(&steps[i + 1]["rollback_complete_time"]),
                         "{doc}"
                     );
                 }
