@@ -752,4 +752,3 @@ async fn a_resubmitted_order_whose_message_is_gone_is_continued() {
     assert_ne!(first.id, second.id);
     assert_eq!(terminal_revisions(&kv, id).await, 1);
 }
-

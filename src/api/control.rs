@@ -80,10 +80,7 @@ impl Control {
             } => (answer, order, before),
         };
         if let Some(before) = before {
-            self.intake
-                .events()
-                .transition(&before, &order.order)
-                .await;
+            self.intake.events().transition(&before, &order.order).await;
             self.interrupt_owner(&order).await;
             if order.order.state == State::Cancelled {
                 // Nobody had picked it up: it ended here, not on a worker.

@@ -51,7 +51,13 @@ impl Task for Service {
             .map_err(|e| anyhow::anyhow!(e).context("cannot start the NATS service"))?;
         let group = service.group("orders");
         let mut create = endpoint(&group, "create", CREATE_SUBJECT, "Submit an order: the body is its payload, a JSON object; replies {order_id, start_time}.").await?;
-        let mut get = endpoint(&group, "get", GET_SUBJECT, "Look an order up: the body is its id, or {\"order_id\": ...}; replies its document.").await?;
+        let mut get = endpoint(
+            &group,
+            "get",
+            GET_SUBJECT,
+            "Look an order up: the body is its id, or {\"order_id\": ...}; replies its document.",
+        )
+        .await?;
         let mut cancel_ = endpoint(&group, "cancel", CANCEL_SUBJECT, "Cancel an order: the body is its id, or {\"order_id\": ..., \"reason\": ...}; replies its document (Cancelled, or Cancelling on its way there), or error 409 if it ended otherwise.").await?;
         let mut retry = endpoint(&group, "retry", RETRY_SUBJECT, "Run a Failed or Cancelled order again as a new attempt: the body is its id, or {\"order_id\": ...}; replies its document.").await?;
         loop {

@@ -385,7 +385,9 @@ impl Order {
     pub fn next_action(&self) -> Action {
         match self.state {
             State::Completed | State::Failed | State::Cancelled => Action::Done,
-            State::Cancelling => self.next_rollback().map_or(Action::Cancel, Action::RollBack),
+            State::Cancelling => self
+                .next_rollback()
+                .map_or(Action::Cancel, Action::RollBack),
             State::Queued | State::Running => match self.steps.last() {
                 None => Action::Run(Step::Scheduling),
                 Some(last) => match last.status {
@@ -473,7 +475,8 @@ impl Order {
         }
         let mut expected = self.clone();
         expected.apply_intent(intent.clone());
-        let value = |order: &Order| serde_json::to_value(order).expect("an order always serializes");
+        let value =
+            |order: &Order| serde_json::to_value(order).expect("an order always serializes");
         value(&expected) == value(stored)
     }
 

@@ -106,7 +106,8 @@ fn zero_counters() {
         ("retry", &["accepted", "refused", "not_found"][..]),
     ] {
         for answer in answers {
-            metrics::counter!(ORDER_REQUESTS, "request" => request, "answer" => *answer).absolute(0);
+            metrics::counter!(ORDER_REQUESTS, "request" => request, "answer" => *answer)
+                .absolute(0);
         }
     }
     for reason in ["malformed_headers", "status_headers"] {

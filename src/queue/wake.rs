@@ -61,11 +61,10 @@ impl Task for WakeListener {
 
     async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let subject = interrupt_subject(&self.node_id);
-        let mut wakes = self
-            .client
-            .subscribe(subject.clone())
-            .await
-            .map_err(|e| anyhow::anyhow!(e).context(format!("cannot subscribe to {subject}")))?;
+        let mut wakes =
+            self.client.subscribe(subject.clone()).await.map_err(|e| {
+                anyhow::anyhow!(e).context(format!("cannot subscribe to {subject}"))
+            })?;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),

@@ -433,7 +433,10 @@ async fn check_order(
 /// same steps, owner, attempt and delivery; only the state (to `Cancelling`, or `Cancelled` for an
 /// order nobody had picked up), the intent, and the times that go with them.
 fn is_cancel_request(previous: &Value, doc: &Value) -> bool {
-    if previous.is_null() || doc["intent"]["kind"] != "cancel" || previous["intent"] == doc["intent"] {
+    if previous.is_null()
+        || doc["intent"]["kind"] != "cancel"
+        || previous["intent"] == doc["intent"]
+    {
         return false;
     }
     let state_ok = match doc["state"].as_str() {
@@ -441,9 +444,17 @@ fn is_cancel_request(previous: &Value, doc: &Value) -> bool {
         Some("Cancelled") => previous["state"] == "Queued" && doc["steps"] == serde_json::json!([]),
         _ => false,
     };
-    let kept = ["steps", "owner", "attempt", "message_seq", "retries", "payload", "start_time"]
-        .iter()
-        .all(|field| previous[field] == doc[field]);
+    let kept = [
+        "steps",
+        "owner",
+        "attempt",
+        "message_seq",
+        "retries",
+        "payload",
+        "start_time",
+    ]
+    .iter()
+    .all(|field| previous[field] == doc[field]);
     state_ok && kept
 }
 
@@ -453,9 +464,10 @@ fn no_step_started_since(cancelling: &Value, doc: &Value) -> bool {
     let before = cancelling["steps"].as_array().cloned().unwrap_or_default();
     let after = doc["steps"].as_array().cloned().unwrap_or_default();
     after.len() == before.len()
-        && before.iter().zip(&after).all(|(b, a)| {
-            b["step_start_time"] == a["step_start_time"] && b["runs"] == a["runs"]
-        })
+        && before
+            .iter()
+            .zip(&after)
+            .all(|(b, a)| b["step_start_time"] == a["step_start_time"] && b["runs"] == a["runs"])
 }
 
 /// One stored revision of an order's document.

@@ -560,7 +560,11 @@ pub fn check_terminal_document(doc: &Value) {
         assert_eq!(step["step_name"], names[i], "step {i} of {doc}");
         if step["step_complete_time"].is_null() && doc["state"] == "Cancelled" {
             // The step a cancel interrupted: it never completed.
-            assert_eq!(i + 1, steps.len(), "only the last step can be interrupted: {doc}");
+            assert_eq!(
+                i + 1,
+                steps.len(),
+                "only the last step can be interrupted: {doc}"
+            );
             continue;
         }
         assert!(time(&step["step_complete_time"]) >= time(&step["step_start_time"]));
