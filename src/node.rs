@@ -173,6 +173,7 @@ async fn run_connected<F: Future<Output = ()>>(
         setup,
         layout,
         drain,
+        interrupts: Interrupts::default(),
     };
     let mut running = parts.start(listener, metrics, steps).await?;
     tracing::info!(
@@ -280,6 +281,8 @@ struct Parts<'a> {
     setup: Setup,
     layout: Layout,
     drain: CancellationToken,
+    /// The steps running here that a cancel may interrupt.
+    interrupts: Interrupts,
 }
 
 impl Parts<'_> {
@@ -332,7 +335,6 @@ impl Parts<'_> {
         // The work connection's view of the orders: leases write through it, and the sweep reads it.
         let store = OrderStore::new(self.setup.orders.clone(), audit.clone());
         let mut running = Running::new(self.drain.clone(), cluster);
-        let interrupts = Interrupts::default();
         running.spawn(
             self.workers(
                 &follow,
@@ -340,7 +342,6 @@ impl Parts<'_> {
                 audit,
                 stats,
                 steps,
-                interrupts.clone(),
                 running.abort.clone(),
             )
             .await?,
@@ -349,7 +350,7 @@ impl Parts<'_> {
             self.connections.public.clone(),
             node_id.clone(),
             store.clone(),
-            interrupts,
+            self.interrupts.clone(),
         ));
         running.spawn(QueueGauges::new(
             self.setup.stream.clone(),
@@ -398,7 +399,6 @@ impl Parts<'_> {
         audit: Audit,
         stats: Arc<WorkerStats>,
         steps: Arc<dyn Steps>,
-        interrupts: Interrupts,
         abort: CancellationToken,
     ) -> anyhow::Result<Puller> {
         let work = &self.connections.work;
@@ -407,7 +407,7 @@ impl Parts<'_> {
             self.node_id.to_owned(),
             steps,
             writer.clone(),
-            interrupts,
+            self.interrupts.clone(),
         ));
         let give_up = GiveUp::new(writer, self.setup.stream.clone(), stats.clone());
         let max_deliver = u32::try_from(self.config.max_deliver).unwrap_or(u32::MAX);

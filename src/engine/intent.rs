@@ -46,7 +46,13 @@ pub async fn cancel(
             return Ok(Cancel::NotFound);
         };
         let mut next = current.order.clone();
-        let answer = match next.request_cancel(intent.clone()) {
+        // Requested now, when the document it is decided on was read: every step it shows started
+        // before.
+        let intent = Intent {
+            requested_at: crate::clock::now(),
+            ..intent.clone()
+        };
+        let answer = match next.request_cancel(intent) {
             Err(refused) => return Ok(Cancel::Refused(refused, Box::new(current))),
             Ok((answer, false)) => {
                 return Ok(Cancel::Answered {

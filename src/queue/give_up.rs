@@ -130,7 +130,7 @@ impl GiveUp {
         let lease = settlement.lease();
         match self
             .writer
-            .write(lease, "give_up", before.as_ref(), &after, revision)
+            .write(lease, "give_up", before.as_deref(), &after, revision)
             .await
         {
             Ok(_) => {
@@ -155,13 +155,13 @@ pub enum Ending {
     /// It is terminal already: nothing to do.
     Terminal,
     /// It had no document; a failed one was created.
-    Created(Versioned),
+    Created(Box<Versioned>),
     /// Write `after` over revision `revision`, which holds `before` (`None` when the stored document
     /// is unreadable).
     Replace {
         revision: u64,
-        before: Option<Order>,
-        after: Order,
+        before: Option<Box<Order>>,
+        after: Box<Order>,
     },
 }
 
@@ -181,8 +181,8 @@ pub async fn ending(
                 .map_err(|e| StoreError::unavailable("cannot end the order", e))?;
             Ok(Ending::Replace {
                 revision,
-                before: Some(order),
-                after,
+                before: Some(Box::new(order)),
+                after: Box::new(after),
             })
         }
         Err(StoreError::Corrupt {
@@ -192,7 +192,7 @@ pub async fn ending(
         }) => Ok(Ending::Replace {
             revision,
             before: None,
-            after: Order::rejected(
+            after: Box::new(Order::rejected(
                 order_id,
                 shown_payload(payload),
                 if reason.contains(&unreadable) {
@@ -201,12 +201,12 @@ pub async fn ending(
                     format!("{reason} (the stored document was unreadable: {unreadable})")
                 },
                 now(),
-            ),
+            )),
         }),
         Ok(None) => {
             let order = Order::rejected(order_id, shown_payload(payload), reason.to_owned(), now());
             match store.create(&order).await {
-                Ok(created) => Ok(Ending::Created(created)),
+                Ok(created) => Ok(Ending::Created(Box::new(created))),
                 Err(StoreError::Exists(_)) => Ok(Ending::Terminal),
                 Err(e) => Err(e),
             }

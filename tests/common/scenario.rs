@@ -156,7 +156,7 @@ pub async fn settle_and_check(
         if doc["failure_reason"]
             .as_str()
             .is_some_and(|r| r.contains("simulated"))
-            || doc["state"] == "Completed"
+            || matches!(doc["state"].as_str(), Some("Completed" | "Cancelled"))
         {
             check_terminal_document(doc);
         }
@@ -219,10 +219,11 @@ pub fn seconds(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
 
 pub fn print_report(scenario: &str, report: &Report) {
     println!(
-        "[{scenario}] {} orders ({} completed, {} failed), {} lease intervals, {} handovers, {} steps re-run, {} given up, {} unanswered writes applied ({} after their sender fenced)",
+        "[{scenario}] {} orders ({} completed, {} failed, {} cancelled), {} lease intervals, {} handovers, {} steps re-run, {} given up, {} unanswered writes applied ({} after their sender fenced)",
         report.orders,
         report.completed,
         report.failed,
+        report.cancelled,
         report.intervals,
         report.handovers.len(),
         report.steps_rerun,
