@@ -489,10 +489,20 @@ async fn a_deleted_consumer_is_recreated_without_a_storm_of_logs() {
     };
     let before = [lines(&a), lines(&b)];
     let stream = js.get_stream("ORDERS").await.expect("stream ORDERS");
-    stream
-        .delete_consumer("workers")
-        .await
-        .expect("the consumer is deleted");
+    // nats-server can refuse a delete while it writes the consumer's state ("unlinkat ...: directory
+    // not empty"); an operator asks again, and so does the test.
+    wait_until(
+        "the consumer is deleted",
+        Duration::from_secs(10),
+        || async {
+            match stream.delete_consumer("workers").await {
+                Ok(_) => Some(()),
+                Err(e) if e.to_string().contains("not empty") => None,
+                Err(e) => panic!("the consumer cannot be deleted: {e}"),
+            }
+        },
+    )
+    .await;
     let deleted = Instant::now();
     hold_fault(deleted, Duration::from_secs(5)).await;
     let grown = [lines(&a) - before[0], lines(&b) - before[1]];

@@ -122,7 +122,7 @@ impl Task for Service {
     }
 }
 
-/// Adds endpoint `name` (subject `subject`) to the group, with its description in its metadata, as
+/// Adds endpoint `orders-<name>` (subject `subject`) to the group, with its description in its metadata, as
 /// `nats micro info orders` shows it.
 async fn endpoint(
     group: &async_nats::service::Group,
@@ -132,7 +132,7 @@ async fn endpoint(
 ) -> anyhow::Result<async_nats::service::endpoint::Endpoint> {
     group
         .endpoint_builder()
-        .name(name)
+        .name(format!("orders-{name}"))
         .metadata([("description".to_string(), description.to_string())].into())
         .add(name)
         .await
