@@ -1,6 +1,8 @@
 //! How orders come in and are read: intake (shared by every interface), the HTTP API and the `orders`
 //! NATS service.
 
+pub mod auth;
 pub mod http;
 pub mod intake;
 pub mod service;
+pub mod watch;
