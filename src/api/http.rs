@@ -245,13 +245,8 @@ async fn watch_order(
     Ok(crate::api::watch::respond(changes))
 }
 
-/// Drains the node as SIGTERM does; the reply comes at once, the node exits within its grace period.
 async fn drain(State(state): State<AppState>) -> Response {
-    if !state.drain_request.is_cancelled() {
-        tracing::info!("drain requested over HTTP");
-        state.drain_request.cancel();
-    }
-    (StatusCode::ACCEPTED, Json(json!({ "status": "draining" }))).into_response()
+    crate::api::admin::drain(&state.drain_request)
 }
 
 async fn healthz() -> Json<serde_json::Value> {
