@@ -78,7 +78,8 @@ struct InProcess {
 }
 
 impl InProcess {
-    async fn start(server: &NatsServer) -> InProcess {
+    /// A node whose drain waits up to `grace` for a step to finish.
+    async fn start(server: &NatsServer, grace: &str) -> InProcess {
         let data = temp_dir("watch");
         let http_addr = format!("127.0.0.1:{}", free_port());
         let config = Config::try_parse_from([
@@ -91,6 +92,8 @@ impl InProcess {
             "watch-node",
             "--data-dir",
             data.path().to_str().expect("a UTF-8 path"),
+            "--shutdown-grace",
+            grace,
         ])
         .expect("a valid configuration");
         let steps = Gated::new();
@@ -264,7 +267,7 @@ fn check_consistent(events: &[Sse]) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_watcher_sees_every_change_in_order_up_to_the_terminal_state() {
     let server = NatsServer::start().await;
-    let node = InProcess::start(&server).await;
+    let node = InProcess::start(&server, "10s").await;
     let client = server.client().await;
     let mut core = client
         .subscribe("orders.events.>")
@@ -355,7 +358,7 @@ async fn a_watcher_sees_every_change_in_order_up_to_the_terminal_state() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_watcher_that_reconnects_with_last_event_id_misses_nothing() {
     let server = NatsServer::start().await;
-    let node = InProcess::start(&server).await;
+    let node = InProcess::start(&server, "10s").await;
     let kv = server
         .js()
         .await
@@ -429,5 +432,27 @@ async fn a_watcher_that_reconnects_with_last_event_id_misses_nothing() {
     // A terminal order's stream ends at once for a client that has seen its last revision.
     let mut done = Watcher::open(&node.url, id, Some(last.id)).await;
     assert!(done.next().await.is_none());
+    node.stop().await;
+}
+
+/// A node that drains ends its watches at once, so that its HTTP server can stop; the client
+/// reconnects to another node with `Last-Event-ID`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_node_ends_its_watches() {
+    let server = NatsServer::start().await;
+    // The order's step waits at the gate, and the drain would wait for it for a minute: only the
+    // drain itself can end the stream sooner.
+    let node = InProcess::start(&server, "60s").await;
+    let id = node.submit().await;
+    let mut watcher = Watcher::open(&node.url, id, None).await;
+    let snapshot = watcher.next().await.expect("a snapshot");
+    assert_ne!(snapshot.data["document"]["state"], "Completed");
+    node.stop.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while watcher.next().await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ends when the node drains");
+    node.steps.release(1);
     node.stop().await;
 }
