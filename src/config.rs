@@ -90,6 +90,15 @@ pub struct Config {
     #[arg(long, env = "ORDERLY_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
 
+    /// A file of HTTP API bearer tokens, one `token role` per line (roles: reader, submitter,
+    /// operator; `#` starts a comment). With any token set, every order and admin endpoint needs one.
+    #[arg(long, env = "ORDERLY_API_TOKENS_FILE")]
+    pub api_tokens_file: Option<PathBuf>,
+
+    /// One HTTP API bearer token with the operator role (besides those of --api-tokens-file).
+    #[arg(long, env = "ORDERLY_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<Secret>,
+
     /// Log format.
     #[arg(long, env = "ORDERLY_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -114,6 +123,30 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// A setting that must not be printed: its `Debug` shows only that it is set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(s.to_owned()))
     }
 }
 
@@ -205,6 +238,8 @@ mod tests {
         assert_eq!(single.check(), Ok(()));
         let err = Config::try_parse_from(["orderly", "--node-heartbeat", "0s"]).unwrap_err();
         assert!(err.to_string().contains("--node-heartbeat"), "{err}");
+        let secret = Config::try_parse_from(["orderly", "--api-token", "s3cret"]).unwrap();
+        assert!(!format!("{secret:?}").contains("s3cret"));
         let err = Config::try_parse_from(["orderly", "--ack-wait", "100ms"]).unwrap_err();
         assert!(err.to_string().contains("--ack-wait"), "{err}");
     }

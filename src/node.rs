@@ -2,11 +2,12 @@
 //! JetStream objects, and runs the workers, the HTTP API, the NATS service and the node heartbeat
 //! until it is told to stop. If any of them dies, the node stops instead of limping on.
 
+use crate::api::auth::Tokens;
 use crate::api::control::Control;
 use crate::api::http::{AppState, HttpServer};
 use crate::api::intake::Intake;
 use crate::api::service::Service;
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::engine::connection::Connection;
 use crate::engine::interrupt::Interrupts;
 use crate::engine::pipeline::Pipeline;
@@ -103,6 +104,15 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let node_id = config.node_id.clone().unwrap_or_else(default_node_id);
+    let access = HttpAccess::load(&config)?;
+    // `POST /admin/drain` ends the node as `shutdown` does.
+    let drain_request = access.drain_request.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = drain_request.cancelled() => {}
+        }
+    };
     let metrics = crate::ops::metrics::install(&node_id);
     crate::queue::settle::zero_counters();
     tokio::pin!(shutdown);
@@ -125,7 +135,16 @@ pub async fn run_with(
             (format!("nats://{}", config.embedded_nats_addr), server)
         }
     };
-    let result = run_connected(&config, node_id, &url, metrics, steps, &mut shutdown).await;
+    let result = run_connected(
+        &config,
+        node_id,
+        &url,
+        metrics,
+        steps,
+        access,
+        &mut shutdown,
+    )
+    .await;
     if let Some(server) = embedded {
         server.stop().await;
     }
@@ -141,6 +160,7 @@ async fn run_connected<F: Future<Output = ()>>(
     url: &str,
     metrics: PrometheusHandle,
     steps: Arc<dyn Steps>,
+    access: HttpAccess,
     shutdown: &mut Shutdown<'_, F>,
 ) -> anyhow::Result<()> {
     let servers = connect::server_addrs(url)
@@ -174,6 +194,7 @@ async fn run_connected<F: Future<Output = ()>>(
         layout,
         drain,
         interrupts: Interrupts::default(),
+        access,
     };
     let mut running = parts.start(listener, metrics, steps).await?;
     tracing::info!(
@@ -283,6 +304,30 @@ struct Parts<'a> {
     drain: CancellationToken,
     /// The steps running here that a cancel may interrupt.
     interrupts: Interrupts,
+    access: HttpAccess,
+}
+
+/// Who may use the HTTP API, and the request to drain that `POST /admin/drain` makes.
+struct HttpAccess {
+    tokens: Tokens,
+    drain_request: CancellationToken,
+}
+
+impl HttpAccess {
+    /// The configured tokens; a bad token setting stops the node before anything starts.
+    fn load(config: &Config) -> anyhow::Result<HttpAccess> {
+        let tokens = Tokens::load(
+            config.api_tokens_file.as_deref(),
+            config.api_token.as_ref().map(Secret::expose),
+        )?;
+        if tokens.is_empty() {
+            tracing::warn!("no API token configured (ORDERLY_API_TOKENS_FILE, ORDERLY_API_TOKEN): the HTTP API is open to anyone who can reach it");
+        }
+        Ok(HttpAccess {
+            tokens,
+            drain_request: CancellationToken::new(),
+        })
+    }
 }
 
 impl Parts<'_> {
@@ -331,6 +376,10 @@ impl Parts<'_> {
             health.clone(),
             metrics,
             self.drain.clone(),
+        )
+        .with_access(
+            self.access.tokens.clone(),
+            self.access.drain_request.clone(),
         );
         // The work connection's view of the orders: leases write through it, and the sweep reads it.
         let store = OrderStore::new(self.setup.orders.clone(), audit.clone());

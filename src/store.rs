@@ -85,6 +85,11 @@ impl OrderStore {
         OrderStore { kv, audit }
     }
 
+    /// The bucket itself, for reading it in ways this type does not offer (watching a key).
+    pub fn bucket(&self) -> &kv::Store {
+        &self.kv
+    }
+
     pub async fn get(&self, order_id: Uuid) -> Result<Option<Versioned>, StoreError> {
         let entry = self
             .kv

@@ -631,3 +631,65 @@ async fn every_log_line_names_the_node_and_a_reconnect_is_logged_once() {
         "logged again by the client: {client_events:?}"
     );
 }
+
+/// `POST /admin/drain`, for operators who cannot send signals, drains the node as SIGTERM does.
+#[tokio::test(flavor = "multi_thread")]
+async fn post_admin_drain_hands_orders_back_and_another_node_finishes_them() {
+    let server = NatsServer::start().await;
+    let mut first = Node::builder(&server.url)
+        .env("ORDERLY_STEP_DURATION", "1s")
+        .env("ORDERLY_SHUTDOWN_GRACE", "5s")
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(submit(&http, &first, json!({ "n": i })).await);
+    }
+    let kv = server.js().await.get_key_value("orders").await.unwrap();
+    wait_until(
+        "all five orders to be running",
+        Duration::from_secs(10),
+        || {
+            let (kv, ids) = (&kv, &ids);
+            async move {
+                for id in ids {
+                    if document(kv, *id).await?["state"] != "Running" {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
+    let drain = format!("{}/admin/drain", first.http);
+    let response = http.post(&drain).send().await.expect("the node answers");
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.expect("a JSON reply");
+    assert_eq!(body, json!({ "status": "draining" }));
+    let status = first
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits within the grace period");
+    assert!(status.success(), "{}", first.logs());
+    let logs = first.logs();
+    assert!(logs.contains("drain requested over HTTP"), "{logs}");
+    assert!(logs.contains("handing the order back"), "{logs}");
+    for id in &ids {
+        let doc = document(&kv, *id).await.unwrap();
+        assert!(doc["owner"].is_null(), "released: {doc}");
+    }
+    let second = Node::builder(&server.url).start().await;
+    let docs = wait_all_terminal(&kv, &ids, Duration::from_secs(30)).await;
+    for doc in &docs {
+        assert_eq!(doc["state"], "Completed");
+        check_terminal_document(doc);
+        let continued = doc["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["node"] == second.id.as_str());
+        assert!(continued, "the second node continued it: {doc}");
+    }
+}

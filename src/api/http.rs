@@ -1,6 +1,7 @@
 //! The HTTP API: submit and query orders, node diagnostics, health and metrics. Every error is a JSON
 //! body `{"error": ..., "code": ...}` with a fitting status.
 
+use crate::api::auth::{Denied, Tokens};
 use crate::api::control::{Answer, Control};
 use crate::api::intake::{bounded_read, Intake, IntakeError, IDEMPOTENCY_KEY};
 use crate::domain::order::Interface;
@@ -30,6 +31,10 @@ pub struct AppState {
     health: crate::queue::follow::Health,
     metrics: PrometheusHandle,
     draining: CancellationToken,
+    /// The bearer tokens; empty: the API is open.
+    tokens: Tokens,
+    /// Cancelled by `POST /admin/drain`: the node drains as on SIGTERM.
+    drain_request: CancellationToken,
 }
 
 impl AppState {
@@ -50,7 +55,17 @@ impl AppState {
             health,
             metrics,
             draining,
+            tokens: Tokens::default(),
+            drain_request: CancellationToken::new(),
         }
+    }
+
+    /// Requests need one of `tokens` (none: the API is open); `POST /admin/drain` cancels
+    /// `drain_request`.
+    pub fn with_access(mut self, tokens: Tokens, drain_request: CancellationToken) -> AppState {
+        self.tokens = tokens;
+        self.drain_request = drain_request;
+        self
     }
 
     /// Whether every connection of the node to NATS is up.
@@ -85,6 +100,19 @@ impl From<IntakeError> for ApiError {
     }
 }
 
+impl From<Denied> for ApiError {
+    fn from(denied: Denied) -> Self {
+        match denied {
+            Denied::Unauthenticated(_) => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", denied.to_string())
+            }
+            Denied::Forbidden { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", denied.to_string())
+            }
+        }
+    }
+}
+
 impl From<BytesRejection> for ApiError {
     fn from(rejection: BytesRejection) -> Self {
         let status = rejection.status();
@@ -112,6 +140,10 @@ impl IntoResponse for ApiError {
             // say so, or a client that pools connections sends its next request into a closed one.
             let close = [(axum::http::header::CONNECTION, "close")];
             return (self.status, close, Json(self.body)).into_response();
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            let challenge = [(header::WWW_AUTHENTICATE, "Bearer")];
+            return (self.status, challenge, Json(self.body)).into_response();
         }
         (self.status, Json(self.body)).into_response()
     }
@@ -153,6 +185,8 @@ fn router(state: AppState) -> Router {
         .route("/orders/{id}", get(get_order))
         .route("/orders/{id}/cancel", post(cancel_order))
         .route("/orders/{id}/retry", post(retry_order))
+        .route("/orders/{id}/events", get(watch_order))
+        .route("/admin/drain", post(drain))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/diagnostic/heartbeat", get(heartbeat))
@@ -161,6 +195,7 @@ fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_scrape))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn(track))
         .with_state(state)
 }
@@ -245,6 +280,28 @@ fn answered(answer: Answer) -> Response {
         StatusCode::ACCEPTED
     };
     (status, Json(answer.order)).into_response()
+}
+
+/// The order's changes as Server-Sent Events (see `watch.rs`).
+async fn watch_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let last_seen = crate::api::watch::last_event_id(headers.get("last-event-id"))?;
+    let changes = crate::api::watch::open(
+        state.intake.bucket(),
+        &state.clients[2],
+        &id,
+        last_seen,
+        state.draining.clone(),
+    )
+    .await?;
+    Ok(crate::api::watch::respond(changes))
+}
+
+async fn drain(State(state): State<AppState>) -> Response {
+    crate::api::admin::drain(&state.drain_request)
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -360,6 +417,25 @@ async fn method_not_allowed(request: Request) -> ApiError {
             request.uri().path()
         ),
     )
+}
+
+/// Lets a request through to its handler only with a token whose role the route needs (see `auth.rs`).
+async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    let authorization = request.headers().get(header::AUTHORIZATION);
+    let checked = state.tokens.check(
+        request.method().as_str(),
+        route,
+        request.uri().path(),
+        authorization.map(HeaderValue::as_bytes),
+    );
+    match checked {
+        Ok(()) => next.run(request).await,
+        Err(denied) => ApiError::from(denied).into_response(),
+    }
 }
 
 /// Counts requests by route and status, and records their latency.

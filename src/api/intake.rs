@@ -281,6 +281,11 @@ impl Intake {
         &self.js
     }
 
+    /// The `orders` bucket, as intake reads it.
+    pub fn bucket(&self) -> &async_nats::jetstream::kv::Store {
+        self.store.bucket()
+    }
+
     /// The order's document as stored, byte for byte.
     pub async fn get(&self, id: &str) -> Result<Bytes, IntakeError> {
         let order_id = parse_order_id(id).map_err(|e| IntakeError::BadRequest(e.to_string()))?;

@@ -24,6 +24,23 @@ pub struct Event<'a> {
     pub time: DateTime<Utc>,
 }
 
+impl<'a> Event<'a> {
+    /// The event of the change from `before` to `after`, as `node` reports it.
+    pub fn transition(before: &Order, after: &Order, node: &'a str) -> Event<'a> {
+        Event {
+            order_id: after.order_id,
+            change: change(before, after),
+            from: before.state,
+            to: after.state,
+            from_step: before.current_step,
+            step: after.current_step,
+            node,
+            attempt: after.attempt,
+            time: after.updated_at,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Events {
     client: async_nats::Client,
@@ -37,18 +54,8 @@ impl Events {
 
     /// Publishes the change from `before` to `after`.
     pub async fn transition(&self, before: &Order, after: &Order) {
-        let event = Event {
-            order_id: after.order_id,
-            change: change(before, after),
-            from: before.state,
-            to: after.state,
-            from_step: before.current_step,
-            step: after.current_step,
-            node: &self.node_id,
-            attempt: after.attempt,
-            time: after.updated_at,
-        };
-        self.publish(&event).await;
+        self.publish(&Event::transition(before, after, &self.node_id))
+            .await;
     }
 
     /// Publishes the creation of `order`.

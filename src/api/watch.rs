@@ -1,0 +1,196 @@
+//! A live watch of one order, `GET /orders/{id}/events`: Server-Sent Events driven by the order's key
+//! in the `orders` bucket, so that what a client sees is what was stored, in revision order (the core
+//! NATS events on `orders.events.<id>` are at most once). Each event's `id` is the KV revision, its
+//! `event` the change (named as on `orders.events.<id>`), its `data` that event's JSON plus `document`,
+//! the whole document at that revision. The first event is the current document (`snapshot`); the
+//! stream ends after a terminal state. The bucket keeps only an order's latest revision, but a
+//! document carries the order's whole history, so a client that reconnects with `Last-Event-ID: r`
+//! gets the current document if it is newer than r, and otherwise waits for the next change.
+
+use crate::api::intake::{bounded_read, IntakeError};
+use crate::domain::order::{parse_order_id, Order};
+use crate::ops::events::Event;
+use crate::store::StoreError;
+use async_nats::jetstream::kv;
+use axum::http::HeaderValue;
+use axum::response::sse::{self, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use std::convert::Infallible;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How often an idle stream sends a comment, so that proxies and clients keep it open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The name of the first event of a stream: the document as it is now.
+const SNAPSHOT: &str = "snapshot";
+
+/// The revision in a `Last-Event-ID` header, if there is one.
+pub fn last_event_id(header: Option<&HeaderValue>) -> Result<Option<u64>, IntakeError> {
+    let Some(header) = header else {
+        return Ok(None);
+    };
+    let revision = header.to_str().ok().and_then(|s| s.trim().parse().ok());
+    match revision {
+        Some(revision) => Ok(Some(revision)),
+        None => Err(IntakeError::BadRequest(
+            "Last-Event-ID is not a revision (the id of an event this stream sent)".into(),
+        )),
+    }
+}
+
+/// The changes of order `id` in `bucket` (read on `client`) after revision `last_seen`, or from its
+/// current document without one, until it is terminal or `stop` fires (the node drains).
+pub async fn open(
+    bucket: &kv::Store,
+    client: &async_nats::Client,
+    id: &str,
+    last_seen: Option<u64>,
+    stop: CancellationToken,
+) -> Result<impl Stream<Item = Result<sse::Event, Infallible>> + Send + 'static, IntakeError> {
+    let order_id = parse_order_id(id).map_err(|e| IntakeError::BadRequest(e.to_string()))?;
+    let key = order_id.to_string();
+    let read = async { bucket.entry(&key).await.map_err(unavailable) };
+    let entry = bounded_read(client, read)
+        .await?
+        .filter(|entry| entry.operation == kv::Operation::Put)
+        .ok_or(IntakeError::NotFound(order_id))?;
+    let current = decode(&entry)?;
+    let first = match last_seen {
+        Some(seen) if seen == entry.revision => None,
+        _ => Some(snapshot(&current, &entry)),
+    };
+    let following = if current.is_terminal() {
+        None
+    } else {
+        let watch = async {
+            bucket
+                .watch_from_revision(&key, entry.revision + 1)
+                .await
+                .map_err(unavailable)
+        };
+        let watcher = bounded_read(client, watch).await?;
+        Some(Following {
+            watcher,
+            previous: current,
+            stop,
+        })
+    };
+    let rest = futures::stream::unfold(following, |following| async {
+        let (event, next) = following?.next().await?;
+        Some((Ok(event), next))
+    });
+    Ok(futures::stream::iter(first.map(Ok)).chain(rest))
+}
+
+/// The changes as an SSE response, with keep-alive comments.
+pub fn respond(
+    changes: impl Stream<Item = Result<sse::Event, Infallible>> + Send + 'static,
+) -> Response {
+    Sse::new(changes)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
+}
+
+/// A watch on one order's key, after the revision last sent.
+struct Following {
+    watcher: kv::Watch,
+    previous: Order,
+    stop: CancellationToken,
+}
+
+impl Following {
+    /// The next change, and what follows it: `None` after a terminal state. `None` when the watch
+    /// ends: the node drains, the key is deleted, or NATS fails (the client reconnects and resumes).
+    async fn next(mut self) -> Option<(sse::Event, Option<Following>)> {
+        let entry = tokio::select! {
+            _ = self.stop.cancelled() => return None,
+            entry = self.watcher.next() => entry?,
+        };
+        let entry = match entry {
+            Ok(entry) if entry.operation == kv::Operation::Put => entry,
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, "order watch ended");
+                return None;
+            }
+        };
+        let order = match decode(&entry) {
+            Ok(order) => order,
+            Err(e) => {
+                tracing::warn!(error = %e, "order watch ended");
+                return None;
+            }
+        };
+        let node = holder(Some(&self.previous), &order);
+        let event = Event::transition(&self.previous, &order, node);
+        let sent = to_sse(event, &entry);
+        if order.is_terminal() {
+            return Some((sent, None));
+        }
+        self.previous = order;
+        Some((sent, Some(self)))
+    }
+}
+
+/// The document as it is, as the first event.
+fn snapshot(order: &Order, entry: &kv::Entry) -> sse::Event {
+    let event = Event {
+        order_id: order.order_id,
+        change: SNAPSHOT,
+        from: order.state,
+        to: order.state,
+        from_step: order.current_step,
+        step: order.current_step,
+        node: holder(None, order),
+        attempt: order.attempt,
+        time: order.updated_at,
+    };
+    to_sse(event, entry)
+}
+
+/// The node that held the order at this revision, or released it; empty while nobody has held it.
+fn holder<'a>(before: Option<&'a Order>, after: &'a Order) -> &'a str {
+    after
+        .owner
+        .as_ref()
+        .or_else(|| before.and_then(|b| b.owner.as_ref()))
+        .map_or("", |owner| owner.node.as_str())
+}
+
+#[derive(Serialize)]
+struct Data<'a> {
+    #[serde(flatten)]
+    event: Event<'a>,
+    document: &'a RawValue,
+}
+
+fn to_sse(event: Event<'_>, entry: &kv::Entry) -> sse::Event {
+    let change = event.change;
+    let data = match serde_json::from_slice::<&RawValue>(&entry.value) {
+        Ok(document) => serde_json::to_string(&Data { event, document }),
+        Err(e) => Err(e),
+    };
+    sse::Event::default()
+        .id(entry.revision.to_string())
+        .event(change)
+        .data(data.unwrap_or_default())
+}
+
+fn decode(entry: &kv::Entry) -> Result<Order, StoreError> {
+    serde_json::from_slice(&entry.value).map_err(|e| StoreError::Corrupt {
+        order_id: entry.key.parse().unwrap_or_default(),
+        revision: entry.revision,
+        reason: e.to_string(),
+    })
+}
+
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> IntakeError {
+    IntakeError::Unavailable {
+        context: "cannot read the order".into(),
+        source: Some(Box::new(e)),
+    }
+}
