@@ -3,9 +3,10 @@
 //! NATS events on `orders.events.<id>` are at most once). Each event's `id` is the KV revision, its
 //! `event` the change (named as on `orders.events.<id>`), its `data` that event's JSON plus `document`,
 //! the whole document at that revision. The first event is the current document (`snapshot`); the
-//! stream ends after a terminal state. The bucket keeps only an order's latest revision, but a
-//! document carries the order's whole history, so a client that reconnects with `Last-Event-ID: r`
-//! gets the current document if it is newer than r, and otherwise waits for the next change.
+//! stream ends after a terminal state. A client that reconnects with `Last-Event-ID: r` gets every
+//! revision after r, one event each, from the revisions the bucket keeps (the last 32 of each order);
+//! if r is older than those, it gets the current document as a snapshot instead, which carries the
+//! order's whole history (every step's and rollback's times).
 
 use crate::api::intake::{bounded_read, IntakeError};
 use crate::domain::order::{parse_order_id, Order};
@@ -59,23 +60,46 @@ pub async fn open(
         .filter(|entry| entry.operation == kv::Operation::Put)
         .ok_or(IntakeError::NotFound(order_id))?;
     let current = decode(&entry)?;
-    let first = match last_seen {
-        Some(seen) if seen == entry.revision => None,
-        _ => Some(snapshot(&current, &entry)),
+    // A client that saw revision `seen` gets every change after it, one by one, from the revisions
+    // the bucket keeps (the last 32 of each order); older than those, it gets a snapshot.
+    let replay_from = match last_seen {
+        Some(seen) if seen < entry.revision => {
+            let read = async {
+                bucket
+                    .entry_for_revision(&key, seen)
+                    .await
+                    .map_err(unavailable)
+            };
+            bounded_read(client, read)
+                .await?
+                .filter(|old| old.operation == kv::Operation::Put)
+                .and_then(|old| decode(&old).ok())
+                .filter(|old| !old.is_terminal())
+        }
+        _ => None,
     };
-    let following = if current.is_terminal() {
+    let (first, previous, from) = match (replay_from, last_seen) {
+        (Some(seen_order), Some(seen)) => (None, seen_order, seen + 1),
+        (None, Some(seen)) if seen == entry.revision => (None, current, entry.revision + 1),
+        _ => (
+            Some(snapshot(&current, &entry)),
+            current,
+            entry.revision + 1,
+        ),
+    };
+    let following = if previous.is_terminal() {
         None
     } else {
         let watch = async {
             bucket
-                .watch_from_revision(&key, entry.revision + 1)
+                .watch_from_revision(&key, from)
                 .await
                 .map_err(unavailable)
         };
         let watcher = bounded_read(client, watch).await?;
         Some(Following {
             watcher,
-            previous: current,
+            previous,
             stop,
         })
     };
