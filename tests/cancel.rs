@@ -91,6 +91,9 @@ async fn a_queued_order_is_cancelled_at_once_and_never_runs() {
     })
     .await;
     let queued = submit(&http, &node, json!({ "customer": "bob" })).await;
+    // Nothing to retry yet.
+    let (status, body) = act(&http, &node, &queued.to_string(), "retry", "").await;
+    assert_eq!((status, &body["state"]), (409, &json!("Queued")), "{body}");
 
     let (status, doc) = act(
         &http,
