@@ -774,7 +774,11 @@ async fn an_intent_recorded_while_a_node_runs_the_order_is_seen_not_taken_for_a_
     .await;
 
     // From outside, as a cancel will: a compare-and-set on the document, no lease.
-    let store = orderly::store::OrderStore::new(kv.clone(), orderly::ops::audit::Audit::off());
+    let store = orderly::store::OrderStore::new(
+        kv.clone(),
+        orderly::index::OrderIndex::new(server.js().await),
+        orderly::ops::audit::Audit::off(),
+    );
     let intent = Intent::new(
         IntentKind::Cancel,
         Some("a test".into()),

@@ -2,11 +2,12 @@
 //! body `{"error": ..., "code": ...}` with a fitting status.
 
 use crate::api::intake::{bounded_read, Intake, IntakeError, IDEMPOTENCY_KEY};
+use crate::api::list::{list, ListRequest, Listing};
 use crate::domain::order::Interface;
 use crate::ops::cluster::Cluster;
 use crate::ops::metrics as m;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -144,7 +145,9 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route(
             "/orders",
-            post(create_order).layer(DefaultBodyLimit::max(crate::domain::payload::MAX_PAYLOAD)),
+            post(create_order)
+                .layer(DefaultBodyLimit::max(crate::domain::payload::MAX_PAYLOAD))
+                .get(list_orders),
         )
         .route("/orders/{id}", get(get_order))
         .route("/healthz", get(healthz))
@@ -190,6 +193,17 @@ async fn get_order(
 ) -> Result<Response, ApiError> {
     let document = state.intake.get(&id).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], document).into_response())
+}
+
+/// `GET /orders?state=Completed&state=Failed&limit=50&cursor=...`
+async fn list_orders(
+    State(state): State<AppState>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<Listing>, ApiError> {
+    let Query(pairs) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let request = ListRequest::from_pairs(&pairs)?;
+    Ok(Json(list(&state.intake, &request).await?))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

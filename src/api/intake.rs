@@ -255,6 +255,16 @@ impl Intake {
         }
     }
 
+    /// The order store, for the reads the rest of the API makes (a listing).
+    pub fn store(&self) -> &OrderStore {
+        &self.store
+    }
+
+    /// The connection reads are made on.
+    pub fn client(&self) -> async_nats::Client {
+        self.js.client()
+    }
+
     /// The order's document as stored, byte for byte.
     pub async fn get(&self, id: &str) -> Result<Bytes, IntakeError> {
         let order_id = parse_order_id(id).map_err(|e| IntakeError::BadRequest(e.to_string()))?;

@@ -1,9 +1,10 @@
-//! The `orders` NATS service: `orders.create` and `orders.get`, answered by [`Intake`] like the HTTP
+//! The `orders` NATS service: `orders.create`, `orders.get` and `orders.list`, answered by [`Intake`] like the HTTP
 //! API, with the service API's error headers on a failure (`nats req orders.get <id>`).
 
 use crate::api::intake::{Intake, IntakeError, IDEMPOTENCY_KEY};
+use crate::api::list::ListRequest;
 use crate::domain::order::Interface;
-use crate::queue::setup::{CREATE_SUBJECT, GET_SUBJECT};
+use crate::queue::setup::{CREATE_SUBJECT, GET_SUBJECT, LIST_SUBJECT};
 use crate::task::Task;
 use async_nats::service::ServiceExt;
 use bytes::Bytes;
@@ -47,6 +48,18 @@ impl Task for Service {
         let mut get = group.endpoint("get").await.map_err(|e| {
             anyhow::anyhow!(e).context(format!("cannot add endpoint {GET_SUBJECT}"))
         })?;
+        let mut list = group
+            .endpoint_builder()
+            .metadata(
+                LIST_METADATA
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .into(),
+            )
+            .add("list")
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(e).context(format!("cannot add endpoint {LIST_SUBJECT}"))
+            })?;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -78,6 +91,19 @@ impl Task for Service {
                         reply(&client, request, result).await;
                     });
                 }
+                Some(request) = list.next() => {
+                    let intake = self.intake.clone();
+                    let client = self.client.clone();
+                    tokio::spawn(async move {
+                        let result = match ListRequest::from_json(&request.message.payload) {
+                            Ok(wanted) => crate::api::list::list(&intake, &wanted).await.map(|page| {
+                                Bytes::from(serde_json::to_vec(&page).expect("a page always serializes"))
+                            }),
+                            Err(e) => Err(e),
+                        };
+                        reply(&client, request, result).await;
+                    });
+                }
                 else => break,
             }
         }
@@ -87,6 +113,12 @@ impl Task for Service {
         Ok(())
     }
 }
+
+/// What `nats micro info orders` says of `orders.list`.
+const LIST_METADATA: [(&str, &str); 1] = [(
+    "description",
+    "A page of orders, newest state change first: {\"state\": [...], \"limit\": 1-500, \"cursor\": \"...\"}, all optional",
+)];
 
 /// `orders.get` takes the id as the whole body, or as `{"order_id": "..."}`.
 fn parse_get_request(body: &[u8]) -> Result<String, IntakeError> {
