@@ -206,13 +206,43 @@ impl OrderIndex {
 
     /// One direct get of up to `batch` entries on `filter` from sequence `from` on.
     async fn batch(&self, filter: &str, from: u64, batch: u64) -> Result<Vec<Found>, IndexError> {
+        let request = serde_json::json!({ "seq": from, "next_by_subj": filter, "batch": batch });
+        let replies = self.direct(request, batch).await?;
+        Ok(replies.iter().filter_map(parse).collect())
+    }
+
+    /// The sequence of the newest entry on each of `subjects` that has one: an entry that is not the
+    /// newest on its subject is an older copy of the same fact.
+    pub async fn newest_on(&self, subjects: &[String]) -> Result<HashMap<String, u64>, IndexError> {
+        if subjects.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let count = subjects.len() as u64;
+        let request = serde_json::json!({ "multi_last": subjects, "batch": count });
+        let replies = self.direct(request, count).await?;
+        Ok(replies
+            .iter()
+            .filter_map(|reply| {
+                let headers = reply.headers.as_ref()?;
+                let subject = headers.get("Nats-Subject")?.as_str().to_owned();
+                let seq = headers.get("Nats-Sequence")?.as_str().parse().ok()?;
+                Some((subject, seq))
+            })
+            .collect())
+    }
+
+    /// The messages a batched direct get answers, at most `most`.
+    async fn direct(
+        &self,
+        request: serde_json::Value,
+        most: u64,
+    ) -> Result<Vec<async_nats::Message>, IndexError> {
         let client = self.js.client();
         let inbox = client.new_inbox();
         let mut replies = client
             .subscribe(inbox.clone())
             .await
             .map_err(|e| IndexError::new("cannot subscribe", Some(e.into())))?;
-        let request = serde_json::json!({ "seq": from, "next_by_subj": filter, "batch": batch });
         client
             .publish_with_reply(
                 format!("$JS.API.DIRECT.GET.{STREAM}"),
@@ -222,25 +252,19 @@ impl OrderIndex {
             .await
             .map_err(|e| IndexError::new("cannot ask for entries", Some(e.into())))?;
         let mut found = Vec::new();
-        loop {
+        while (found.len() as u64) < most {
             let reply = tokio::time::timeout(REQUEST_TIMEOUT, replies.next())
                 .await
                 .map_err(|_| IndexError::new("no answer to a direct get", None))?
                 .ok_or_else(|| IndexError::new("the connection closed", None))?;
             match reply.status.map(|s| s.as_u16()) {
-                None | Some(200) => {}
+                None | Some(200) => found.push(reply),
                 // 204: the end of the batch; 404: nothing on the filter from there on.
                 Some(204) | Some(404) => break,
                 Some(status) => {
                     let why = reply.description.unwrap_or_default();
                     return Err(IndexError::new(format!("direct get: {status} {why}"), None));
                 }
-            }
-            if let Some(entry) = parse(&reply) {
-                found.push(entry);
-            }
-            if found.len() as u64 >= batch {
-                break;
             }
         }
         Ok(found)

@@ -317,16 +317,23 @@ impl OrderStore {
             if candidates.is_empty() {
                 break;
             }
-            let checked: Vec<_> = futures::stream::iter(candidates)
+            let subjects: Vec<String> = candidates
+                .iter()
+                .map(|f| crate::index::subject(f.entry.order_id, f.entry.state))
+                .collect();
+            let checks = futures::stream::iter(candidates)
                 .map(|found| self.check(found))
                 .buffered(CHECKS_AT_ONCE)
-                .collect()
-                .await;
-            for found in checked {
-                if let Some(found) = found? {
-                    if seen.insert(found.order.order_id) {
-                        listed.push(found);
-                    }
+                .collect::<Vec<_>>();
+            let (newest, checked) = tokio::join!(self.index.newest_on(&subjects), checks);
+            let newest = newest?;
+            for (found, subject) in checked.into_iter().zip(&subjects) {
+                let Some(found) = found? else { continue };
+                // An older copy of the entry (its writer died before it could remove it) is
+                // passed over: the order is listed at its newest entry.
+                let newest_copy = newest.get(subject).is_none_or(|seq| *seq == found.seq);
+                if newest_copy && seen.insert(found.order.order_id) {
+                    listed.push(found);
                 }
             }
         }

@@ -257,3 +257,93 @@ async fn after_a_node_is_killed_mid_run_every_order_is_listed_under_its_state() 
     }
     assert_eq!(seen.len(), ids.len());
 }
+
+/// Publishes the index entry a writer publishes before writing `doc` into `state` over revision
+/// `base`, as one that died before its document write (or before removing a refused one) leaves it.
+async fn leave_entry(js: &async_nats::jetstream::Context, doc: &Value, state: &str, base: u64) {
+    let id = doc["order_id"].as_str().expect("order_id");
+    let entry = json!({
+        "order_id": id,
+        "state": state,
+        "current_step": doc["current_step"],
+        "start_time": doc["start_time"],
+        "complete_time": doc["complete_time"],
+        "base": base,
+    });
+    js.publish(
+        format!("orders.index.{id}.{state}"),
+        entry.to_string().into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("the index stores the entry");
+}
+
+/// Entries stored on `subject` in the index.
+async fn entries_on(js: &async_nats::jetstream::Context, subject: &str) -> u64 {
+    let stream = js.get_stream("ORDERS_INDEX").await.expect("the index");
+    let info = stream
+        .info_with_subjects(subject)
+        .await
+        .expect("stream info");
+    let mut total = 0;
+    let mut subjects = info;
+    use futures::TryStreamExt;
+    while let Some((_, count)) = subjects.try_next().await.expect("subjects") {
+        total += count as u64;
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn entries_left_by_writers_that_died_neither_hide_nor_repeat_an_order() {
+    let server = NatsServer::start().await;
+    let node = Node::builder(&server.url).start().await;
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(submit(&http, &node, json!({ "n": n })).await);
+    }
+    let js = server.js().await;
+    let kv = orders_bucket(&js).await;
+    let docs = wait_all_terminal(&kv, &ids, Duration::from_secs(30)).await;
+    let revision = |id: Uuid| {
+        let kv = kv.clone();
+        async move { kv.entry(id.to_string()).await.unwrap().unwrap().revision }
+    };
+    // A writer died between its entry and its document write, over the current revision: its
+    // write might still land, so the entry is neither listed nor removed.
+    let in_flight = ids[0];
+    leave_entry(&js, &docs[0], "Running", revision(in_flight).await).await;
+    // A refused writer died before removing its entry, in the state the order is in: the order is
+    // listed once, at the newer entry.
+    let repeated = ids[1];
+    leave_entry(&js, &docs[1], "Completed", revision(repeated).await - 1).await;
+    // An intake whose create was refused left a Queued entry: it is passed over and removed.
+    let refused = ids[2];
+    leave_entry(&js, &docs[2], "Queued", 0).await;
+
+    let items = all_pages(&http, &node, "", 2).await;
+    let listed = ids_of(&items);
+    assert_eq!(listed.len(), ids.len(), "each once: {listed:?}");
+    assert_eq!(listed[0], repeated, "listed at its newest entry");
+    assert!(items.iter().all(|i| i["state"] == "Completed"));
+    for state in ["Running", "Queued"] {
+        let (_, page) = list(&http, &node, &format!("state={state}")).await;
+        assert_eq!(page["orders"], json!([]), "{state}");
+    }
+    wait_until(
+        "the refused create's entry to be removed",
+        Duration::from_secs(10),
+        || async {
+            (entries_on(&js, &format!("orders.index.{refused}.Queued")).await == 0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        entries_on(&js, &format!("orders.index.{in_flight}.Running")).await,
+        1,
+        "an entry whose write may still land stays"
+    );
+}
