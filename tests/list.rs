@@ -347,3 +347,105 @@ async fn entries_left_by_writers_that_died_neither_hide_nor_repeat_an_order() {
         "an entry whose write may still land stays"
     );
 }
+
+/// The time of one page of 50 with 100 000 orders stored (`ORDERLY_BENCH_ORDERS` changes the count),
+/// as a user of `GET /orders` sees it. The orders are written as nodes write them, through the store:
+/// each created `Queued`, then ended `Completed` (or `Failed`, one in twenty), so the index holds one
+/// entry per order with the gaps the purges leave. Reports figures and asserts nothing about speed:
+///
+/// ```text
+/// cargo test --release --test list -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark: run with --ignored"]
+async fn a_page_of_fifty_with_100_000_orders_stored() {
+    use futures::StreamExt;
+    use orderly::domain::order::{Interface, Order};
+    let orders: usize = std::env::var("ORDERLY_BENCH_ORDERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000);
+    let server = NatsServer::start().await;
+    let node = Node::builder(&server.url)
+        .env("ORDERLY_LOG", "warn")
+        .start()
+        .await;
+    let js = server.js().await;
+    let kv = orders_bucket(&js).await;
+    let store = orderly::store::OrderStore::new(
+        kv,
+        orderly::index::OrderIndex::new(js.clone()),
+        orderly::ops::audit::Audit::off(),
+    );
+    let started = std::time::Instant::now();
+    let written = futures::stream::iter(0..orders)
+        .map(|n| {
+            let store = store.clone();
+            async move {
+                let payload = serde_json::value::RawValue::from_string(format!("{{\"n\":{n}}}"))
+                    .expect("a JSON object");
+                let now = chrono::Utc::now();
+                let queued = Order::queued(Uuid::now_v7(), payload, Interface::Http, now);
+                let created = store.create(&queued).await.expect("create");
+                let ended = if n % 20 == 0 { "Failed" } else { "Completed" };
+                let mut doc = serde_json::to_value(&queued).expect("a document");
+                doc["state"] = json!(ended);
+                doc["current_step"] = json!(ended);
+                doc["complete_time"] = json!(now);
+                let ended: Order = serde_json::from_value(doc).expect("an ended document");
+                store
+                    .update(&ended, created.revision)
+                    .await
+                    .expect("update");
+            }
+        })
+        .buffer_unordered(256)
+        .count()
+        .await;
+    println!(
+        "stored {written} orders (create + end, index kept) in {:.1?}",
+        started.elapsed()
+    );
+
+    let http = reqwest::Client::new();
+    let first = list(&http, &node, "limit=50").await.1;
+    // A page deep down: the 201st, or half-way down a smaller run.
+    let skipped = (orders / 50 / 2).clamp(1, 200);
+    let deep = {
+        let mut cursor = first["next_cursor"].as_str().unwrap().to_owned();
+        for _ in 1..skipped {
+            let (_, page) = list(&http, &node, &format!("limit=50&cursor={cursor}")).await;
+            cursor = page["next_cursor"].as_str().unwrap().to_owned();
+        }
+        cursor
+    };
+    for (what, query) in [
+        ("newest 50, any state", "limit=50".to_owned()),
+        (
+            "newest 50 Completed (95 %)",
+            "state=Completed&limit=50".to_owned(),
+        ),
+        ("newest 50 Failed (5 %)", "state=Failed&limit=50".to_owned()),
+        ("Queued (none stored)", "state=Queued&limit=50".to_owned()),
+        (
+            &format!("page {} (after {} orders)", skipped + 1, skipped * 50),
+            format!("limit=50&cursor={deep}"),
+        ),
+    ] {
+        let mut times = Vec::new();
+        for _ in 0..200 {
+            let began = std::time::Instant::now();
+            let (status, page) = list(&http, &node, &query).await;
+            times.push(began.elapsed());
+            assert_eq!(status, 200, "{page}");
+        }
+        times.sort();
+        let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+        println!(
+            "{what}: p50 {:.2?}, p99 {:.2?} over {} pages",
+            at(0.50),
+            at(0.99),
+            times.len()
+        );
+    }
+}
