@@ -104,6 +104,14 @@ async fn pages_filter_by_state_and_hold_every_order_once_newest_first() {
         .filter(|id| truth[id] == "Failed")
         .collect();
     assert!(!completed.is_empty() && !failed.is_empty(), "{truth:?}");
+    // Each write that reached a new state cleared the order's older entries: one entry per order.
+    let js = server.js().await;
+    wait_until(
+        "one index entry per order",
+        Duration::from_secs(10),
+        || async { (index_messages(&js).await == ids.len() as u64).then_some(()) },
+    )
+    .await;
 
     // Every order, in pages of 4: each once, the last one to end first.
     let items = all_pages(&http, &node, "", 4).await;
@@ -280,6 +288,12 @@ async fn leave_entry(js: &async_nats::jetstream::Context, doc: &Value, state: &s
     .expect("the index stores the entry");
 }
 
+/// Entries stored in the index.
+async fn index_messages(js: &async_nats::jetstream::Context) -> u64 {
+    let stream = js.get_stream("ORDERS_INDEX").await.expect("the index");
+    stream.get_info().await.expect("stream info").state.messages
+}
+
 /// Entries stored on `subject` in the index.
 async fn entries_on(js: &async_nats::jetstream::Context, subject: &str) -> u64 {
     let stream = js.get_stream("ORDERS_INDEX").await.expect("the index");
@@ -403,8 +417,9 @@ async fn a_page_of_fifty_with_100_000_orders_stored() {
         .count()
         .await;
     println!(
-        "stored {written} orders (create + end, index kept) in {:.1?}",
-        started.elapsed()
+        "stored {written} orders (create + end, index kept) in {:.1?}; the index holds {} entries",
+        started.elapsed(),
+        index_messages(&js).await
     );
 
     let http = reqwest::Client::new();
