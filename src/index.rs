@@ -145,8 +145,9 @@ impl OrderIndex {
     /// Removes the order's entries older than `seq`, the entry of a write that succeeded. Done in the
     /// background: an entry left behind is dropped, and removed, by the next listing that meets it.
     pub(crate) fn settle(&self, order_id: Uuid, seq: u64) {
-        let request = serde_json::json!({ "filter": format!("{PREFIX}.{order_id}.*"), "seq": seq });
-        self.background(format!("STREAM.PURGE.{STREAM}"), request, order_id);
+        if let Some(request) = purge_below(order_id, seq) {
+            self.background(format!("STREAM.PURGE.{STREAM}"), request, order_id);
+        }
     }
 
     /// Removes entry `seq`, written for a write that was refused or found stale by a listing.
@@ -271,6 +272,13 @@ impl OrderIndex {
     }
 }
 
+/// The purge of the order's entries below sequence `seq`; none below the first sequence. The server
+/// takes a purge "below 1" for a purge with no bound, which would remove the order's newer entries
+/// too (nats-server 2.12.2).
+fn purge_below(order_id: Uuid, seq: u64) -> Option<serde_json::Value> {
+    (seq > 1).then(|| serde_json::json!({ "filter": format!("{PREFIX}.{order_id}.*"), "seq": seq }))
+}
+
 /// A walk over the entries on one filter, from a sequence down to the stream's start, a window at a
 /// time: the window grows while it finds too few entries and shrinks when it finds many more than a
 /// page, so a page costs a few requests whatever the stream holds below it.
@@ -363,5 +371,14 @@ mod tests {
         );
         assert_eq!(filter(Some("Failed")), "orders.index.*.Failed");
         assert_eq!(filter(None), "orders.index.*.*");
+    }
+
+    #[test]
+    fn nothing_is_purged_below_the_first_entry() {
+        let id = Uuid::nil();
+        assert_eq!(purge_below(id, 1), None);
+        let purge = purge_below(id, 2).unwrap();
+        assert_eq!(purge["seq"], 2);
+        assert_eq!(purge["filter"], format!("orders.index.{id}.*"));
     }
 }
