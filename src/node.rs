@@ -13,6 +13,7 @@ use crate::engine::interrupt::Interrupts;
 use crate::engine::pipeline::Pipeline;
 use crate::engine::steps::{FailureDraw, Simulated, Steps};
 use crate::engine::write::Writer;
+use crate::index::OrderIndex;
 use crate::ops::audit::Audit;
 use crate::ops::cluster::Cluster;
 use crate::ops::events::Events;
@@ -382,7 +383,8 @@ impl Parts<'_> {
             self.access.drain_request.clone(),
         );
         // The work connection's view of the orders: leases write through it, and the sweep reads it.
-        let store = OrderStore::new(self.setup.orders.clone(), audit.clone());
+        let index = OrderIndex::new(async_nats::jetstream::new(self.connections.work.clone()));
+        let store = OrderStore::new(self.setup.orders.clone(), index, audit.clone());
         let mut running = Running::new(self.drain.clone(), cluster);
         running.spawn(
             self.workers(
@@ -434,7 +436,7 @@ impl Parts<'_> {
             .get_key_value(crate::store::BUCKET)
             .await
             .context("cannot open the orders bucket")?;
-        let store = OrderStore::new(orders, audit.clone());
+        let store = OrderStore::new(orders, OrderIndex::new(js.clone()), audit.clone());
         let events = Events::new(public.clone(), self.node_id.to_owned());
         Ok(Intake::new(js, store, events))
     }
