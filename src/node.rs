@@ -289,15 +289,6 @@ impl Connections {
         }))
     }
 
-    /// Stops the node when the client gives one of the connections up (see [`connect::ClosedWatch`]).
-    fn watch(&self) -> connect::ClosedWatch {
-        connect::ClosedWatch::new(vec![
-            (Role::Work, self.work.clone()),
-            (Role::Fetch, self.fetch.clone()),
-            (Role::Public, self.public.clone()),
-        ])
-    }
-
     fn clients(&self) -> [async_nats::Client; 3] {
         [self.work.clone(), self.fetch.clone(), self.public.clone()]
     }
@@ -438,7 +429,6 @@ impl Parts<'_> {
             self.connections.fetching.clone(),
         ));
         running.spawn(follow);
-        running.spawn(self.connections.watch());
         running.spawn(Service::new(
             intake,
             control,

@@ -585,3 +585,188 @@ async fn a_node_with_a_wrong_password_stops_and_says_authorization_failed() {
     assert!(logs.contains("authorization failed"), "{logs}");
     assert!(!logs.contains("wrong-password"), "{logs}");
 }
+
+/// A CA, and a certificate it signed for `names`, as PEM files in `dir` named after `name`.
+struct Pki {
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "orderly test CA");
+        let ca_key = rcgen::KeyPair::generate().expect("a CA key");
+        let ca = params.self_signed(&ca_key).expect("a CA");
+        Pki { ca, ca_key }
+    }
+
+    /// Writes `<name>.pem` and `<name>-key.pem`, signed by the CA for `names`; returns their paths.
+    fn issue(&self, dir: &Path, name: &str, names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = rcgen::CertificateParams::new(names).expect("params");
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .expect("a signed certificate");
+        let cert_path = dir.join(format!("{name}.pem"));
+        let key_path = dir.join(format!("{name}-key.pem"));
+        std::fs::write(&cert_path, cert.pem()).expect("written");
+        std::fs::write(&key_path, key.serialize_pem()).expect("written");
+        (
+            cert_path.display().to_string(),
+            key_path.display().to_string(),
+        )
+    }
+
+    fn write_ca(&self, dir: &Path) -> String {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, self.ca.pem()).expect("written");
+        path.display().to_string()
+    }
+}
+
+#[tokio::test]
+async fn a_node_connects_over_tls_with_a_token_and_keeps_trying_when_the_token_is_rotated() {
+    let dir = common::temp_dir("tls");
+    let pki = Pki::new();
+    let ca = pki.write_ca(dir.path());
+    let (server_cert, server_key) = pki.issue(dir.path(), "server", &["127.0.0.1", "localhost"]);
+    let (client_cert, client_key) = pki.issue(dir.path(), "client", &["orderly-node"]);
+    let config = dir.path().join("tls.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "authorization {{ token: $ORDERLY_TEST_TOKEN }}\n\
+             tls {{ cert_file: {server_cert:?}, key_file: {server_key:?}, ca_file: {ca:?}, verify: true }}\n"
+        ),
+    )
+    .expect("the server configuration is written");
+    let token = format!("tok-{}", Uuid::new_v4().simple());
+    let mut server =
+        SecuredServer::start(&config, &[], &[("ORDERLY_TEST_TOKEN", token.as_str())]).await;
+    let url = server.url("nats", &token);
+
+    // Without the CA, and without a client certificate, the server is not trusted or does not trust.
+    for (what, env) in [
+        ("no CA", vec![]),
+        (
+            "no client certificate",
+            vec![("ORDERLY_NATS_TLS_CA", ca.as_str())],
+        ),
+    ] {
+        let mut builder = Node::builder(&url);
+        for (key, value) in env {
+            builder = builder.env(key, value);
+        }
+        let mut node = builder.spawn();
+        let status = node.wait_exit(Duration::from_secs(20)).await;
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{what}: {status:?}\n{}",
+            node.logs()
+        );
+        let logs = node.logs();
+        assert!(
+            logs.contains("NATS refused the work connection"),
+            "{what}:\n{logs}"
+        );
+        assert!(!logs.contains(&token), "{what}: the token shows:\n{logs}");
+    }
+
+    let mut node = Node::builder(&url)
+        .env("ORDERLY_NATS_TLS_CA", &ca)
+        .env("ORDERLY_NATS_TLS_CERT", &client_cert)
+        .env("ORDERLY_NATS_TLS_KEY", &client_key)
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let id = common::submit(&http, &node, serde_json::json!({ "customer": "ada" })).await;
+    wait_until("the order to complete", Duration::from_secs(20), || async {
+        let doc = common::get_json(&http, &format!("{}/orders/{id}", node.http)).await;
+        (doc["state"] == "Completed").then_some(())
+    })
+    .await;
+    assert!(
+        node.logs().contains("nats=\"nats://***@127.0.0.1"),
+        "{}",
+        node.logs()
+    );
+
+    // The token is rotated: the node cannot get back in; it says so, counts it, is not ready, and
+    // keeps trying. With the old token back, it is let in again.
+    let rotated = format!("tok-{}", Uuid::new_v4().simple());
+    server
+        .restart_with(&[("ORDERLY_TEST_TOKEN", rotated.as_str())])
+        .await;
+    wait_until(
+        "the node to report the refusal",
+        Duration::from_secs(20),
+        || async {
+            let scrape = node.metrics().await;
+            let refused = common::metric_sum(&scrape, "orderly_nats_auth_refused_total");
+            (refused > 0.0).then_some(())
+        },
+    )
+    .await;
+    let ready = http
+        .get(format!("{}/readyz", node.http))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(ready.status(), 503);
+    assert!(!node.has_exited(), "the node keeps trying");
+    assert!(
+        node.logs()
+            .contains("refused this node's credentials on reconnecting"),
+        "{}",
+        node.logs()
+    );
+    server
+        .restart_with(&[("ORDERLY_TEST_TOKEN", token.as_str())])
+        .await;
+    node.wait_ready().await;
+    let logs = node.logs();
+    assert!(
+        !logs.contains(&token) && !logs.contains(&rotated),
+        "a token shows:\n{logs}"
+    );
+}
+
+#[tokio::test]
+async fn a_node_connects_with_an_nkey() {
+    let dir = common::temp_dir("nkey");
+    let user = nkeys::KeyPair::new_user();
+    let seed_file = dir.path().join("node.nk");
+    std::fs::write(&seed_file, user.seed().expect("a seed")).expect("written");
+    let config = dir.path().join("nkey.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "authorization {{ users: [ {{ nkey: {} }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .expect("the server configuration is written");
+    let server = SecuredServer::start(&config, &[], &[]).await;
+    let url = server.url("nats", "");
+    let node = Node::builder(&url)
+        .env("ORDERLY_NATS_NKEY", seed_file.display())
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let id = common::submit(&http, &node, serde_json::json!({})).await;
+    assert!(!id.is_nil());
+    // Without the seed, the same server refuses a node.
+    let mut anonymous = Node::builder(&url).spawn();
+    let status = anonymous.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+    assert!(
+        anonymous.logs().contains("authorization failed"),
+        "{}",
+        anonymous.logs()
+    );
+}

@@ -220,7 +220,7 @@ fn describe_node() {
     );
     describe_counter!(
         NATS_AUTH_REFUSED,
-        "Times the NATS server refused the node's credentials on a connection it had, by connection (the node stops when the client gives the connection up)."
+        "Times the NATS server refused the node's credentials after it had let the node in (a rotated password, a removed user), by connection; the node keeps trying."
     );
     describe_counter!(
         STORE_RETRIES,

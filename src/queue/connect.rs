@@ -26,7 +26,8 @@ impl Refused {
         let advice = match error.kind() {
             Kind::AuthorizationViolation => "authorization failed; check the user and password or token in NATS_URL, or ORDERLY_NATS_CREDS or ORDERLY_NATS_NKEY",
             Kind::Authentication => "the node cannot sign in with its nkey; check the seed in ORDERLY_NATS_NKEY or ORDERLY_NATS_CREDS",
-            Kind::Tls => "TLS failed; check ORDERLY_NATS_TLS_CA (the CA of the server's certificate) and ORDERLY_NATS_TLS_CERT and ORDERLY_NATS_TLS_KEY",
+            Kind::Tls => TLS_ADVICE,
+            Kind::Io if is_tls_handshake(&error) => TLS_ADVICE,
             _ => return Err(error),
         };
         Ok(Refused {
@@ -35,6 +36,29 @@ impl Refused {
             error,
         })
     }
+}
+
+const TLS_ADVICE: &str = "TLS failed; check ORDERLY_NATS_TLS_CA (the CA of the server's certificate), and ORDERLY_NATS_TLS_CERT and ORDERLY_NATS_TLS_KEY if the server verifies clients";
+
+/// The client reports a certificate the node does not trust, or a handshake the server refused, as
+/// an I/O error of kind `InvalidData` (how the TLS library's errors reach the socket); a server that is
+/// down or unreachable gives other kinds.
+fn is_tls_handshake(error: &async_nats::ConnectError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
+}
+
+/// Whether a failed reconnection was a refusal of the node's credentials. The client reports each failed
+/// reconnection as an event carrying only the error kind's text, and goes on trying (it never gives
+/// up: `max_reconnects(None)`); so does the node, which is not ready meanwhile, and is let back in
+/// once the server accepts its credentials again (the server's configuration is put back, or the node
+/// is restarted with the new ones).
+fn is_refusal(error: &str) -> bool {
+    use async_nats::ConnectErrorKind as Kind;
+    [Kind::AuthorizationViolation, Kind::Authentication]
+        .iter()
+        .any(|kind| kind.to_string() == error)
 }
 
 /// What a node's connection to NATS is for. The NATS client drops a whole connection when it receives
@@ -108,7 +132,11 @@ pub async fn connect(
                         }
                         async_nats::Event::Closed => tracing::info!(connection = label, "NATS connection closed"),
                         async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
-                            tracing::error!(connection = label, "NATS refused this node's credentials (authorization violation)");
+                            tracing::error!(connection = label, "NATS refused this node's credentials (authorization failed)");
+                            metrics::counter!(m::NATS_AUTH_REFUSED, "connection" => label).increment(1);
+                        }
+                        async_nats::Event::ClientError(async_nats::ClientError::Other(error)) if is_refusal(&error) => {
+                            tracing::error!(connection = label, %error, "NATS refused this node's credentials on reconnecting (authorization failed); trying again");
                             metrics::counter!(m::NATS_AUTH_REFUSED, "connection" => label).increment(1);
                         }
                         other => tracing::warn!(connection = label, event = %other, "NATS connection event"),
@@ -130,55 +158,6 @@ pub async fn connect(
         tokio::select! {
             _ = cancel.cancelled() => return Ok(None),
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
-}
-
-/// Watches the node's connections for one the NATS client has given up on. The client stops
-/// reconnecting for good when the server refuses its credentials (the password was rotated, the user
-/// removed); a node without one of its connections can hold no lease, so the task ends, which stops
-/// the node with the reason: its supervisor restarts it with the new credentials, and its orders go to
-/// the other nodes meanwhile.
-pub struct ClosedWatch {
-    clients: Vec<(Role, async_nats::Client)>,
-}
-
-impl ClosedWatch {
-    pub fn new(clients: Vec<(Role, async_nats::Client)>) -> ClosedWatch {
-        ClosedWatch { clients }
-    }
-
-    /// The first connection the client has closed for good. A flush on a connection that is only
-    /// down waits for it to come back; on a closed one it fails at once.
-    async fn closed(&self) -> Option<Role> {
-        for (role, client) in &self.clients {
-            if client.connection_state() == async_nats::connection::State::Connected {
-                continue;
-            }
-            let flushed = tokio::time::timeout(Duration::from_millis(100), client.flush()).await;
-            if matches!(flushed, Ok(Err(_))) {
-                return Some(*role);
-            }
-        }
-        None
-    }
-}
-
-impl crate::task::Task for ClosedWatch {
-    const NAME: &'static str = "NATS connection watch";
-
-    async fn run(self, stop: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                _ = tick.tick() => {}
-            }
-            if let Some(role) = self.closed().await {
-                let label = role.as_str();
-                metrics::counter!(m::NATS_AUTH_REFUSED, "connection" => label).increment(1);
-                anyhow::bail!("the NATS client closed the {label} connection for good: the server refused the node's credentials on reconnecting (authorization failed); restart the node with valid credentials");
-            }
         }
     }
 }
