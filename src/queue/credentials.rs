@@ -305,6 +305,19 @@ mod tests {
     }
 
     #[test]
+    fn nats_url_takes_every_server_of_a_cluster() {
+        let access = Access::new(
+            "nats://a:4222, nats://b:4222,nats://c:4222",
+            &Settings::default(),
+        )
+        .expect("valid");
+        let hosts: Vec<&str> = access.servers().iter().map(|s| s.host()).collect();
+        assert_eq!(hosts, ["a", "b", "c"]);
+        let bad = Access::new("nats://a:4222,http://[::1", &Settings::default());
+        assert!(matches!(bad, Err(CredentialsError::Url { .. })));
+    }
+
+    #[test]
     fn contradictory_settings_are_refused_before_connecting() {
         let mixed = Access::new("nats://u:p@a:4222,nats://b:4222", &Settings::default());
         assert!(matches!(mixed, Err(CredentialsError::Mixed)));
