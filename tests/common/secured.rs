@@ -71,8 +71,32 @@ impl SecuredServer {
         let _ = self.child.wait();
     }
 
+    /// Starts the server and waits until it is ready. On its first start a server that exits at once
+    /// lost its port to someone else, and starts again on another one.
     async fn spawn(&mut self) {
+        let first = !self.log.exists();
+        for _ in 0..5 {
+            if self.spawn_once().await {
+                return;
+            }
+            assert!(
+                first,
+                "nats-server did not start again:\n{}",
+                self.log_text()
+            );
+            self.port = free_port();
+        }
+        panic!("nats-server did not start:\n{}", self.log_text());
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the server started and is ready (false: it exited).
+    async fn spawn_once(&mut self) -> bool {
         let _ = self.child.wait();
+        let started = self.log_text().matches("Server is ready").count();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -92,18 +116,17 @@ impl SecuredServer {
             .spawn()
             .expect("nats-server runs");
         let addr = format!("127.0.0.1:{}", self.port);
-        let log = || std::fs::read_to_string(&self.log).unwrap_or_default();
-        let started = log().matches("Server is ready").count();
         wait_until(
-            "the secured nats-server to listen",
+            "the secured nats-server to be ready or to exit",
             Duration::from_secs(10),
             || {
-                let ready = log().matches("Server is ready").count() > started;
-                let listening = std::net::TcpStream::connect(&addr).is_ok();
-                async move { (ready && listening).then_some(()) }
+                let exited = matches!(self.child.try_wait(), Ok(Some(_)));
+                let ready = self.log_text().matches("Server is ready").count() > started
+                    && std::net::TcpStream::connect(&addr).is_ok();
+                async move { (exited || ready).then_some(ready) }
             },
         )
-        .await;
+        .await
     }
 }
 
