@@ -3,8 +3,10 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bodies;
 pub mod control;
 pub mod http;
 pub mod intake;
+pub mod openapi;
 pub mod service;
 pub mod watch;
