@@ -648,16 +648,13 @@ fn served(route: &str) -> &'static [&'static str] {
 }
 
 /// Lets a request through to its handler only with a token whose role the route needs (see `auth.rs`).
-/// A method the route does not serve is answered `405` first, whoever asks.
+/// A valid token with a method the route does not serve gets `405`, as without tokens, not `403`.
 async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map(MatchedPath::as_str);
     let method = request.method().as_str();
-    if let Some(route) = route.filter(|route| !served(route).contains(&method)) {
-        return not_allowed(method, request.uri().path(), route);
-    }
     let authorization = request.headers().get(header::AUTHORIZATION);
     let checked = state.tokens.check(
         method,
@@ -665,9 +662,12 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
         request.uri().path(),
         authorization.map(HeaderValue::as_bytes),
     );
-    match checked {
-        Ok(()) => next.run(request).await,
-        Err(denied) => ApiError::from(denied).into_response(),
+    match (checked, route) {
+        (Ok(()), _) => next.run(request).await,
+        (Err(Denied::Forbidden { .. }), Some(route)) if !served(route).contains(&method) => {
+            not_allowed(method, request.uri().path(), route)
+        }
+        (Err(denied), _) => ApiError::from(denied).into_response(),
     }
 }
 
