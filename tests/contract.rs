@@ -12,6 +12,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -64,8 +65,15 @@ async fn every_documented_operation_keeps_its_contract() {
         .args(["--header", &format!("Authorization: Bearer {TOKEN}")])
         .args(["--exclude-path", "/admin/drain"])
         .args(["--mode", "all"])
-        .args(["--checks", CHECKS])
-        .args(["--max-examples", "30"])
+        // Every check but `positive_data_acceptance`: schemathesis 4.32.5's coverage phase at times
+        // sends `Idempotency-Key: 0` as a valid key, though it does not match the header's pattern.
+        .args([
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+        ])
+        .args(["--max-examples", "100"])
         .args(["--request-timeout", "10"])
         .args(["--generation-database", "none"])
         .args(["--output-sanitize", "false"])
@@ -80,9 +88,13 @@ async fn every_documented_operation_keeps_its_contract() {
         String::from_utf8_lossy(&output.stderr)
     );
     let cases = cases_run(&text);
-    println!(
-        "schemathesis ran {cases:?} test cases against {}",
-        node.http
+    // Straight to stderr, past the test harness's capture, so that CI's log shows it.
+    let ran = cases.map_or("an unknown number of".to_owned(), |n| n.to_string());
+    let _ = writeln!(
+        std::io::stderr(),
+        "schemathesis ran {ran} test cases against {} ({})",
+        node.http,
+        output.status
     );
     assert!(
         output.status.success(),
@@ -95,12 +107,6 @@ async fn every_documented_operation_keeps_its_contract() {
         "schemathesis ran no test case:\n{text}"
     );
 }
-
-/// What schemathesis checks on every answer (see `schemathesis run --help`).
-const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_conformance,\
-    response_headers_conformance,response_schema_conformance,negative_data_rejection,\
-    missing_required_header,unsupported_method,allow_header_conformance,ignored_auth,\
-    use_after_free,ensure_resource_availability";
 
 /// The pinned schemathesis in `.tools`, or one on PATH.
 fn schemathesis() -> Option<PathBuf> {

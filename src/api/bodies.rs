@@ -10,16 +10,17 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-/// The body of every error, over HTTP and from the `orders` NATS service.
+/// The body of every error, over HTTP and from the `orders` NATS service. Fields here, as in every
+/// body of this module, are in alphabetical order, the order they are sent in.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ErrorBody {
-    /// What went wrong, for a person.
-    pub error: String,
     /// What went wrong, for a program: `bad_request`, `unauthorized`, `forbidden`, `not_found`,
     /// `method_not_allowed`, `conflict`, `invalid_state`, `payload_too_large`, `unavailable` or
     /// `uncertain`.
     #[schema(example = "not_found")]
     pub code: String,
+    /// What went wrong, for a person.
+    pub error: String,
     /// The order concerned, when it may exist (`uncertain`) or its state refused the request
     /// (`invalid_state`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -59,33 +60,33 @@ pub struct Health {
 /// `GET /readyz`: whether the node can take and work orders.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Readiness {
-    /// `ready` or `not ready`.
-    #[schema(example = "ready")]
-    pub status: &'static str,
-    pub nats_connected: bool,
     pub draining: bool,
+    pub nats_connected: bool,
     /// Why the shared consumer cannot be worked from, when it cannot.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// `ready` or `not ready`.
+    #[schema(example = "ready")]
+    pub status: &'static str,
 }
 
 /// `GET /diagnostic/heartbeat`: this node, now.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Heartbeat {
-    pub node_id: String,
-    pub name: String,
-    pub version: String,
-    /// `running` or `draining`.
-    pub status: String,
     pub generated_at: DateTime<Utc>,
-    pub started_at: DateTime<Utc>,
-    pub uptime_seconds: f64,
     pub http_addr: String,
+    pub name: String,
     pub nats_connected: bool,
-    pub workers_busy: usize,
-    pub workers_total: usize,
+    pub node_id: String,
     pub orders_completed: u64,
     pub orders_failed: u64,
+    pub started_at: DateTime<Utc>,
+    /// `running` or `draining`.
+    pub status: String,
+    pub uptime_seconds: f64,
+    pub version: String,
+    pub workers_busy: usize,
+    pub workers_total: usize,
 }
 
 impl Heartbeat {
@@ -111,18 +112,18 @@ impl Heartbeat {
 /// `GET /diagnostic/stats`: this node's worker counters.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Stats {
-    pub node_id: String,
     pub generated_at: DateTime<Utc>,
-    pub uptime_seconds: f64,
-    pub orders_completed: u64,
-    pub orders_failed: u64,
-    pub orders_in_flight: usize,
-    pub workers_busy: usize,
-    pub workers_total: usize,
     /// How long ago this node last wrote its heartbeat; `null` before the first.
     pub heartbeat_age_seconds: Option<f64>,
     pub heartbeat_interval_seconds: f64,
     pub nats_connected: bool,
+    pub node_id: String,
+    pub orders_completed: u64,
+    pub orders_failed: u64,
+    pub orders_in_flight: usize,
+    pub uptime_seconds: f64,
+    pub workers_busy: usize,
+    pub workers_total: usize,
 }
 
 impl Stats {
@@ -153,9 +154,9 @@ impl Stats {
 pub struct ClusterView {
     pub generated_at: DateTime<Utc>,
     pub node_count: usize,
+    pub nodes: Vec<NodeStatus>,
     pub workers_busy: usize,
     pub workers_total: usize,
-    pub nodes: Vec<NodeStatus>,
 }
 
 impl ClusterView {
