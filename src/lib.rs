@@ -15,7 +15,7 @@
 //!   sweep.
 //! - [`engine`]: the lease, writing under it (the one lease-guarded compare-and-set), the pipeline over
 //!   steps and rollbacks, the [`Steps`] seam, intents.
-//! - [`store`]: the `orders` bucket.
+//! - [`store`]: the `orders` bucket, and the order index it keeps ([`index`]).
 //! - [`ops`]: metrics, the lease audit, order events, the cluster view.
 //! - [`domain`]: the order, its payload and its intents: pure.
 //!
@@ -27,6 +27,7 @@ pub mod config;
 pub mod domain;
 pub mod engine;
 mod error;
+pub mod index;
 pub mod node;
 pub mod ops;
 pub mod queue;

@@ -9,12 +9,13 @@ use crate::api::bodies::{
 };
 use crate::api::control::{Answer, Control};
 use crate::api::intake::{bounded_read, Intake, IntakeError, Submitted, IDEMPOTENCY_KEY};
+use crate::api::list::{list, ListRequest, Listing};
 use crate::api::openapi;
 use crate::domain::order::{Interface, Order};
 use crate::ops::cluster::Cluster;
 use crate::ops::metrics as m;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -197,6 +198,7 @@ fn routes() -> OpenApiRouter<AppState> {
     let body_limit = DefaultBodyLimit::max(crate::domain::payload::MAX_PAYLOAD);
     OpenApiRouter::with_openapi(openapi::base())
         .routes(routes!(create_order).layer(body_limit))
+        .routes(routes!(list_orders))
         .routes(routes!(get_order))
         .routes(routes!(cancel_order))
         .routes(routes!(retry_order))
@@ -447,6 +449,39 @@ async fn drain(State(state): State<AppState>) -> Response {
     crate::api::admin::drain(&state.drain_request)
 }
 
+/// `GET /orders?state=Completed&state=Failed&limit=50&cursor=...`
+#[utoipa::path(
+    get,
+    path = "/orders",
+    tag = "orders",
+    operation_id = "list_orders",
+    summary = "List orders",
+    description = "Orders by their latest state change, newest first, a page at a time: pass the \
+        page's `next_cursor` as `cursor` for the next one, until it is `null`.",
+    params(
+        ("state" = Option<Vec<crate::domain::order::State>>, Query, style = Form, explode = true, nullable = false,
+            description = "Only orders in these states (repeat it, or separate names with commas); every state without it"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, nullable = false,
+            description = "Orders on a page, 1 to 500; 50 without it"),
+        ("cursor" = Option<String>, Query, nullable = false,
+            description = "Where the page starts: the previous page's `next_cursor`"),
+    ),
+    responses(
+        (status = 200, description = "A page of orders", body = Listing),
+        (status = 400, description = "An unknown state or parameter, a limit out of range, or a cursor this API did not give", body = ErrorBody),
+        (status = 503, description = "NATS did not answer", body = ErrorBody),
+    )
+)]
+async fn list_orders(
+    State(state): State<AppState>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<Listing>, ApiError> {
+    let Query(pairs) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let request = ListRequest::from_pairs(&pairs)?;
+    Ok(Json(list(&state.intake, &request).await?))
+}
+
 #[utoipa::path(
     get,
     path = "/healthz",
@@ -695,7 +730,7 @@ mod tests {
 
     /// Routes of `auth::ROUTES` that no handler serves yet; each leaves this list when its handler,
     /// with its `#[utoipa::path]`, joins `routes()`.
-    const NOT_YET_SERVED: &[(&str, &str)] = &[("GET", "/orders")];
+    const NOT_YET_SERVED: &[(&str, &str)] = &[];
 
     #[test]
     fn the_document_and_the_token_table_name_the_same_routes_with_the_same_access() {

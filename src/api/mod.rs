@@ -1,5 +1,6 @@
-//! How orders come in and are read: intake (shared by every interface), the HTTP API (with its bearer
-//! tokens, the watch of an order and node control) and the `orders` NATS service.
+//! How orders come in and are read: intake (shared by every interface), cancel and retry, listing,
+//! the HTTP API (with its bearer tokens, the watch of an order and node control) and the `orders` NATS
+//! service.
 
 pub mod admin;
 pub mod auth;
@@ -7,6 +8,7 @@ pub mod bodies;
 pub mod control;
 pub mod http;
 pub mod intake;
+pub mod list;
 pub mod openapi;
 pub mod service;
 pub mod watch;

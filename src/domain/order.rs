@@ -266,12 +266,17 @@ pub struct Order {
     /// A request from outside for the node that owns the order; absent unless one was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intent: Option<Box<Intent>>,
-    /// How many times the order was retried after it ended `Failed` or `Cancelled`.
-    #[serde(default)]
+    /// How many times the order was retried after it ended `Failed` or `Cancelled`; absent until the
+    /// first retry.
+    #[serde(default, skip_serializing_if = "never_retried")]
     pub retries: u32,
     /// The earlier attempts of a retried order, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<EarlierAttempt>,
+}
+
+fn never_retried(retries: &u32) -> bool {
+    *retries == 0
 }
 
 /// An attempt of a retried order, as it ended: kept in the document's `history`.

@@ -28,7 +28,7 @@ use crate::engine::connection::Connection;
 use crate::engine::window::Windows;
 use crate::ops::metrics as m;
 use crate::ops::rate::RateLimited;
-use crate::queue::setup::{CONSUMER, STREAM, SUBMIT_PREFIX};
+use crate::queue::setup::{CONSUMER, RETRY_HEADER, STREAM, SUBMIT_PREFIX};
 use crate::store::OrderStore;
 use crate::task::Task;
 use async_nats::jetstream::{self, kv, stream::Stream};
@@ -131,6 +131,17 @@ pub struct Found {
     pub payload: Bytes,
     /// The raw header block, if the message has one.
     pub headers: Option<Vec<u8>>,
+}
+
+/// The retry number a raw header block carries (`Orderly-Retry: <n>`), if any.
+fn retry_number(block: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(block).ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case(RETRY_HEADER)
+            .then(|| value.trim().parse().ok())?
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,6 +294,15 @@ impl Sweep {
         let Ok(Some(order)) = self.store.get(order_id).await else {
             return Ok(false);
         };
+        if found
+            .headers
+            .as_deref()
+            .and_then(retry_number)
+            .is_some_and(|number| number > order.order.retries)
+        {
+            // The work message of a retry not recorded yet: it carries the order's next attempt.
+            return Ok(false);
+        }
         let grace = self.windows.borrow().longest() * 2;
         let ended_long_ago = order.order.is_terminal()
             && order.order.complete_time.is_some_and(|done| {
@@ -377,6 +397,13 @@ async fn wait_connected(client: &async_nats::Client) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_message_is_recognised_by_its_header() {
+        let block = b"NATS/1.0\r\nNats-Msg-Id: x.retry.2\r\nOrderly-Retry: 2\r\n\r\n";
+        assert_eq!(retry_number(block), Some(2));
+        assert_eq!(retry_number(b"NATS/1.0\r\nNats-Msg-Id: x\r\n\r\n"), None);
+    }
 
     #[test]
     fn header_blocks_are_judged_as_the_client_reads_them() {
