@@ -50,6 +50,16 @@ impl ErrorBody {
 )]
 pub struct OrderIdText(#[allow(dead_code)] String);
 
+/// A `state` of `GET /orders`: state names (as the document writes them) separated by commas, or
+/// nothing (no filter from this one).
+#[derive(ToSchema)]
+#[schema(
+    value_type = String,
+    pattern = r"^[\s,]*((Queued|Running|RollingBack|Cancelling|Completed|Failed|Cancelled)\s*(,[\s,]*|$))*$",
+    example = "Completed,Failed"
+)]
+pub struct StateNames(#[allow(dead_code)] String);
+
 /// `GET /healthz`: the process answers.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
@@ -180,4 +190,23 @@ pub struct Draining {
 
 fn uptime(status: &NodeStatus) -> f64 {
     (status.last_seen - status.started_at).num_milliseconds() as f64 / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use utoipa::PartialSchema;
+
+    #[test]
+    fn the_pattern_of_state_names_names_every_state() {
+        let schema = serde_json::json!(StateNames::schema());
+        let pattern = schema["pattern"].as_str().unwrap();
+        let names = pattern
+            .split("((")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next());
+        let names: Vec<&str> = names.unwrap().split('|').collect();
+        let states: Vec<&str> = State::ALL.iter().map(|state| state.as_str()).collect();
+        assert_eq!(names, states, "{pattern}");
+    }
 }

@@ -5,7 +5,7 @@
 
 use crate::api::auth::{Denied, Tokens};
 use crate::api::bodies::{
-    ClusterView, ErrorBody, Health, Heartbeat, OrderIdText, Readiness, Stats,
+    ClusterView, ErrorBody, Health, Heartbeat, OrderIdText, Readiness, StateNames, Stats,
 };
 use crate::api::control::{Answer, Control};
 use crate::api::intake::{bounded_read, Intake, IntakeError, Submitted, IDEMPOTENCY_KEY};
@@ -459,7 +459,7 @@ async fn drain(State(state): State<AppState>) -> Response {
     description = "Orders by their latest state change, newest first, a page at a time: pass the \
         page's `next_cursor` as `cursor` for the next one, until it is `null`.",
     params(
-        ("state" = Option<Vec<crate::domain::order::State>>, Query, style = Form, explode = true, nullable = false,
+        ("state" = Option<Vec<StateNames>>, Query, style = Form, explode = true, nullable = false,
             description = "Only orders in these states (repeat it, or separate names with commas); every state without it"),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, nullable = false,
             description = "Orders on a page, 1 to 500; 50 without it"),

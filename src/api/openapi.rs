@@ -6,7 +6,7 @@
 //! who may call what can differ between the document and the code.
 
 use crate::api::auth::{self, Access};
-use crate::api::bodies::{ErrorBody, OrderIdText};
+use crate::api::bodies::{ErrorBody, OrderIdText, StateNames};
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::response::ResponseBuilder;
@@ -30,7 +30,7 @@ pub const BEARER: &str = "bearer";
             description names; without tokens the API is open.",
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
-    components(schemas(ErrorBody, OrderIdText)),
+    components(schemas(ErrorBody, OrderIdText, StateNames)),
     tags(
         (name = "orders", description = "Submitting, reading, cancelling and retrying orders"),
         (name = "node", description = "Health, readiness, metrics, diagnostics and control of this node"),
