@@ -23,6 +23,8 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +46,8 @@ pub struct AppState {
     tokens: Tokens,
     /// Cancelled by `POST /admin/drain`: the node drains as on SIGTERM.
     drain_request: CancellationToken,
+    /// Whether the `orders` NATS service is registered and answering.
+    serving: Arc<AtomicBool>,
 }
 
 impl AppState {
@@ -66,6 +70,7 @@ impl AppState {
             draining,
             tokens: Tokens::default(),
             drain_request: CancellationToken::new(),
+            serving: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -74,6 +79,13 @@ impl AppState {
     pub fn with_access(mut self, tokens: Tokens, drain_request: CancellationToken) -> AppState {
         self.tokens = tokens;
         self.drain_request = drain_request;
+        self
+    }
+
+    /// Readiness also waits for the `orders` NATS service, which sets `serving` once its endpoints
+    /// answer: a node is not ready while `nats req orders.create` would find no responder on it.
+    pub fn with_service(mut self, serving: Arc<AtomicBool>) -> AppState {
+        self.serving = serving;
         self
     }
 
@@ -510,7 +522,14 @@ async fn healthz() -> Json<Health> {
 async fn readyz(State(state): State<AppState>) -> Response {
     let connected = state.nats_connected();
     let draining = state.draining.is_cancelled();
-    let problem = state.health.problem();
+    let problem = state
+        .health
+        .problem()
+        .map(|problem| problem.to_string())
+        .or_else(|| {
+            (!state.serving.load(Ordering::Acquire))
+                .then(|| "the orders NATS service is not registered yet".to_owned())
+        });
     let ready = connected && !draining && problem.is_none();
     let status = if ready {
         StatusCode::OK
@@ -521,7 +540,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         status: if ready { "ready" } else { "not ready" },
         nats_connected: connected,
         draining,
-        reason: problem.map(|problem| problem.to_string()),
+        reason: problem,
     };
     (status, Json(body)).into_response()
 }
