@@ -459,3 +459,72 @@ async fn a_handler_slower_than_the_step_timeout_fails_the_step_saying_so() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waiting_order_can_be_cancelled_and_a_draining_node_hands_its_waiting_orders_back() {
+    let server = NatsServer::start().await;
+    let mut node = nats_node(&server).id("waits").start().await;
+    let http = reqwest::Client::new();
+    let cancelled = submit(&http, &node, json!({ "sku": "F-1" })).await;
+    let handed_back = submit(&http, &node, json!({ "sku": "F-2" })).await;
+    let kv = orders_bucket(&server).await;
+    for id in [cancelled, handed_back] {
+        wait_until(
+            "the order waits for a handler",
+            Duration::from_secs(20),
+            || async {
+                document(&kv, id)
+                    .await
+                    .filter(|doc| !doc["waiting"].is_null())
+            },
+        )
+        .await;
+    }
+
+    // A cancel interrupts the wait; the rollback of the interrupted step waits for a handler too.
+    let answer = http
+        .post(format!("{}/orders/{cancelled}/cancel", node.http))
+        .send()
+        .await
+        .expect("the cancel is answered");
+    assert_eq!(answer.status(), 202);
+    let rolling_back = wait_until("the rollback waits", Duration::from_secs(20), || async {
+        document(&kv, cancelled)
+            .await
+            .filter(|doc| doc["steps"][0]["status"] == "RollingBack" && !doc["waiting"].is_null())
+    })
+    .await;
+    assert_eq!(rolling_back["state"], "Cancelling");
+    assert_eq!(
+        rolling_back["waiting"]["reason"],
+        "no step handler is answering on orders.steps.scheduling.rollback"
+    );
+
+    // A drain hands the waiting orders back instead of keeping them.
+    node.signal("TERM");
+    let status = node.wait_exit(Duration::from_secs(30)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the node drains and exits"
+    );
+    for id in [cancelled, handed_back] {
+        let doc = document(&kv, id).await.expect("the order");
+        assert!(doc["owner"].is_null(), "handed back: {doc}");
+        assert!(doc.get("waiting").is_none(), "{doc}");
+        assert!(!is_terminal(&doc), "{doc}");
+    }
+
+    let _shop = Handler::python(&server.url, &[]).await;
+    let _next = nats_node(&server).id("goes-on").start().await;
+    let docs = wait_all_terminal(&kv, &[cancelled, handed_back], Duration::from_secs(40)).await;
+    assert_eq!(docs[0]["state"], "Cancelled", "{}", docs[0]);
+    assert_eq!(docs[0]["steps"][0]["status"], "RolledBack");
+    assert_eq!(docs[1]["state"], "Completed", "{}", docs[1]);
+    let client = server.client().await;
+    let records = shop_records(&client, cancelled).await;
+    assert_eq!(calls(&records), ["rollback Scheduling"]);
+    assert!(
+        effects(&records).is_empty(),
+        "nothing was done, nothing undone: {records}"
+    );
+}

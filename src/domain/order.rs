@@ -722,6 +722,7 @@ impl Order {
         record.status = StepStatus::RollingBack;
         record.rollback_start_time = Some(now);
         record.rollback_node = Some(node.to_owned());
+        self.waiting = None;
         self.current_step = CurrentStep::Step(step);
         self.updated_at = now;
         Ok(())
