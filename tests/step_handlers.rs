@@ -30,11 +30,27 @@ impl Handler {
         Handler::start(Command::new(python).arg(script), nats_url, env).await
     }
 
-    /// The Rust shop (`cargo run --example shop_steps`, built with the tests).
+    /// The Rust shop (`cargo run --example shop_steps`), built if the tests were built without it.
     async fn rust(nats_url: &str, env: &[(&str, &str)]) -> Handler {
         let test = std::env::current_exe().expect("the test's path");
-        let deps = test.parent().expect("the deps directory");
-        let binary = deps.with_file_name("examples").join("shop_steps");
+        let profile_dir = test
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("the profile directory");
+        let binary = profile_dir.join("examples").join("shop_steps");
+        if !binary.exists() {
+            let target_dir = profile_dir.parent().expect("the target directory");
+            let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+            cargo
+                .args(["build", "--example", "shop_steps", "--target-dir"])
+                .arg(target_dir)
+                .current_dir(project_dir());
+            if profile_dir.ends_with("release") {
+                cargo.arg("--release");
+            }
+            let built = cargo.status().expect("cargo runs");
+            assert!(built.success(), "cargo build --example shop_steps failed");
+        }
         Handler::start(&mut Command::new(binary), nats_url, env).await
     }
 
