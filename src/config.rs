@@ -12,10 +12,31 @@ use std::time::Duration;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "orderly", version, about = "Order processing on NATS JetStream", long_about = None)]
 pub struct Config {
-    /// NATS server URL(s), comma-separated. Unset: start an embedded nats-server (or use the one already
-    /// listening on --embedded-nats-addr).
-    #[arg(long, env = "NATS_URL")]
-    pub nats_url: Option<String>,
+    /// NATS server URL(s), comma-separated, with a user and password (`nats://user:pass@host`) or a
+    /// token (`nats://token@host`) if the server wants one. Unset: start an embedded nats-server (or use
+    /// the one already listening on --embedded-nats-addr).
+    #[arg(long, env = "NATS_URL", hide_env_values = true)]
+    pub nats_url: Option<Secret>,
+
+    /// A NATS credentials file (`.creds`: a user JWT and its nkey seed) to connect with.
+    #[arg(long, env = "ORDERLY_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// A file holding an nkey seed to connect with.
+    #[arg(long, env = "ORDERLY_NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
+
+    /// The CA certificate (PEM) that signed the NATS servers' certificates; setting it requires TLS.
+    #[arg(long, env = "ORDERLY_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+
+    /// A client certificate (PEM) for servers that verify clients, with --nats-tls-key.
+    #[arg(long, env = "ORDERLY_NATS_TLS_CERT", requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<PathBuf>,
+
+    /// The key (PEM) of --nats-tls-cert.
+    #[arg(long, env = "ORDERLY_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
 
     /// The nats-server binary for the embedded server.
     #[arg(long, env = "ORDERLY_NATS_SERVER", default_value = "nats-server")]
@@ -256,6 +277,10 @@ mod tests {
         assert!(err.to_string().contains("--node-heartbeat"), "{err}");
         let secret = Config::try_parse_from(["orderly", "--api-token", "s3cret"]).unwrap();
         assert!(!format!("{secret:?}").contains("s3cret"));
+        let url = Config::try_parse_from(["orderly", "--nats-url", "nats://u:s3cret@a:4222"]);
+        assert!(!format!("{:?}", url.unwrap()).contains("s3cret"));
+        let half = Config::try_parse_from(["orderly", "--nats-tls-cert", "c.pem"]).unwrap_err();
+        assert!(half.to_string().contains("--nats-tls-key"), "{half}");
         let err = Config::try_parse_from(["orderly", "--ack-wait", "100ms"]).unwrap_err();
         assert!(err.to_string().contains("--ack-wait"), "{err}");
     }

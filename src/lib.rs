@@ -16,7 +16,7 @@
 //! - [`engine`]: the lease, writing under it (the one lease-guarded compare-and-set), the pipeline over
 //!   steps and rollbacks, the [`Steps`] seam and its runners (simulated, step handlers over NATS),
 //!   intents.
-//! - [`store`]: the `orders` bucket.
+//! - [`store`]: the `orders` bucket, and the order index it keeps ([`index`]).
 //! - [`ops`]: metrics, the lease audit, order events, the cluster view.
 //! - [`domain`]: the order, its payload and its intents: pure.
 //!
@@ -28,6 +28,7 @@ pub mod config;
 pub mod domain;
 pub mod engine;
 mod error;
+pub mod index;
 pub mod node;
 pub mod ops;
 pub mod queue;

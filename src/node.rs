@@ -14,12 +14,14 @@ use crate::engine::nats_steps::NatsSteps;
 use crate::engine::pipeline::Pipeline;
 use crate::engine::steps::{FailureDraw, Simulated, Steps};
 use crate::engine::write::Writer;
+use crate::index::OrderIndex;
 use crate::ops::audit::Audit;
 use crate::ops::cluster::Cluster;
 use crate::ops::events::Events;
 use crate::ops::metrics::QueueGauges;
 use crate::ops::stats::WorkerStats;
 use crate::queue::connect::{self, Role};
+use crate::queue::credentials::{self, Access};
 use crate::queue::embedded::EmbeddedServer;
 use crate::queue::follow::Follow;
 use crate::queue::give_up::GiveUp;
@@ -139,8 +141,8 @@ async fn run_node(
     // An empty NATS_URL counts as unset.
     let (url, embedded) = match config
         .nats_url
-        .as_deref()
-        .map(str::trim)
+        .as_ref()
+        .map(|url| url.expose().trim())
         .filter(|url| !url.is_empty())
     {
         Some(url) => (url.to_owned(), None),
@@ -182,12 +184,10 @@ async fn run_connected<F: Future<Output = ()>>(
     access: HttpAccess,
     shutdown: &mut Shutdown<'_, F>,
 ) -> anyhow::Result<()> {
-    let servers = connect::server_addrs(url)
-        .map_err(anyhow::Error::msg)
-        .context("NATS_URL")?;
+    let nats = Access::new(url, &nats_credentials(config)).context("NATS_URL")?;
     let drain = CancellationToken::new();
     let connections = tokio::select! {
-        connected = Connections::open(&servers, &node_id, &drain) => connected,
+        connected = Connections::open(&nats, &node_id, &drain) => connected?,
         _ = shutdown.as_mut() => None,
     };
     let Some(connections) = connections else {
@@ -224,7 +224,7 @@ async fn run_connected<F: Future<Output = ()>>(
     tracing::info!(
         node.id = %node_id,
         http = %http_addr,
-        nats = url,
+        nats = nats.shown(),
         workers = config.workers,
         step_duration = %humantime::format_duration(config.step_duration),
         failure_rate = %config.failure_rate,
@@ -237,6 +237,17 @@ async fn run_connected<F: Future<Output = ()>>(
     connections.flush().await;
     tracing::info!("node stopped");
     failure.map_or(Ok(()), Err)
+}
+
+/// How the node authenticates to NATS, besides the credentials in `NATS_URL`.
+fn nats_credentials(config: &Config) -> credentials::Settings {
+    credentials::Settings {
+        creds: config.nats_creds.clone(),
+        nkey: config.nats_nkey.clone(),
+        tls_ca: config.nats_tls_ca.clone(),
+        tls_cert: config.nats_tls_cert.clone(),
+        tls_key: config.nats_tls_key.clone(),
+    }
 }
 
 /// Sets up the JetStream objects, retrying for a while: a cluster that is still forming cannot place
@@ -275,31 +286,33 @@ struct Connections {
 }
 
 impl Connections {
-    /// Connects all three, retrying until they are up; `None` if `cancel` fires first.
+    /// Connects all three, retrying until they are up; `None` if `cancel` fires first, an error if
+    /// the server refuses the node.
     async fn open(
-        servers: &[async_nats::ServerAddr],
+        access: &Access,
         node_id: &str,
         cancel: &CancellationToken,
-    ) -> Option<Connections> {
+    ) -> Result<Option<Connections>, connect::Refused> {
         let leases = Connection::default();
         let fetching = Connection::default();
-        let work = connect::connect(servers, node_id, Role::Work, &leases, cancel).await?;
-        let fetch = connect::connect(servers, node_id, Role::Fetch, &fetching, cancel).await?;
-        let public = connect::connect(
-            servers,
-            node_id,
-            Role::Public,
-            &Connection::default(),
-            cancel,
-        )
-        .await?;
-        Some(Connections {
+        let connect =
+            |role, connection| connect::connect(access, node_id, role, connection, cancel);
+        let Some(work) = connect(Role::Work, &leases).await? else {
+            return Ok(None);
+        };
+        let Some(fetch) = connect(Role::Fetch, &fetching).await? else {
+            return Ok(None);
+        };
+        let Some(public) = connect(Role::Public, &Connection::default()).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Connections {
             work,
             fetch,
             public,
             leases,
             fetching,
-        })
+        }))
     }
 
     fn clients(&self) -> [async_nats::Client; 3] {
@@ -407,7 +420,8 @@ impl Parts<'_> {
             self.access.drain_request.clone(),
         );
         // The work connection's view of the orders: leases write through it, and the sweep reads it.
-        let store = OrderStore::new(self.setup.orders.clone(), audit.clone());
+        let index = OrderIndex::new(async_nats::jetstream::new(self.connections.work.clone()));
+        let store = OrderStore::new(self.setup.orders.clone(), index, audit.clone());
         let mut running = Running::new(self.drain.clone(), cluster);
         running.spawn(
             self.workers(
@@ -459,7 +473,7 @@ impl Parts<'_> {
             .get_key_value(crate::store::BUCKET)
             .await
             .context("cannot open the orders bucket")?;
-        let store = OrderStore::new(orders, audit.clone());
+        let store = OrderStore::new(orders, OrderIndex::new(js.clone()), audit.clone());
         let events = Events::new(public.clone(), self.node_id.to_owned());
         Ok(Intake::new(js, store, events))
     }

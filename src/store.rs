@@ -1,12 +1,20 @@
 //! The `orders` KV bucket: one key per order, its value the order's JSON document. Every write after
 //! the first is a compare-and-set on the revision the writer last saw, so a writer that lost the order
 //! to someone else finds out instead of overwriting.
+//!
+//! The store also keeps the order index (`crate::index`) for every writer: a write that changes an
+//! order's state writes the index entry first and clears the order's older entries once it succeeded,
+//! so the index holds at least the truth, and [`OrderStore::list`] checks what it finds against the
+//! documents.
 
-use crate::domain::order::Order;
+use crate::domain::order::{Order, State};
 use crate::error::{with_cause, BoxError};
+use crate::index::{Found, IndexError, OrderIndex, Walk};
 use crate::ops::audit::Audit;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
+use futures::StreamExt;
+use std::collections::HashSet;
 use uuid::Uuid;
 
 /// Name of the bucket (`nats kv get orders <id>`).
@@ -34,6 +42,12 @@ pub enum StoreError {
         #[source]
         source: Option<BoxError>,
     },
+}
+
+impl From<IndexError> for StoreError {
+    fn from(e: IndexError) -> Self {
+        StoreError::unavailable("", e)
+    }
 }
 
 impl StoreError {
@@ -73,16 +87,34 @@ pub struct Versioned {
     pub revision: u64,
 }
 
+/// An order found by a listing, with the index sequence a next page continues below.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub seq: u64,
+    pub order: Order,
+}
+
+/// One page of a listing, newest first; `more` when older orders follow.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub orders: Vec<Listed>,
+    pub more: bool,
+}
+
+/// How many documents a listing reads at once to check index entries.
+const CHECKS_AT_ONCE: usize = 32;
+
 #[derive(Clone)]
 pub struct OrderStore {
     kv: kv::Store,
+    index: OrderIndex,
     audit: Audit,
 }
 
 impl OrderStore {
-    /// The store on bucket `kv`; documents it creates are recorded in `audit`.
-    pub fn new(kv: kv::Store, audit: Audit) -> OrderStore {
-        OrderStore { kv, audit }
+    /// The store on bucket `kv`, keeping `index`; documents it creates are recorded in `audit`.
+    pub fn new(kv: kv::Store, index: OrderIndex, audit: Audit) -> OrderStore {
+        OrderStore { kv, index, audit }
     }
 
     /// The bucket itself, for reading it in ways this type does not offer (watching a key).
@@ -99,6 +131,7 @@ impl OrderStore {
         match entry {
             Some(entry) if entry.operation == kv::Operation::Put => {
                 let order = decode(order_id, entry.revision, &entry.value)?;
+                self.index.saw(order_id, entry.revision, order.state);
                 Ok(Some(Versioned {
                     order,
                     revision: entry.revision,
@@ -110,6 +143,21 @@ impl OrderStore {
 
     /// Writes a new order; fails with [`StoreError::Exists`] if the id is taken.
     pub async fn create(&self, order: &Order) -> Result<Versioned, StoreError> {
+        let entry = self.index.announce(order, 0).await?;
+        let created = self.create_document(order).await;
+        match &created {
+            Ok(created) => {
+                self.index
+                    .saw(order.order_id, created.revision, order.state);
+                self.index.settle(order.order_id, entry);
+            }
+            Err(StoreError::Exists(_)) => self.index.withdraw(order.order_id, entry),
+            Err(_) => {} // may have been applied: the entry stays
+        }
+        created
+    }
+
+    async fn create_document(&self, order: &Order) -> Result<Versioned, StoreError> {
         let value = encode(order);
         let sent = crate::ops::audit::Stamp::now();
         self.audit.create_sending(order.order_id, sent);
@@ -151,7 +199,31 @@ impl OrderStore {
     ///
     /// A write whose answer timed out may have been applied: the document is read back and the
     /// outcome decided by its content.
+    ///
+    /// A write that changes the state the index shows writes the order's new entry first.
     pub async fn update(&self, order: &Order, expected: u64) -> Result<Versioned, StoreError> {
+        let id = order.order_id;
+        let entry = if self.index.changes(id, expected, order.state) {
+            Some(self.index.announce(order, expected).await?)
+        } else {
+            None
+        };
+        let written = self.compare_and_set(order, expected).await;
+        match (&written, entry) {
+            (Ok(written), entry) => {
+                self.index.saw(id, written.revision, order.state);
+                if let Some(seq) = entry {
+                    self.index.settle(id, seq);
+                }
+            }
+            (Err(Refused::Revision(_)), Some(seq)) => self.index.withdraw(id, seq),
+            // Maybe applied: the entry stays, and a listing that finds it stale removes it.
+            (Err(_), _) => {}
+        }
+        written.map_err(Refused::into_error)
+    }
+
+    async fn compare_and_set(&self, order: &Order, expected: u64) -> Result<Versioned, Refused> {
         let value = encode(order);
         let key = order.order_id.to_string();
         match self.kv.update(&key, value.clone(), expected).await {
@@ -161,15 +233,16 @@ impl OrderStore {
             }),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 metrics::counter!(crate::ops::metrics::KV_CONFLICTS).increment(1);
-                Err(StoreError::Conflict {
+                Err(Refused::Revision(StoreError::Conflict {
                     order_id: order.order_id,
                     expected,
-                })
+                }))
             }
-            Err(e) if e.kind() == kv::UpdateErrorKind::TimedOut => {
-                self.resolve_ambiguous(order, &key, &value, expected).await
-            }
-            Err(e) => Err(StoreError::unavailable("", e)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::TimedOut => self
+                .resolve_ambiguous(order, &key, &value, expected)
+                .await
+                .map_err(Refused::Other),
+            Err(e) => Err(Refused::Other(StoreError::unavailable("", e))),
         }
     }
 
@@ -213,6 +286,103 @@ impl OrderStore {
         Ok(entry
             .filter(|entry| entry.operation == kv::Operation::Put)
             .map(|entry| entry.value))
+    }
+}
+
+impl OrderStore {
+    /// A page of the orders in `states` (every state when empty), newest state change first, from
+    /// the index entries below sequence `below` (from the newest when `None`), at most `limit`.
+    ///
+    /// Each entry is checked against the order's document: an order is listed only under the state
+    /// its document shows, and once. An entry the document has moved past is removed.
+    pub async fn list(
+        &self,
+        states: &[State],
+        below: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let top = match below {
+            Some(below) => below.saturating_sub(1),
+            None => self.index.last_seq().await?,
+        };
+        let want = limit + 1;
+        let filters: Vec<Option<&str>> = if states.is_empty() {
+            vec![None]
+        } else {
+            states.iter().map(|s| Some(s.as_str())).collect()
+        };
+        let mut walks: Vec<Walk> = filters
+            .into_iter()
+            .map(|f| Walk::new(crate::index::filter(f), top, want))
+            .collect();
+        let mut listed: Vec<Listed> = Vec::new();
+        let mut seen = HashSet::new();
+        while listed.len() < want {
+            let candidates = Walk::merged(&mut walks, &self.index, want - listed.len()).await?;
+            if candidates.is_empty() {
+                break;
+            }
+            let subjects: Vec<String> = candidates
+                .iter()
+                .map(|f| crate::index::subject(f.entry.order_id, f.entry.state))
+                .collect();
+            let checks = futures::stream::iter(candidates)
+                .map(|found| self.check(found))
+                .buffered(CHECKS_AT_ONCE)
+                .collect::<Vec<_>>();
+            let (newest, checked) = tokio::join!(self.index.newest_on(&subjects), checks);
+            let newest = newest?;
+            for (found, subject) in checked.into_iter().zip(&subjects) {
+                let Some(found) = found? else { continue };
+                // An older copy of the entry (its writer died before it could remove it) is
+                // passed over: the order is listed at its newest entry.
+                let newest_copy = newest.get(subject).is_none_or(|seq| *seq == found.seq);
+                if newest_copy && seen.insert(found.order.order_id) {
+                    listed.push(found);
+                }
+            }
+        }
+        let more = listed.len() > limit;
+        listed.truncate(limit);
+        Ok(Page {
+            orders: listed,
+            more,
+        })
+    }
+
+    /// The order an index entry names, if its document shows the entry's state; an entry whose
+    /// order has moved on since the write it was made for is removed.
+    async fn check(&self, found: Found) -> Result<Option<Listed>, StoreError> {
+        let Some(current) = self.get(found.entry.order_id).await? else {
+            return Ok(None); // not written yet, or removed
+        };
+        if current.order.state == found.entry.state {
+            return Ok(Some(Listed {
+                seq: found.seq,
+                order: current.order,
+            }));
+        }
+        if current.revision > found.entry.base {
+            // The write this entry was made for was refused or has been followed by another
+            // state: no write still in flight can make it right.
+            self.index.withdraw(found.entry.order_id, found.seq);
+        }
+        Ok(None)
+    }
+}
+
+/// Why a compare-and-set failed: the revision moved (the write was certainly not applied), or
+/// anything else.
+enum Refused {
+    Revision(StoreError),
+    Other(StoreError),
+}
+
+impl Refused {
+    fn into_error(self) -> StoreError {
+        match self {
+            Refused::Revision(e) | Refused::Other(e) => e,
+        }
     }
 }
 

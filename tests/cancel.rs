@@ -421,7 +421,11 @@ async fn a_cancel_written_while_a_node_runs_the_order_is_not_taken_for_a_takeove
 
     // Straight into the document, as any node taking the request does, with no wake-up sent: the
     // owner meets it at its next write.
-    let store = orderly::store::OrderStore::new(kv.clone(), orderly::ops::audit::Audit::off());
+    let store = orderly::store::OrderStore::new(
+        kv.clone(),
+        orderly::index::OrderIndex::new(server.js().await),
+        orderly::ops::audit::Audit::off(),
+    );
     let intent = Intent::new(
         IntentKind::Cancel,
         Some("a test".into()),

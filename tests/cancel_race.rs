@@ -214,6 +214,39 @@ async fn cancels_at_random_moments_get_answers_the_final_states_keep() {
             other => panic!("unexpected answer {other} to a cancel: {answer:?}"),
         }
     }
+    // The index agrees: listing Cancelled orders, page by page, gives exactly the cancelled ones.
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = format!("{}/orders?state=Cancelled&limit=40", b2.http);
+        if let Some(cursor) = &cursor {
+            url.push_str(&format!("&cursor={cursor}"));
+        }
+        let page = get_json(&http, &url).await;
+        for order in page["orders"].as_array().expect("orders[]") {
+            listed.push(
+                order["order_id"]
+                    .as_str()
+                    .expect("an id")
+                    .parse::<Uuid>()
+                    .expect("a UUID"),
+            );
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    listed.sort();
+    let cancelled: Vec<Uuid> = finals
+        .iter()
+        .filter(|(_, state)| *state == "Cancelled")
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(
+        listed, cancelled,
+        "the list of Cancelled orders is the cancelled orders"
+    );
     let mut states: BTreeMap<&str, usize> = BTreeMap::new();
     for state in finals.values() {
         *states.entry(state.as_str()).or_default() += 1;

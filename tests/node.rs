@@ -46,6 +46,10 @@ async fn nats_json_definitions_match_what_the_node_creates() {
         ),
         ("kv-orders.json", "$JS.API.STREAM.INFO.KV_orders"),
         (
+            "orders-index-stream.json",
+            "$JS.API.STREAM.INFO.ORDERS_INDEX",
+        ),
+        (
             "kv-orderly-nodes.json",
             "$JS.API.STREAM.INFO.KV_orderly-nodes",
         ),

@@ -4,11 +4,12 @@
 use crate::api::auth::{Denied, Tokens};
 use crate::api::control::{Answer, Control};
 use crate::api::intake::{bounded_read, Intake, IntakeError, IDEMPOTENCY_KEY};
+use crate::api::list::{list, ListRequest, Listing};
 use crate::domain::order::Interface;
 use crate::ops::cluster::Cluster;
 use crate::ops::metrics as m;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -180,7 +181,9 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route(
             "/orders",
-            post(create_order).layer(DefaultBodyLimit::max(crate::domain::payload::MAX_PAYLOAD)),
+            post(create_order)
+                .layer(DefaultBodyLimit::max(crate::domain::payload::MAX_PAYLOAD))
+                .get(list_orders),
         )
         .route("/orders/{id}", get(get_order))
         .route("/orders/{id}/cancel", post(cancel_order))
@@ -302,6 +305,17 @@ async fn watch_order(
 
 async fn drain(State(state): State<AppState>) -> Response {
     crate::api::admin::drain(&state.drain_request)
+}
+
+/// `GET /orders?state=Completed&state=Failed&limit=50&cursor=...`
+async fn list_orders(
+    State(state): State<AppState>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<Listing>, ApiError> {
+    let Query(pairs) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let request = ListRequest::from_pairs(&pairs)?;
+    Ok(Json(list(&state.intake, &request).await?))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -269,8 +269,14 @@ impl Intake {
         }
     }
 
-    pub(crate) fn store(&self) -> &OrderStore {
+    /// The order store, for the reads and requests the rest of the API makes.
+    pub fn store(&self) -> &OrderStore {
         &self.store
+    }
+
+    /// The connection reads are made on.
+    pub fn client(&self) -> async_nats::Client {
+        self.js.client()
     }
 
     pub(crate) fn events(&self) -> &Events {

@@ -1,10 +1,12 @@
-//! How orders come in and are read: intake (shared by every interface), the HTTP API (with its bearer
-//! tokens, the watch of an order and node control) and the `orders` NATS service.
+//! How orders come in and are read: intake (shared by every interface), cancel and retry, listing,
+//! the HTTP API (with its bearer tokens, the watch of an order and node control) and the `orders` NATS
+//! service.
 
 pub mod admin;
 pub mod auth;
 pub mod control;
 pub mod http;
 pub mod intake;
+pub mod list;
 pub mod service;
 pub mod watch;

@@ -1,11 +1,14 @@
-//! The `orders` NATS service: `orders.create`, `orders.get`, `orders.cancel` and `orders.retry`,
-//! answered by [`Intake`] and [`Control`] like the HTTP API, with the service API's error headers on a
-//! failure (`nats req orders.get <id>`).
+//! The `orders` NATS service: `orders.create`, `orders.get`, `orders.list`, `orders.cancel` and
+//! `orders.retry`, answered by [`Intake`] and [`Control`] like the HTTP API, with the service API's
+//! error headers on a failure (`nats req orders.get <id>`).
 
 use crate::api::control::Control;
 use crate::api::intake::{Intake, IntakeError, IDEMPOTENCY_KEY};
+use crate::api::list::ListRequest;
 use crate::domain::order::Interface;
-use crate::queue::setup::{CANCEL_SUBJECT, CREATE_SUBJECT, GET_SUBJECT, RETRY_SUBJECT};
+use crate::queue::setup::{
+    CANCEL_SUBJECT, CREATE_SUBJECT, GET_SUBJECT, LIST_SUBJECT, RETRY_SUBJECT,
+};
 use crate::task::Task;
 use async_nats::service::ServiceExt;
 use bytes::Bytes;
@@ -60,6 +63,7 @@ impl Task for Service {
         .await?;
         let mut cancel_ = endpoint(&group, "cancel", CANCEL_SUBJECT, "Cancel an order: the body is its id, or {\"order_id\": ..., \"reason\": ...}; replies its document (Cancelled, or Cancelling on its way there), or error 409 if it ended otherwise.").await?;
         let mut retry = endpoint(&group, "retry", RETRY_SUBJECT, "Run a Failed or Cancelled order again as a new attempt: the body is its id, or {\"order_id\": ...}; replies its document.").await?;
+        let mut list = endpoint(&group, "list", LIST_SUBJECT, "A page of orders, newest state change first: {\"state\": [...], \"limit\": 1-500, \"cursor\": \"...\"}, all optional; replies {orders, next_cursor}.").await?;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -107,6 +111,19 @@ impl Task for Service {
                     tokio::spawn(async move {
                         let result = match parse_request(&request.message.payload) {
                             Ok(asked) => control.retry(&asked.order_id, Interface::Nats).await.map(document),
+                            Err(e) => Err(e),
+                        };
+                        reply(&client, request, result).await;
+                    });
+                }
+                Some(request) = list.next() => {
+                    let intake = self.intake.clone();
+                    let client = self.client.clone();
+                    tokio::spawn(async move {
+                        let result = match ListRequest::from_json(&request.message.payload) {
+                            Ok(wanted) => crate::api::list::list(&intake, &wanted).await.map(|page| {
+                                Bytes::from(serde_json::to_vec(&page).expect("a page always serializes"))
+                            }),
                             Err(e) => Err(e),
                         };
                         reply(&client, request, result).await;

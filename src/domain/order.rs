@@ -287,8 +287,9 @@ pub struct Order {
     /// A request from outside for the node that owns the order; absent unless one was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intent: Option<Box<Intent>>,
-    /// How many times the order was retried after it ended `Failed` or `Cancelled`.
-    #[serde(default)]
+    /// How many times the order was retried after it ended `Failed` or `Cancelled`; absent until the
+    /// first retry.
+    #[serde(default, skip_serializing_if = "never_retried")]
     pub retries: u32,
     /// The earlier attempts of a retried order, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -296,6 +297,10 @@ pub struct Order {
     /// Why the owner is waiting to run a step, while it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<Waiting>,
+}
+
+fn never_retried(retries: &u32) -> bool {
+    *retries == 0
 }
 
 /// An attempt of a retried order, as it ended: kept in the document's `history`.

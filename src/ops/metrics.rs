@@ -30,6 +30,7 @@ pub const HEARTBEATS_UNCONFIRMED: &str = "orderly_heartbeats_unconfirmed_total";
 pub const KV_CONFLICTS: &str = "orderly_kv_cas_conflicts_total";
 pub const NATS_CONNECTED: &str = "orderly_nats_connected";
 pub const NATS_RECONNECTS: &str = "orderly_nats_reconnects_total";
+pub const NATS_AUTH_REFUSED: &str = "orderly_nats_auth_refused_total";
 pub const HTTP_REQUESTS: &str = "orderly_http_requests_total";
 pub const HTTP_DURATION: &str = "orderly_http_request_duration_seconds";
 pub const INFO: &str = "orderly_node_info";
@@ -228,6 +229,10 @@ fn describe_node() {
     describe_counter!(
         NATS_RECONNECTS,
         "Reconnections to NATS after a disconnect, by connection (work, fetch, public)."
+    );
+    describe_counter!(
+        NATS_AUTH_REFUSED,
+        "Times the NATS server refused the node's credentials after it had let the node in (a rotated password, a removed user), by connection; the node keeps trying."
     );
     describe_counter!(
         STORE_RETRIES,

@@ -3,26 +3,62 @@
 
 use crate::engine::connection::Connection;
 use crate::ops::metrics as m;
+use crate::queue::credentials::Access;
 use std::time::Duration;
 
-/// The servers named in a `NATS_URL`: one URL, or several separated by commas (the servers of a
-/// cluster; the client moves to another one when its server goes away).
-pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
-    urls.split(',')
-        .map(str::trim)
-        .filter(|url| !url.is_empty())
-        .map(|url| {
-            url.parse::<async_nats::ServerAddr>()
-                .map_err(|e| format!("invalid NATS URL {url:?}: {e}"))
+/// The server refused a connection: its credentials or its TLS. Trying again would not help, so the
+/// node stops with this instead of retrying.
+#[derive(Debug, thiserror::Error)]
+#[error("NATS refused the {connection} connection: {advice} ({error})")]
+pub struct Refused {
+    connection: &'static str,
+    advice: &'static str,
+    error: async_nats::ConnectError,
+}
+
+impl Refused {
+    /// `error` as a refusal, if it is one (anything else, such as a server not up yet, is worth retrying).
+    fn of(
+        role: Role,
+        error: async_nats::ConnectError,
+    ) -> Result<Refused, async_nats::ConnectError> {
+        use async_nats::ConnectErrorKind as Kind;
+        let advice = match error.kind() {
+            Kind::AuthorizationViolation => "authorization failed; check the user and password or token in NATS_URL, or ORDERLY_NATS_CREDS or ORDERLY_NATS_NKEY",
+            Kind::Authentication => "the node cannot sign in with its nkey; check the seed in ORDERLY_NATS_NKEY or ORDERLY_NATS_CREDS",
+            Kind::Tls => TLS_ADVICE,
+            Kind::Io if is_tls_handshake(&error) => TLS_ADVICE,
+            _ => return Err(error),
+        };
+        Ok(Refused {
+            connection: role.as_str(),
+            advice,
+            error,
         })
-        .collect::<Result<Vec<_>, _>>()
-        .and_then(|servers| {
-            if servers.is_empty() {
-                Err("no NATS URL given".to_owned())
-            } else {
-                Ok(servers)
-            }
-        })
+    }
+}
+
+const TLS_ADVICE: &str = "TLS failed; check ORDERLY_NATS_TLS_CA (the CA of the server's certificate), and ORDERLY_NATS_TLS_CERT and ORDERLY_NATS_TLS_KEY if the server verifies clients";
+
+/// The client reports a certificate the node does not trust, or a handshake the server refused, as
+/// an I/O error of kind `InvalidData` (how the TLS library's errors reach the socket); a server that is
+/// down or unreachable gives other kinds.
+fn is_tls_handshake(error: &async_nats::ConnectError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
+}
+
+/// Whether a failed reconnection was a refusal of the node's credentials. The client reports each failed
+/// reconnection as an event carrying only the error kind's text, and goes on trying (it never gives
+/// up: `max_reconnects(None)`); so does the node, which is not ready meanwhile, and is let back in
+/// once the server accepts its credentials again (the server's configuration is put back, or the node
+/// is restarted with the new ones).
+fn is_refusal(error: &str) -> bool {
+    use async_nats::ConnectErrorKind as Kind;
+    [Kind::AuthorizationViolation, Kind::Authentication]
+        .iter()
+        .any(|kind| kind.to_string() == error)
 }
 
 /// What a node's connection to NATS is for. The NATS client drops a whole connection when it receives
@@ -50,23 +86,26 @@ impl Role {
     }
 }
 
-/// Connects to NATS, logging and counting connection changes. Retries until it succeeds or
-/// `cancel` fires. Each loss of the connection is recorded in `connection` (leases taken on it end).
+/// Connects to NATS, logging and counting connection changes. Retries until it succeeds, the server
+/// refuses the node ([`Refused`]), or `cancel` fires (`None`). Each loss of the connection is recorded
+/// in `connection` (leases taken on it end).
 pub async fn connect(
-    servers: &[async_nats::ServerAddr],
+    access: &Access,
     node_id: &str,
     role: Role,
     connection: &Connection,
     cancel: &tokio_util::sync::CancellationToken,
-) -> Option<async_nats::Client> {
+) -> Result<Option<async_nats::Client>, Refused> {
     let label = role.as_str();
     // At zero from the first scrape on (the HTTP server starts after every connection is made).
     metrics::counter!(m::NATS_RECONNECTS, "connection" => label).absolute(0);
+    metrics::counter!(m::NATS_AUTH_REFUSED, "connection" => label).absolute(0);
     let connected_once = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         let connected_once = connected_once.clone();
         let lost = connection.clone();
-        let options = async_nats::ConnectOptions::new()
+        let options = access
+            .options()
             .name(format!("orderly {node_id} {label}"))
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(3))
@@ -92,34 +131,33 @@ pub async fn connect(
                             metrics::gauge!(m::NATS_CONNECTED, "connection" => label).set(0.0);
                         }
                         async_nats::Event::Closed => tracing::info!(connection = label, "NATS connection closed"),
+                        async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
+                            tracing::error!(connection = label, "NATS refused this node's credentials (authorization failed)");
+                            metrics::counter!(m::NATS_AUTH_REFUSED, "connection" => label).increment(1);
+                        }
+                        async_nats::Event::ClientError(async_nats::ClientError::Other(error)) if is_refusal(&error) => {
+                            tracing::error!(connection = label, %error, "NATS refused this node's credentials on reconnecting (authorization failed); trying again");
+                            metrics::counter!(m::NATS_AUTH_REFUSED, "connection" => label).increment(1);
+                        }
                         other => tracing::warn!(connection = label, event = %other, "NATS connection event"),
                     }
                 }
             });
-        match options.connect(servers).await {
+        match options.connect(access.servers()).await {
             Ok(client) => {
                 metrics::gauge!(m::NATS_CONNECTED, "connection" => label).set(1.0);
-                return Some(client);
+                return Ok(Some(client));
             }
-            Err(e) => tracing::warn!(error = %e, "cannot connect to NATS; retrying in 1s"),
+            Err(e) => match Refused::of(role, e) {
+                Ok(refused) => return Err(refused),
+                Err(e) => {
+                    tracing::warn!(connection = label, error = %e, "cannot connect to NATS; retrying in 1s")
+                }
+            },
         }
         tokio::select! {
-            _ = cancel.cancelled() => return None,
+            _ = cancel.cancelled() => return Ok(None),
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nats_url_takes_every_server_of_a_cluster() {
-        let servers = server_addrs("nats://a:4222, nats://b:4222,nats://c:4222").expect("valid");
-        let hosts: Vec<&str> = servers.iter().map(|s| s.host()).collect();
-        assert_eq!(hosts, ["a", "b", "c"]);
-        assert!(server_addrs("nats://a:4222,http://[::1").is_err());
-        assert!(server_addrs(" , ").is_err());
     }
 }

@@ -3,6 +3,7 @@
 //! consumer's configuration and sweeping messages no node can receive.
 
 pub(crate) mod connect;
+pub(crate) mod credentials;
 pub(crate) mod delivery;
 pub(crate) mod embedded;
 pub(crate) mod follow;

@@ -1,6 +1,6 @@
 //! Everything Orderly keeps in NATS, set up idempotently at every start: the `ORDERS` work-queue
-//! stream, the `workers` pull consumer shared by every node, the `orders` bucket and the
-//! `orderly-nodes` bucket.
+//! stream, the `workers` pull consumer shared by every node, the `orders` bucket, the `ORDERS_INDEX`
+//! stream of the order index and the `orderly-nodes` bucket.
 //!
 //! The same definitions live as JSON under `nats/` for operators who create them with the `nats` CLI;
 //! a test keeps the two equal.
@@ -29,6 +29,8 @@ pub const RETRY_SUBJECT: &str = "orders.retry";
 pub const INTERRUPT_PREFIX: &str = "orders.interrupt";
 /// Header on the work message of a retry: the retry's number (the document's `retries` once it runs).
 pub const RETRY_HEADER: &str = "Orderly-Retry";
+/// Subject of `nats req orders.list '{"state":["Failed"],"limit":2}'`.
+pub const LIST_SUBJECT: &str = "orders.list";
 /// How long a repeated submission of the same order id is recognised as the same order.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Revisions of each order kept in the bucket (`nats kv history orders <id>`).
@@ -108,6 +110,22 @@ pub fn orders_bucket_config(layout: Layout) -> kv::Config {
     }
 }
 
+/// The order index (`crate::index`): limits retention, so entries stay until the store purges them;
+/// direct gets, so a listing's reads are answered by any replica with the server's subject filter.
+pub fn index_stream_config(layout: Layout) -> stream::Config {
+    stream::Config {
+        name: crate::index::STREAM.into(),
+        description: Some("Orderly order index: one entry per order, under its state".into()),
+        subjects: vec![format!("{}.*.*", crate::index::PREFIX)],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: layout.replicas.into(),
+        allow_direct: true,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
 pub fn nodes_bucket_config(layout: Layout) -> kv::Config {
     kv::Config {
         bucket: NODES_BUCKET.into(),
@@ -154,6 +172,7 @@ pub async fn setup(js: &jetstream::Context, layout: Layout) -> Result<Setup, Set
     let consumer = work_consumer(&mut stream, layout).await?;
     let orders = bucket(js, orders_bucket_config(layout)).await?;
     let nodes = bucket(js, nodes_bucket_config(layout)).await?;
+    index_stream(js, layout).await?;
     Ok(Setup {
         stream,
         consumer,
@@ -199,6 +218,44 @@ async fn work_stream(
     );
     conflict("stream ORDERS", diffs)?;
     Ok(stream)
+}
+
+/// The `ORDERS_INDEX` stream, created if it is missing; an existing one must match.
+async fn index_stream(js: &jetstream::Context, layout: Layout) -> Result<(), SetupError> {
+    let wanted = index_stream_config(layout);
+    let what = format!("stream {}", wanted.name);
+    let mut stream = js
+        .get_or_create_stream(wanted.clone())
+        .await
+        .map_err(|e| nats_err(&what)(e.into()))?;
+    let actual = stream
+        .info()
+        .await
+        .map_err(|e| nats_err(&what)(e.into()))?
+        .config
+        .clone();
+    let mut diffs = Vec::new();
+    differ(&mut diffs, "subjects", &wanted.subjects, &actual.subjects);
+    differ(
+        &mut diffs,
+        "retention",
+        &wanted.retention,
+        &actual.retention,
+    );
+    differ(&mut diffs, "storage", &wanted.storage, &actual.storage);
+    differ(
+        &mut diffs,
+        "replicas (ORDERLY_REPLICAS)",
+        &wanted.num_replicas,
+        &actual.num_replicas,
+    );
+    differ(
+        &mut diffs,
+        "allow_direct",
+        &wanted.allow_direct,
+        &actual.allow_direct,
+    );
+    conflict(&what, diffs)
 }
 
 /// The `workers` consumer, created if it is missing (and upgraded if an earlier Orderly gave it a

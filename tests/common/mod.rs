@@ -6,6 +6,7 @@ pub mod audit;
 pub mod faults;
 pub mod hostile;
 pub mod scenario;
+pub mod secured;
 
 use async_nats::jetstream;
 use serde_json::Value;
