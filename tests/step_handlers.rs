@@ -544,3 +544,83 @@ async fn a_waiting_order_can_be_cancelled_and_a_draining_node_hands_its_waiting_
         "nothing was done, nothing undone: {records}"
     );
 }
+
+/// The user for step handlers that docs/step-handlers.md shows, as it shows it.
+fn documented_handler_user() -> String {
+    let docs = std::fs::read_to_string(project_dir().join("docs/step-handlers.md"))
+        .expect("docs/step-handlers.md");
+    let after = docs
+        .split("The file has no user for step handlers")
+        .nth(1)
+        .expect("the docs show a user for step handlers");
+    let block = after.split("```").nth(1).expect("a code block");
+    block.trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn step_handlers_work_on_a_server_with_the_shipped_accounts_and_the_documented_user() {
+    let accounts = std::fs::read_to_string(project_dir().join("nats/accounts.conf"))
+        .expect("nats/accounts.conf");
+    let with_handlers = accounts.replacen(
+        "users: [",
+        &format!("users: [\n{}\n", documented_handler_user()),
+        1,
+    );
+    assert_ne!(with_handlers, accounts, "the users list is found");
+    let dir = temp_dir("accounts");
+    let config = dir.path().join("accounts.conf");
+    std::fs::write(&config, with_handlers).expect("the configuration is written");
+    let passwords: Vec<(String, String)> = ["NODE", "SUBMITTER", "OPERATOR", "STEPS"]
+        .iter()
+        .map(|role| {
+            (
+                format!("ORDERLY_{role}_PASSWORD"),
+                format!("pw-{role}-{}", Uuid::new_v4().simple()),
+            )
+        })
+        .collect();
+    let env: Vec<(&str, &str)> = passwords
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let server = secured::SecuredServer::start(&config, &[], &env).await;
+    let password = |role: &str| {
+        passwords
+            .iter()
+            .find(|(k, _)| k == &format!("ORDERLY_{role}_PASSWORD"))
+            .map(|(_, v)| v.clone())
+            .expect("a password")
+    };
+    let _shop = Handler::python(
+        &server.url("nats", &format!("steps:{}", password("STEPS"))),
+        &[("SHOP_FAIL_AT", "processing")],
+    )
+    .await;
+    let node = Node::builder(&server.url("nats", &format!("node:{}", password("NODE"))))
+        .env("ORDERLY_STEPS", "nats")
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let id = submit(&http, &node, json!({ "sku": "G-1" })).await;
+    let doc = wait_until("the order ends", Duration::from_secs(30), || async {
+        let doc = get_json(&http, &format!("{}/orders/{id}", node.http)).await;
+        is_terminal(&doc).then_some(doc)
+    })
+    .await;
+    // Every step and rollback went through the handler: the failure is the handler's.
+    assert_eq!(doc["state"], "Failed", "{doc}");
+    assert_eq!(
+        doc["failure_reason"],
+        "pack refused (SHOP_FAIL_AT) (step handler error 422)"
+    );
+    assert!(
+        doc["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .all(|s| s["status"] == "RolledBack"),
+        "{doc}"
+    );
+    assert_eq!(server.violations("node"), Vec::<String>::new());
+    assert_eq!(server.violations("steps"), Vec::<String>::new());
+}
