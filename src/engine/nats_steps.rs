@@ -60,6 +60,9 @@ impl NatsSteps {
                 RequestErrorKind::TimedOut => StepOutcome::Failed {
                     reason: format!("the step handler on {subject} did not answer in time"),
                 },
+                RequestErrorKind::MaxPayloadExceeded => StepOutcome::Failed {
+                    reason: format!("the order is too large to send to {subject}: {e}"),
+                },
                 _ => StepOutcome::NotNow {
                     reason: format!("cannot reach the step handler on {subject}: {e}"),
                 },
