@@ -406,6 +406,12 @@ impl Parts<'_> {
         );
         let intake = self.intake(&audit).await?;
         let control = Control::new(intake.clone(), node_id.clone());
+        let service = Service::new(
+            intake.clone(),
+            control.clone(),
+            self.connections.public.clone(),
+            node_id.clone(),
+        );
         let state = AppState::new(
             intake.clone(),
             control.clone(),
@@ -418,7 +424,8 @@ impl Parts<'_> {
         .with_access(
             self.access.tokens.clone(),
             self.access.drain_request.clone(),
-        );
+        )
+        .with_service(service.registered());
         // The work connection's view of the orders: leases write through it, and the sweep reads it.
         let index = OrderIndex::new(async_nats::jetstream::new(self.connections.work.clone()));
         let store = OrderStore::new(self.setup.orders.clone(), index, audit.clone());
@@ -456,12 +463,7 @@ impl Parts<'_> {
             self.connections.fetching.clone(),
         ));
         running.spawn(follow);
-        running.spawn(Service::new(
-            intake,
-            control,
-            self.connections.public.clone(),
-            node_id,
-        ));
+        running.spawn(service);
         Ok(running)
     }
 

@@ -5,7 +5,6 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 /// Asks the node to drain by cancelling `request`, which the node waits on next to its shutdown
@@ -15,7 +14,8 @@ pub fn drain(request: &CancellationToken) -> Response {
         tracing::info!("drain requested over HTTP");
         request.cancel();
     }
-    (StatusCode::ACCEPTED, Json(json!({ "status": "draining" }))).into_response()
+    let body = crate::api::bodies::Draining { status: "draining" };
+    (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
 #[cfg(test)]

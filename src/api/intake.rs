@@ -5,6 +5,7 @@
 //! created so that it can be queried at once. If the document cannot be written, the worker creates it
 //! from the message; if the message cannot be stored, nothing was created and the caller gets an error.
 
+use crate::api::bodies::ErrorBody;
 use crate::clock::now;
 use crate::domain::order::{parse_order_id, Interface, Order};
 use crate::domain::payload::validate_payload;
@@ -65,7 +66,7 @@ pub(crate) fn connected(client: &async_nats::Client) -> Result<(), IntakeError> 
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 
 /// The reply to a submission.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Submitted {
     pub order_id: Uuid,
     pub start_time: DateTime<Utc>,
@@ -128,14 +129,18 @@ impl IntakeError {
 
     /// The JSON error body: `{"error": ..., "code": ...}`.
     pub fn body(&self) -> serde_json::Value {
-        let mut body = serde_json::json!({ "error": self.to_string(), "code": self.code() });
+        serde_json::json!(self.error_body())
+    }
+
+    /// The error body, with the order's id when the order may exist, and its state when the state
+    /// refused the request.
+    pub fn error_body(&self) -> ErrorBody {
+        let mut body = ErrorBody::new(self.code(), self.to_string());
         match self {
-            IntakeError::Uncertain { order_id, .. } => {
-                body["order_id"] = serde_json::json!(order_id);
-            }
+            IntakeError::Uncertain { order_id, .. } => body.order_id = Some(*order_id),
             IntakeError::Refused { order_id, refused } => {
-                body["order_id"] = serde_json::json!(order_id);
-                body["state"] = serde_json::json!(refused.state);
+                body.order_id = Some(*order_id);
+                body.state = Some(refused.state);
             }
             _ => {}
         }

@@ -150,7 +150,8 @@ fn decode_cursor(text: &str) -> Result<u64, IntakeError> {
 }
 
 /// One order on a page.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = ListedOrder)]
 pub struct Item {
     pub order_id: Uuid,
     pub state: State,
@@ -161,7 +162,7 @@ pub struct Item {
 }
 
 /// The answer to a listing.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Listing {
     pub orders: Vec<Item>,
     pub next_cursor: Option<String>,

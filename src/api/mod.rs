@@ -4,9 +4,11 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bodies;
 pub mod control;
 pub mod http;
 pub mod intake;
 pub mod list;
+pub mod openapi;
 pub mod service;
 pub mod watch;

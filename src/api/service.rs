@@ -13,6 +13,8 @@ use crate::task::Task;
 use async_nats::service::ServiceExt;
 use bytes::Bytes;
 use futures::StreamExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Service {
     intake: Intake,
     control: Control,
+    /// Set once the endpoints answer, cleared when the service stops (see `/readyz`).
+    registered: Arc<AtomicBool>,
     client: async_nats::Client,
     node_id: String,
 }
@@ -34,9 +38,17 @@ impl Service {
         Service {
             intake,
             control,
+            registered: Arc::new(AtomicBool::new(false)),
             client,
             node_id,
         }
+    }
+}
+
+impl Service {
+    /// The flag this service sets once its endpoints answer.
+    pub fn registered(&self) -> Arc<AtomicBool> {
+        self.registered.clone()
     }
 }
 
@@ -64,6 +76,11 @@ impl Task for Service {
         let mut cancel_ = endpoint(&group, "cancel", CANCEL_SUBJECT, "Cancel an order: the body is its id, or {\"order_id\": ..., \"reason\": ...}; replies its document (Cancelled, or Cancelling on its way there), or error 409 if it ended otherwise.").await?;
         let mut retry = endpoint(&group, "retry", RETRY_SUBJECT, "Run a Failed or Cancelled order again as a new attempt: the body is its id, or {\"order_id\": ...}; replies its document.").await?;
         let mut list = endpoint(&group, "list", LIST_SUBJECT, "A page of orders, newest state change first: {\"state\": [...], \"limit\": 1-500, \"cursor\": \"...\"}, all optional; replies {orders, next_cursor}.").await?;
+        // Once the server has the subscriptions (a flush is a round trip), requests find them.
+        if let Err(e) = self.client.flush().await {
+            tracing::warn!(error = %e, "cannot confirm the NATS service's subscriptions");
+        }
+        self.registered.store(true, Ordering::Release);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -132,6 +149,7 @@ impl Task for Service {
                 else => break,
             }
         }
+        self.registered.store(false, Ordering::Release);
         if let Err(e) = tokio::time::timeout(Duration::from_secs(2), service.stop()).await {
             tracing::warn!(error = %e, "NATS service did not stop in time");
         }

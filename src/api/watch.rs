@@ -22,6 +22,9 @@ use serde_json::value::RawValue;
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::{Ref, RefOr};
+use utoipa::{PartialSchema, ToSchema};
 
 /// How often an idle stream sends a comment, so that proxies and clients keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -34,7 +37,12 @@ pub fn last_event_id(header: Option<&HeaderValue>) -> Result<Option<u64>, Intake
     let Some(header) = header else {
         return Ok(None);
     };
-    let revision = header.to_str().ok().and_then(|s| s.trim().parse().ok());
+    // A revision is a stream sequence; the document gives it as a non-negative int64.
+    let revision = header
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .and_then(|revision| u64::try_from(revision).ok());
     match revision {
         Some(revision) => Ok(Some(revision)),
         None => Err(IntakeError::BadRequest(
@@ -62,8 +70,9 @@ pub async fn open(
     let current = decode(&entry)?;
     // A client that saw revision `seen` gets every change after it, one by one, from the revisions
     // the bucket keeps (the last 32 of each order); older than those, it gets a snapshot.
+    // Revisions start at 1: a client that saw revision 0 saw nothing, and gets a snapshot.
     let replay_from = match last_seen {
-        Some(seen) if seen < entry.revision => {
+        Some(seen) if seen > 0 && seen < entry.revision => {
             let read = async {
                 bucket
                     .entry_for_revision(&key, seen)
@@ -185,11 +194,50 @@ fn holder<'a>(before: Option<&'a Order>, after: &'a Order) -> &'a str {
         .map_or("", |owner| owner.node.as_str())
 }
 
-#[derive(Serialize)]
+/// The `data` of an event: the change, and the whole document at its revision.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = WatchEventData)]
 struct Data<'a> {
     #[serde(flatten)]
     event: Event<'a>,
+    #[schema(value_type = Order)]
     document: &'a RawValue,
+}
+
+/// One event of the stream, for the OpenAPI document: `id` (the revision), `event` (the change) and
+/// `data` (JSON: [`Data`]). In OpenAPI 3.1 a `text/event-stream` response's schema describes each
+/// event, and `contentMediaType` with `contentSchema` describe the JSON inside `data`.
+pub struct SentEvent;
+
+impl utoipa::PartialSchema for SentEvent {
+    fn schema() -> RefOr<Schema> {
+        let text = |description: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .description(Some(description))
+        };
+        let data = text("The change and the whole document, as JSON")
+            .content_media_type("application/json")
+            .content_schema(Some(Ref::from_schema_name(Data::name())));
+        ObjectBuilder::new()
+            .property("id", text("The revision of the order's document"))
+            .property(
+                "event",
+                text("The change: `snapshot` first, then as on `orders.events.<id>`"),
+            )
+            .property("data", data)
+            .required("id")
+            .required("event")
+            .required("data")
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for SentEvent {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((Data::name().into(), Data::schema()));
+        <Data as utoipa::ToSchema>::schemas(schemas);
+    }
 }
 
 fn to_sse(event: Event<'_>, entry: &kv::Entry) -> sse::Event {

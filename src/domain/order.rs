@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::intent::{Intent, IntentKind};
 
 /// The four processing steps, in the order they run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Step {
     Scheduling,
     #[serde(rename = "Pre-Processing")]
@@ -80,7 +80,7 @@ impl FromStr for Step {
 }
 
 /// Where the order is as a whole.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum State {
     /// Accepted, waiting for a worker.
     Queued,
@@ -146,14 +146,14 @@ impl fmt::Display for State {
 }
 
 /// The value of `current_step`: one of the four steps, then a terminal marker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum CurrentStep {
     Step(Step),
     Terminal(Terminal),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Terminal {
     Completed,
     Failed,
@@ -161,7 +161,7 @@ pub enum Terminal {
 }
 
 /// How one step's record stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum StepStatus {
     Running,
     Completed,
@@ -171,7 +171,7 @@ pub enum StepStatus {
 }
 
 /// How the order came in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Interface {
     /// `POST /orders`.
@@ -200,7 +200,7 @@ impl Interface {
 }
 
 /// One step's record in `steps[]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StepRecord {
     pub step_name: Step,
     pub status: StepStatus,
@@ -220,6 +220,7 @@ pub struct StepRecord {
     pub rollback_node: Option<String>,
     /// What the step's code answered when it completed the step (a JSON object), if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub output: Option<StepOutput>,
 }
 
@@ -236,7 +237,7 @@ impl PartialEq for StepOutput {
 
 /// Why the owner is waiting before it runs a step: the step's code cannot take it now (a step
 /// service has no instance running). Written when the wait starts, cleared by the next transition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Waiting {
     pub step: Step,
     pub since: DateTime<Utc>,
@@ -244,7 +245,7 @@ pub struct Waiting {
 }
 
 /// Who works on the order right now: the node and the message delivery it holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Owner {
     pub node: String,
     /// The delivery count of the message the node holds (1 = first delivery).
@@ -256,7 +257,7 @@ pub struct Owner {
 }
 
 /// The order's document: the value of key `<order_id>` in the `orders` bucket, and the reply to a query.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Order {
     pub order_id: Uuid,
     pub state: State,
@@ -282,7 +283,9 @@ pub struct Order {
     pub message_seq: Option<u64>,
     pub submitted_via: Interface,
     pub updated_at: DateTime<Utc>,
-    /// The order's payload, exactly as submitted.
+    /// The order's payload, exactly as submitted: a JSON object (an order recorded as failed when
+    /// its work message carried anything else keeps that).
+    #[schema(value_type = serde_json::Value)]
     pub payload: Box<RawValue>,
     /// A request from outside for the node that owns the order; absent unless one was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -304,7 +307,7 @@ fn never_retried(retries: &u32) -> bool {
 }
 
 /// An attempt of a retried order, as it ended: kept in the document's `history`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EarlierAttempt {
     /// 0 for the first attempt, then 1, 2, ... for each retry.
     pub retry: u32,

@@ -13,23 +13,23 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// What a node says about itself.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What a node says about itself. Its fields are in alphabetical order, the order they are sent in.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeStatus {
-    pub node_id: String,
-    pub name: String,
-    pub version: String,
-    /// `running` or `draining`.
-    pub status: String,
+    pub heartbeat_interval_ms: u64,
     pub http_addr: String,
-    pub started_at: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
-    pub workers_busy: usize,
-    pub workers_total: usize,
+    pub name: String,
+    pub node_id: String,
+    pub orders_cancelled: u64,
     pub orders_completed: u64,
     pub orders_failed: u64,
-    pub orders_cancelled: u64,
-    pub heartbeat_interval_ms: u64,
+    pub started_at: DateTime<Utc>,
+    /// `running` or `draining`.
+    pub status: String,
+    pub version: String,
+    pub workers_busy: usize,
+    pub workers_total: usize,
 }
 
 #[derive(Clone)]

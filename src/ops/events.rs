@@ -8,7 +8,9 @@ use serde::Serialize;
 
 pub const SUBJECT_PREFIX: &str = "orders.events";
 
-#[derive(Debug, Serialize)]
+/// A change of an order, as published on `orders.events.<id>`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = OrderEvent)]
 pub struct Event<'a> {
     pub order_id: uuid::Uuid,
     /// What happened: `created`, `claimed`, `released`, `step_started`, `step_completed`,
