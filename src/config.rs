@@ -79,6 +79,15 @@ pub struct Config {
     #[arg(long, env = "ORDERLY_SEED")]
     pub seed: Option<u64>,
 
+    /// What does the work of each step: `simulated` (a wait and a failure draw, as set above) or
+    /// `nats` (step handler services answering on `orders.steps.<step>.run` and `.rollback`).
+    #[arg(long, env = "ORDERLY_STEPS", default_value = "simulated")]
+    pub steps: StepRunner,
+
+    /// With `--steps nats`: how long a step handler may take to answer before the step fails.
+    #[arg(long, env = "ORDERLY_STEP_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
+    pub step_timeout: Duration,
+
     /// This node's id (letters, digits, '-' and '_'). Default: the host name and a random suffix.
     #[arg(long, env = "ORDERLY_NODE_ID", value_parser = parse_node_id)]
     pub node_id: Option<String>,
@@ -169,6 +178,13 @@ impl std::str::FromStr for Secret {
     fn from_str(s: &str) -> Result<Secret, Self::Err> {
         Ok(Secret(s.to_owned()))
     }
+}
+
+/// What does the work of each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StepRunner {
+    Simulated,
+    Nats,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

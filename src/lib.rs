@@ -14,7 +14,8 @@
 //!   outcome, settling (the one way to ack, nak or terminate), giving up, following the consumer, the
 //!   sweep.
 //! - [`engine`]: the lease, writing under it (the one lease-guarded compare-and-set), the pipeline over
-//!   steps and rollbacks, the [`Steps`] seam, intents.
+//!   steps and rollbacks, the [`Steps`] seam and its runners (simulated, step handlers over NATS),
+//!   intents.
 //! - [`store`]: the `orders` bucket, and the order index it keeps ([`index`]).
 //! - [`ops`]: metrics, the lease audit, order events, the cluster view.
 //! - [`domain`]: the order, its payload and its intents: pure.
@@ -35,6 +36,7 @@ pub mod store;
 mod task;
 
 pub use config::Config;
-pub use domain::order::{Order, State, Step};
-pub use engine::steps::{Simulated, StepOutcome, Steps};
+pub use domain::order::{Order, State, Step, StepOutput};
+pub use engine::nats_steps::NatsSteps;
+pub use engine::steps::{Simulated, StepCall, StepOutcome, Steps};
 pub use node::{run, run_with};

@@ -7,9 +7,10 @@ use crate::api::control::Control;
 use crate::api::http::{AppState, HttpServer};
 use crate::api::intake::Intake;
 use crate::api::service::Service;
-use crate::config::{Config, Secret};
+use crate::config::{Config, Secret, StepRunner};
 use crate::engine::connection::Connection;
 use crate::engine::interrupt::Interrupts;
+use crate::engine::nats_steps::NatsSteps;
 use crate::engine::pipeline::Pipeline;
 use crate::engine::steps::{FailureDraw, Simulated, Steps};
 use crate::engine::write::Writer;
@@ -88,21 +89,39 @@ fn host_name() -> Option<String> {
 /// drains it: stops fetching, hands in-flight orders back at a step boundary within the grace period,
 /// and exits.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let steps = Arc::new(Simulated {
-        step_duration: config.step_duration,
-        rollback_duration: config.rollback_duration(),
-        failures: FailureDraw {
-            rates: config.failure_rate,
-            seed: config.seed,
-        },
-    });
-    run_with(config, steps, shutdown).await
+    let steps = match config.steps {
+        StepRunner::Simulated => StepsChoice::Given(Arc::new(Simulated {
+            step_duration: config.step_duration,
+            rollback_duration: config.rollback_duration(),
+            failures: FailureDraw {
+                rates: config.failure_rate,
+                seed: config.seed,
+            },
+        })),
+        StepRunner::Nats => StepsChoice::Nats(config.step_timeout),
+    };
+    run_node(config, steps, shutdown).await
 }
 
 /// [`run`], with `steps` doing the work of each step instead of the simulated steps.
 pub async fn run_with(
     config: Config,
     steps: Arc<dyn Steps>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_node(config, StepsChoice::Given(steps), shutdown).await
+}
+
+/// What does the work of the steps: given before the node connects, or step handlers reached over
+/// NATS on the node's public connection once it has one.
+enum StepsChoice {
+    Given(Arc<dyn Steps>),
+    Nats(Duration),
+}
+
+async fn run_node(
+    config: Config,
+    steps: StepsChoice,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let node_id = config.node_id.clone().unwrap_or_else(default_node_id);
@@ -161,7 +180,7 @@ async fn run_connected<F: Future<Output = ()>>(
     node_id: String,
     url: &str,
     metrics: PrometheusHandle,
-    steps: Arc<dyn Steps>,
+    steps: StepsChoice,
     access: HttpAccess,
     shutdown: &mut Shutdown<'_, F>,
 ) -> anyhow::Result<()> {
@@ -186,6 +205,11 @@ async fn run_connected<F: Future<Output = ()>>(
         .await
         .with_context(|| format!("cannot listen on {} (ORDERLY_HTTP_ADDR)", config.http_addr))?;
     let http_addr = listener.local_addr()?.to_string();
+    let steps: Arc<dyn Steps> = match steps {
+        StepsChoice::Given(steps) => steps,
+        // Replies come to an inbox: the public connection subscribes, the work connection does not.
+        StepsChoice::Nats(timeout) => Arc::new(NatsSteps::new(connections.public.clone(), timeout)),
+    };
     let parts = Parts {
         config,
         node_id: &node_id,
@@ -204,6 +228,7 @@ async fn run_connected<F: Future<Output = ()>>(
         workers = config.workers,
         step_duration = %humantime::format_duration(config.step_duration),
         failure_rate = %config.failure_rate,
+        steps = ?config.steps,
         ack_wait = %humantime::format_duration(config.ack_wait),
         "node started"
     );

@@ -6,10 +6,12 @@ mod common;
 use clap::Parser;
 use common::*;
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use orderly::config::Config;
-use orderly::domain::order::{Order, Step};
-use orderly::engine::steps::{StepOutcome, Steps};
+use orderly::domain::order::{Step, StepOutput};
+use orderly::engine::steps::{StepCall, StepOutcome, Steps};
 use serde_json::json;
+use serde_json::value::RawValue;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Default)]
 struct OutOfStock {
     calls: Mutex<Vec<String>>,
+    /// The (attempt, run, fence) of each call.
+    callers: Mutex<Vec<(u32, u32, u64)>>,
 }
 
 impl OutOfStock {
@@ -27,33 +31,30 @@ impl OutOfStock {
 }
 
 impl Steps for OutOfStock {
-    fn run<'a>(
-        &'a self,
-        order: &'a Order,
-        step: Step,
-        _cancel: CancellationToken,
-    ) -> BoxFuture<'a, StepOutcome> {
+    fn run<'a>(&'a self, call: StepCall<'a>) -> BoxFuture<'a, StepOutcome> {
         Box::pin(async move {
-            self.called(format!("run {step} of {}", order.payload.get()));
-            if step == Step::Processing {
-                StepOutcome::Failed {
+            let step = call.step;
+            self.called(format!("run {step} of {}", call.order.payload.get()));
+            let caller = (call.attempt, call.run, call.fence);
+            self.callers.lock().expect("not poisoned").push(caller);
+            match step {
+                Step::Processing => StepOutcome::Failed {
                     reason: "out of stock".into(),
-                }
-            } else {
-                StepOutcome::Done
+                },
+                Step::Scheduling => StepOutcome::Done {
+                    output: Some(StepOutput(
+                        RawValue::from_string(r#"{"slot":"tomorrow"}"#.into()).expect("valid JSON"),
+                    )),
+                },
+                _ => StepOutcome::done(),
             }
         })
     }
 
-    fn roll_back<'a>(
-        &'a self,
-        _order: &'a Order,
-        step: Step,
-        _cancel: CancellationToken,
-    ) -> BoxFuture<'a, StepOutcome> {
+    fn roll_back<'a>(&'a self, call: StepCall<'a>) -> BoxFuture<'a, StepOutcome> {
         Box::pin(async move {
-            self.called(format!("roll back {step}"));
-            StepOutcome::Done
+            self.called(format!("roll back {}", call.step));
+            StepOutcome::done()
         })
     }
 }
@@ -137,6 +138,14 @@ async fn a_node_runs_the_steps_it_is_given() {
             "roll back Scheduling",
         ]
     );
+    // What the step's code answered is kept in its record.
+    assert_eq!(doc["steps"][0]["output"], json!({ "slot": "tomorrow" }));
+    assert!(doc["steps"][1].get("output").is_none());
+    // Every call came from the one claim of the order: first attempt, first run, and the fence is
+    // the revision at which the node claimed the order.
+    let claim = first_claim_revision(&kv, id).await;
+    let callers = steps.callers.lock().expect("not poisoned").clone();
+    assert_eq!(callers, [(1, 1, claim); 3]);
 
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(20), node)
@@ -144,4 +153,20 @@ async fn a_node_runs_the_steps_it_is_given() {
         .expect("the node stops when told to")
         .expect("the node task does not panic")
         .expect("the node stops cleanly");
+}
+
+/// The revision of the order's first document that names an owner: its claim.
+async fn first_claim_revision(kv: &async_nats::jetstream::kv::Store, id: uuid::Uuid) -> u64 {
+    let mut history = kv
+        .history(id.to_string())
+        .await
+        .expect("the order's history");
+    while let Some(entry) = history.next().await {
+        let entry = entry.expect("a history entry");
+        let doc: serde_json::Value = serde_json::from_slice(&entry.value).expect("a document");
+        if !doc["owner"].is_null() {
+            return entry.revision;
+        }
+    }
+    panic!("the order was never claimed");
 }

@@ -9,8 +9,7 @@ use clap::Parser;
 use common::*;
 use futures::future::BoxFuture;
 use orderly::config::Config;
-use orderly::domain::order::{Order, Step};
-use orderly::engine::steps::{StepOutcome, Steps};
+use orderly::engine::steps::{StepCall, StepOutcome, Steps};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,31 +39,21 @@ impl Gated {
             tokio::select! {
                 permit = self.gate.acquire() => {
                     permit.expect("the gate stays open").forget();
-                    StepOutcome::Done
+                    StepOutcome::done()
                 }
-                _ = cancel.cancelled() => StepOutcome::NotNow,
+                _ = cancel.cancelled() => StepOutcome::NotNow { reason: "stopped".into() },
             }
         })
     }
 }
 
 impl Steps for Gated {
-    fn run<'a>(
-        &'a self,
-        _: &'a Order,
-        _: Step,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'a, StepOutcome> {
-        self.pass(cancel)
+    fn run<'a>(&'a self, call: StepCall<'a>) -> BoxFuture<'a, StepOutcome> {
+        self.pass(call.cancel)
     }
 
-    fn roll_back<'a>(
-        &'a self,
-        _: &'a Order,
-        _: Step,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'a, StepOutcome> {
-        self.pass(cancel)
+    fn roll_back<'a>(&'a self, call: StepCall<'a>) -> BoxFuture<'a, StepOutcome> {
+        self.pass(call.cancel)
     }
 }
 

@@ -218,6 +218,30 @@ pub struct StepRecord {
     pub rollback_complete_time: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_node: Option<String>,
+    /// What the step's code answered when it completed the step (a JSON object), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<serde_json::Value>)]
+    pub output: Option<StepOutput>,
+}
+
+/// A step's answer, as its code gave it: a JSON value kept exactly as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StepOutput(pub Box<RawValue>);
+
+impl PartialEq for StepOutput {
+    fn eq(&self, other: &StepOutput) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+/// Why the owner is waiting before it runs a step: the step's code cannot take it now (a step
+/// service has no instance running). Written when the wait starts, cleared by the next transition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Waiting {
+    pub step: Step,
+    pub since: DateTime<Utc>,
+    pub reason: String,
 }
 
 /// Who works on the order right now: the node and the message delivery it holds.
@@ -273,6 +297,9 @@ pub struct Order {
     /// The earlier attempts of a retried order, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<EarlierAttempt>,
+    /// Why the owner is waiting to run a step, while it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
 }
 
 fn never_retried(retries: &u32) -> bool {
@@ -366,6 +393,7 @@ impl Order {
             intent: None,
             retries: 0,
             history: Vec::new(),
+            waiting: None,
         }
     }
 
@@ -569,6 +597,7 @@ impl Order {
     /// Gives the order back (for another node to continue) without changing its progress.
     pub fn release(&mut self, now: DateTime<Utc>) {
         self.owner = None;
+        self.waiting = None;
         self.updated_at = now;
     }
 
@@ -591,7 +620,9 @@ impl Order {
             rollback_start_time: None,
             rollback_complete_time: None,
             rollback_node: None,
+            output: None,
         };
+        self.waiting = None;
         match self.steps.last_mut() {
             Some(last) if last.step_name == step && last.status == StepStatus::Running => {
                 let runs = last.runs + 1;
@@ -622,14 +653,43 @@ impl Order {
         }
     }
 
-    /// The running step finished successfully.
-    pub fn complete_step(&mut self, now: DateTime<Utc>) -> Result<Step, TransitionError> {
+    /// The running step finished successfully, answering `output`.
+    pub fn complete_step(
+        &mut self,
+        output: Option<StepOutput>,
+        now: DateTime<Utc>,
+    ) -> Result<Step, TransitionError> {
         let record = self.running_record("complete step")?;
         record.status = StepStatus::Completed;
         record.step_complete_time = Some(now);
+        record.output = output;
         let step = record.step_name;
+        self.waiting = None;
         self.updated_at = now;
         Ok(step)
+    }
+
+    /// The owner waits before it runs (or rolls back) `step` again, for `reason`. The document says so until the
+    /// next transition; a wait already recorded for the same step is kept as it is.
+    pub fn wait(
+        &mut self,
+        step: Step,
+        reason: String,
+        now: DateTime<Utc>,
+    ) -> Result<(), TransitionError> {
+        self.expect("wait", |next| {
+            next == Action::Run(step) || next == Action::RollBack(step)
+        })?;
+        if self.waiting.as_ref().is_some_and(|w| w.step == step) {
+            return Ok(());
+        }
+        self.waiting = Some(Waiting {
+            step,
+            since: now,
+            reason,
+        });
+        self.updated_at = now;
+        Ok(())
     }
 
     /// The running step failed: the order starts rolling back (or goes on rolling back, when a cancel
@@ -643,6 +703,7 @@ impl Order {
         record.status = StepStatus::Failed;
         record.step_complete_time = Some(now);
         let step = record.step_name;
+        self.waiting = None;
         if self.state == State::Running {
             self.state = State::RollingBack;
         }
@@ -669,6 +730,7 @@ impl Order {
         record.status = StepStatus::RollingBack;
         record.rollback_start_time = Some(now);
         record.rollback_node = Some(node.to_owned());
+        self.waiting = None;
         self.current_step = CurrentStep::Step(step);
         self.updated_at = now;
         Ok(())
@@ -694,6 +756,7 @@ impl Order {
             })?;
         record.status = StepStatus::RolledBack;
         record.rollback_complete_time = Some(now);
+        self.waiting = None;
         self.updated_at = now;
         Ok(())
     }
@@ -717,6 +780,7 @@ impl Order {
         self.current_step = CurrentStep::Terminal(marker);
         self.complete_time = Some(now);
         self.owner = None;
+        self.waiting = None;
         self.updated_at = now;
         Ok(state)
     }
@@ -743,6 +807,7 @@ impl Order {
         self.failure_reason = Some(reason);
         self.complete_time = Some(now);
         self.owner = None;
+        self.waiting = None;
         self.updated_at = now;
         Ok(())
     }
@@ -799,7 +864,7 @@ mod tests {
                     if Some(step) == fail_at {
                         order.fail_step(format!("{step} failed"), t(clock)).unwrap();
                     } else {
-                        order.complete_step(t(clock)).unwrap();
+                        order.complete_step(None, t(clock)).unwrap();
                     }
                 }
                 Action::RollBack(step) => {
@@ -839,6 +904,30 @@ mod tests {
     }
 
     #[test]
+    fn a_wait_is_recorded_once_and_cleared_by_the_next_transition() {
+        let mut order = new_order();
+        order.start_step(Step::Scheduling, "n1", t(2)).unwrap();
+        assert!(order.wait(Step::Processing, "no".into(), t(3)).is_err());
+        order
+            .wait(Step::Scheduling, "no responders".into(), t(3))
+            .unwrap();
+        order.wait(Step::Scheduling, "again".into(), t(9)).unwrap();
+        let waiting = order.waiting.clone().unwrap();
+        assert_eq!(
+            (waiting.step, waiting.since, waiting.reason.as_str()),
+            (Step::Scheduling, t(3), "no responders")
+        );
+        let output = RawValue::from_string(r#"{"slot":1}"#.into()).unwrap();
+        order
+            .complete_step(Some(StepOutput(output)), t(10))
+            .unwrap();
+        assert!(order.waiting.is_none());
+        let json = serde_json::to_value(&order).unwrap();
+        assert_eq!(json["steps"][0]["output"], serde_json::json!({ "slot": 1 }));
+        assert!(json.get("waiting").is_none());
+    }
+
+    #[test]
     fn failure_at_each_step_rolls_back_done_steps_in_reverse() {
         for (k, failing) in Step::ALL.into_iter().enumerate() {
             let mut order = new_order();
@@ -869,7 +958,7 @@ mod tests {
     fn an_interrupted_step_runs_again_from_its_start() {
         let mut order = new_order();
         order.start_step(Step::Scheduling, "n1", t(2)).unwrap();
-        order.complete_step(t(3)).unwrap();
+        order.complete_step(None, t(3)).unwrap();
         order.start_step(Step::PreProcessing, "n1", t(4)).unwrap();
         // n1 dies here; n2 takes over on the second delivery.
         assert_eq!(order.next_action(), Action::Run(Step::PreProcessing));
@@ -897,7 +986,7 @@ mod tests {
     fn an_interrupted_rollback_resumes_with_the_same_step() {
         let mut order = new_order();
         order.start_step(Step::Scheduling, "n1", t(2)).unwrap();
-        order.complete_step(t(3)).unwrap();
+        order.complete_step(None, t(3)).unwrap();
         order.start_step(Step::PreProcessing, "n1", t(4)).unwrap();
         order.fail_step("boom".into(), t(5)).unwrap();
         order
@@ -915,7 +1004,7 @@ mod tests {
     fn transitions_out_of_order_are_refused() {
         let mut order = new_order();
         assert!(order.start_step(Step::Processing, "n1", t(2)).is_err());
-        assert!(order.complete_step(t(2)).is_err());
+        assert!(order.complete_step(None, t(2)).is_err());
         assert!(order.finish(t(2)).is_err());
         drive(&mut order, None);
         assert!(order
@@ -1064,7 +1153,7 @@ mod tests {
     fn a_cancel_of_a_running_order_rolls_back_what_was_started_and_ends_cancelled() {
         let mut order = new_order();
         order.start_step(Step::Scheduling, "n1", t(2)).unwrap();
-        order.complete_step(t(3)).unwrap();
+        order.complete_step(None, t(3)).unwrap();
         order.start_step(Step::PreProcessing, "n1", t(4)).unwrap();
         let mine = order.clone();
         assert_eq!(
@@ -1101,7 +1190,7 @@ mod tests {
             if fails {
                 order.fail_step("boom".into(), t(4)).unwrap();
             } else {
-                order.complete_step(t(4)).unwrap();
+                order.complete_step(None, t(4)).unwrap();
             }
             assert_eq!(order.state, State::Cancelling);
             assert_eq!(order.next_action(), Action::RollBack(Step::Scheduling));

@@ -77,6 +77,9 @@ struct Inner {
     /// When the holder last knew the server had the delivery alive: before it asked for the message,
     /// then the sending of each confirmed in-progress ack. The lease ends at anchor + window - margin.
     anchor: Mutex<Instant>,
+    /// The revision of the first write of this delivery the store confirmed (its claim): the fence
+    /// step code is given. 0 until then.
+    claim_revision: AtomicU64,
     lost: CancellationToken,
 }
 
@@ -99,6 +102,7 @@ impl Lease {
                 interval: Mutex::new(Interval::Unclaimed),
                 ended: AtomicBool::new(false),
                 anchor: Mutex::new(anchor),
+                claim_revision: AtomicU64::new(0),
                 lost: CancellationToken::new(),
             }),
         }
@@ -139,6 +143,13 @@ impl Lease {
         );
     }
 
+    /// The revision of this delivery's first confirmed write (its claim of the order), 0 before.
+    /// Every change of hands is a claim, a compare-and-set on a newer revision, so the fence of
+    /// an order's owners strictly increases.
+    pub fn claim_revision(&self) -> u64 {
+        self.inner.claim_revision.load(Ordering::SeqCst)
+    }
+
     /// Whether [`Lease::claimed`] was called.
     pub fn is_claimed(&self) -> bool {
         *self.interval() != Interval::Unclaimed
@@ -173,6 +184,13 @@ impl Lease {
 
     /// A write under this lease was confirmed as `revision`.
     pub fn committed(&self, change: &str, step: Option<Step>, revision: u64, sent: Stamp) {
+        // Only the first confirmed write is the claim; later ones leave it as it is.
+        let _ = self.inner.claim_revision.compare_exchange(
+            0,
+            revision,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
         let holder = &self.inner.holder;
         holder.audit.committed(
             holder.order_id,

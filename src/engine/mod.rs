@@ -5,6 +5,7 @@ pub mod connection;
 pub mod intent;
 pub mod interrupt;
 pub mod lease;
+pub mod nats_steps;
 pub(crate) mod pipeline;
 pub mod steps;
 pub mod window;

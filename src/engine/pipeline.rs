@@ -5,15 +5,15 @@
 //! new order, resumes one another node left half done, and finishes a rollback.
 
 use crate::clock::now;
-use crate::domain::order::{Action, State, Step};
+use crate::domain::order::{Action, Order, State, Step};
 use crate::engine::interrupt::Interrupts;
 use crate::engine::lease::Lease;
-use crate::engine::steps::{StepOutcome, Steps};
+use crate::engine::steps::{StepCall, StepOutcome, Steps, MAX_OUTPUT};
 use crate::engine::write::{Halt, Writer};
 use crate::ops::metrics as m;
 use crate::store::Versioned;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// How the node stops: `drain` asks the pipeline to stop at the next step boundary; `abort` stops it
@@ -134,10 +134,9 @@ impl Pipeline {
         tracing::debug!(order.step = %step, "step started");
         let started = Instant::now();
         let running = self.interrupts.register(order.order.order_id);
-        let outcome = self.call(lease, stop, running.token(), |cancel| {
-            self.steps.run(&order.order, step, cancel)
-        });
-        let outcome = outcome.await;
+        let outcome = self
+            .call_until_taken(order, Call::Run(step), lease, stop, running.token())
+            .await;
         drop(running);
         if let Err(Halt::Redirected) = outcome {
             // Interrupted by a cancel recorded in the document: take it up, then roll back.
@@ -146,10 +145,12 @@ impl Pipeline {
             }
             return Err(Halt::Redirected);
         }
-        match outcome? {
-            StepOutcome::Done => {
+        match bounded(outcome?) {
+            StepOutcome::Done { output } => {
                 self.writer
-                    .commit(order, lease, "complete_step", |o| o.complete_step(now()))
+                    .commit(order, lease, "complete_step", |o| {
+                        o.complete_step(output.clone(), now())
+                    })
                     .await?;
                 tracing::debug!(order.step = %step, "step completed");
             }
@@ -160,9 +161,9 @@ impl Pipeline {
                     })
                     .await?;
                 metrics::counter!(m::STEP_FAILURES, "step" => step.as_str()).increment(1);
-                tracing::debug!(order.step = %step, "step failed; rolling back");
+                tracing::debug!(order.step = %step, %reason, "step failed; rolling back");
             }
-            StepOutcome::NotNow => return Err(Halt::NotNow),
+            StepOutcome::NotNow { .. } => return Err(Halt::NotNow),
         }
         metrics::histogram!(m::STEP_DURATION, "step" => step.as_str())
             .record(started.elapsed().as_secs_f64());
@@ -184,16 +185,16 @@ impl Pipeline {
         tracing::debug!(order.step = %step, "rollback started");
         // A rollback is never interrupted: it is what a cancel asks for.
         let never = CancellationToken::new();
-        let outcome = self.call(lease, stop, &never, |cancel| {
-            self.steps.roll_back(&order.order, step, cancel)
-        });
-        match outcome.await? {
-            StepOutcome::Done => {}
+        let outcome = self
+            .call_until_taken(order, Call::RollBack(step), lease, stop, &never)
+            .await?;
+        match outcome {
+            StepOutcome::Done { .. } => {}
             StepOutcome::Failed { reason } => {
                 tracing::warn!(order.step = %step, %reason, "rollback failed; handing the order back to try it again");
                 return Err(Halt::NotNow);
             }
-            StepOutcome::NotNow => return Err(Halt::NotNow),
+            StepOutcome::NotNow { .. } => return Err(Halt::NotNow),
         }
         self.writer
             .commit(order, lease, "complete_rollback", |o| {
@@ -205,32 +206,177 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Waits for one call of the steps, unless the lease is lost, the node aborts, the call is
-    /// interrupted or its timeout passes first; the call's token fires in each of those cases.
-    async fn call<'a>(
-        &'a self,
+    /// Calls the steps until they take the call. While they answer "not now" (a step service has
+    /// no instance running), the node keeps the order and its lease, records once in the document
+    /// why it waits, and calls again after a pause: the wait uses up no delivery, however long it
+    /// lasts. A drain hands a waiting order back at once.
+    async fn call_until_taken(
+        &self,
+        order: &mut Versioned,
+        call: Call,
         lease: &Lease,
         stop: &Stop,
         interrupted: &CancellationToken,
-        call: impl FnOnce(CancellationToken) -> futures::future::BoxFuture<'a, StepOutcome>,
+    ) -> Result<StepOutcome, Halt> {
+        let step = call.step();
+        let mut pause = Pause::default();
+        loop {
+            let reason = match self
+                .call(&order.order, call, lease, stop, interrupted)
+                .await?
+            {
+                StepOutcome::NotNow { reason } => reason,
+                taken => return Ok(taken),
+            };
+            metrics::counter!(m::STEP_UNAVAILABLE, "step" => step.as_str()).increment(1);
+            if order.order.waiting.is_none() {
+                tracing::warn!(order.step = %step, %reason, "the step cannot be run now; keeping the order and calling again");
+                self.writer
+                    .commit(order, lease, "wait", |o| {
+                        o.wait(step, reason.clone(), now())
+                    })
+                    .await?;
+                if order.order.next_action() != call.action() {
+                    return Err(Halt::Redirected);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause.next()) => {}
+                _ = lease.lost() => return Err(Halt::Fenced),
+                _ = stop.drain.cancelled() => return Err(Halt::Interrupted),
+                _ = stop.abort.cancelled() => return Err(Halt::Interrupted),
+                _ = interrupted.cancelled() => return Err(Halt::Redirected),
+            }
+        }
+    }
+
+    /// Waits for one call of the steps, unless the lease is lost, the node aborts, the call is
+    /// interrupted or its timeout passes first (the step fails then); the call's token fires in each
+    /// of those cases.
+    async fn call(
+        &self,
+        order: &Order,
+        call: Call,
+        lease: &Lease,
+        stop: &Stop,
+        interrupted: &CancellationToken,
     ) -> Result<StepOutcome, Halt> {
         let cancel = CancellationToken::new();
         let _cancel_on_return = cancel.clone().drop_guard();
+        let step = call.step();
+        let details = StepCall {
+            order,
+            step,
+            attempt: order.retries + 1,
+            run: order
+                .steps
+                .iter()
+                .rev()
+                .find(|record| record.step_name == step)
+                .map_or(1, |record| record.runs),
+            fence: lease.claim_revision(),
+            cancel: cancel.clone(),
+        };
         let timeout = self.steps.timeout();
-        let running = call(cancel.clone());
+        let running = match call {
+            Call::Run(_) => self.steps.run(details),
+            Call::RollBack(_) => self.steps.roll_back(details),
+        };
         tokio::select! {
             outcome = running => Ok(outcome),
             _ = lease.lost() => Err(Halt::Fenced),
             _ = stop.abort.cancelled() => Err(Halt::Interrupted),
             _ = interrupted.cancelled() => Err(Halt::Redirected),
-            _ = sleep_or_never(timeout) => Ok(StepOutcome::NotNow),
+            _ = sleep_or_never(timeout) => {
+                metrics::counter!(m::STEP_TIMEOUTS, "step" => step.as_str()).increment(1);
+                let waited = humantime::format_duration(timeout.unwrap_or_default());
+                Ok(StepOutcome::Failed {
+                    reason: format!("{call} timed out: no answer within {waited} (the step timeout)"),
+                })
+            }
         }
     }
 }
 
-async fn sleep_or_never(timeout: Option<std::time::Duration>) {
+/// Which call of the steps the pipeline makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Run(Step),
+    RollBack(Step),
+}
+
+impl Call {
+    fn step(self) -> Step {
+        match self {
+            Call::Run(step) | Call::RollBack(step) => step,
+        }
+    }
+
+    /// The action of the document this call carries out.
+    fn action(self) -> Action {
+        match self {
+            Call::Run(step) => Action::Run(step),
+            Call::RollBack(step) => Action::RollBack(step),
+        }
+    }
+}
+
+impl std::fmt::Display for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Call::Run(step) => write!(f, "{step}"),
+            Call::RollBack(step) => write!(f, "the rollback of {step}"),
+        }
+    }
+}
+
+/// A step's output larger than the document allows fails the step instead.
+fn bounded(outcome: StepOutcome) -> StepOutcome {
+    match outcome {
+        StepOutcome::Done {
+            output: Some(output),
+        } if output.0.get().len() > MAX_OUTPUT => StepOutcome::Failed {
+            reason: format!(
+                "the step's output is {} bytes, more than the {MAX_OUTPUT} a step may answer",
+                output.0.get().len()
+            ),
+        },
+        outcome => outcome,
+    }
+}
+
+/// The pauses between calls of a step that cannot run now: 1 s, 2 s, 4 s, then every 5 s.
+struct Pause(Duration);
+
+impl Default for Pause {
+    fn default() -> Pause {
+        Pause(Duration::from_secs(1))
+    }
+}
+
+impl Pause {
+    fn next(&mut self) -> Duration {
+        let pause = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        pause
+    }
+}
+
+async fn sleep_or_never(timeout: Option<Duration>) {
     match timeout {
         Some(timeout) => tokio::time::sleep(timeout).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_double_up_to_five_seconds() {
+        let mut pause = Pause::default();
+        let secs: Vec<u64> = (0..6).map(|_| pause.next().as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 5, 5, 5]);
     }
 }

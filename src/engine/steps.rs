@@ -5,7 +5,7 @@
 //! [`Simulated`] is the implementation a node runs unless it is given another one: each step waits
 //! its duration and fails with the configured probability, drawn from a seed when one is set.
 
-use crate::domain::order::{Order, Step};
+use crate::domain::order::{Order, Step, StepOutput};
 use futures::future::BoxFuture;
 use std::fmt;
 use std::str::FromStr;
@@ -13,44 +13,63 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// The largest output a step may answer with, in bytes of JSON: it is stored in the order's document.
+pub const MAX_OUTPUT: usize = 16 * 1024;
+
 /// What running a step (or rolling one back) came to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum StepOutcome {
-    /// The step is done (for a rollback: undone).
-    Done,
+    /// The step is done (for a rollback: undone), with what its code answered, if anything: it is
+    /// stored in the step's record as `output` (at most [`MAX_OUTPUT`] bytes).
+    Done { output: Option<StepOutput> },
     /// The step failed for the order: the steps done so far are rolled back and the order fails.
     /// A rollback cannot fail this way; one that reports it is tried again on a later delivery.
     Failed { reason: String },
-    /// The step cannot run now (it was cancelled, or what it needs is away): the order is handed back
-    /// and the step is run again, from its start, on a later delivery.
-    NotNow,
+    /// The step cannot run now (what it needs is away): the owner keeps the order and its lease and
+    /// calls again after a pause (1 s, 2 s, 4 s, then every 5 s), using up no delivery.
+    NotNow { reason: String },
+}
+
+impl StepOutcome {
+    /// Done, without an output.
+    pub fn done() -> StepOutcome {
+        StepOutcome::Done { output: None }
+    }
+}
+
+/// One call of the steps: which step of which order, and who is calling.
+#[derive(Debug, Clone)]
+pub struct StepCall<'a> {
+    /// The order's document as stored, payload included.
+    pub order: &'a Order,
+    pub step: Step,
+    /// The order's attempt: 1, then one more for each retry of the order.
+    pub attempt: u32,
+    /// How many times this step was started in this attempt (its record's `runs`): more than 1 when
+    /// a node stopped in the middle of it and another started it again.
+    pub run: u32,
+    /// The revision of the order's document at which the calling node claimed it. It strictly
+    /// increases each time the order changes hands, so code that remembers the highest fence it saw
+    /// for an order can refuse a call from an owner that has since lost it.
+    pub fence: u64,
+    /// Fires when the pipeline stops waiting for the call: the lease ended, the node is stopping,
+    /// a cancel interrupted the step or its timeout passed. The call's future is dropped then; the
+    /// token lets work the call handed elsewhere stop.
+    pub cancel: CancellationToken,
 }
 
 /// The work of the four steps. An implementation must be safe to run again for the same order and
 /// step: a node that dies in the middle of a step leaves it to be run again from its start by another
-/// node.
-///
-/// `cancel` fires when the pipeline stops waiting for the call: the lease ended or the node is
-/// stopping. The call's future is dropped then; the token lets work the call handed elsewhere stop.
+/// node (with the same `attempt`, a higher `run` and a higher `fence`).
 pub trait Steps: Send + Sync + 'static {
-    /// Runs `step` of `order`.
-    fn run<'a>(
-        &'a self,
-        order: &'a Order,
-        step: Step,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'a, StepOutcome>;
+    /// Runs `call.step` of `call.order`.
+    fn run<'a>(&'a self, call: StepCall<'a>) -> BoxFuture<'a, StepOutcome>;
 
-    /// Undoes `step` of `order`, which completed earlier.
-    fn roll_back<'a>(
-        &'a self,
-        order: &'a Order,
-        step: Step,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'a, StepOutcome>;
+    /// Undoes `call.step` of `call.order`, which completed (or was interrupted) earlier.
+    fn roll_back<'a>(&'a self, call: StepCall<'a>) -> BoxFuture<'a, StepOutcome>;
 
-    /// How long one call may take before it counts as [`StepOutcome::NotNow`]; `None`: as long as it
-    /// takes (the lease is kept alive meanwhile).
+    /// How long one call may take before it fails the step (a rollback that takes longer is tried
+    /// again later); `None`: as long as it takes (the lease is kept alive meanwhile).
     fn timeout(&self) -> Option<Duration> {
         None
     }
@@ -65,16 +84,12 @@ pub struct Simulated {
 }
 
 impl Steps for Simulated {
-    fn run<'a>(
-        &'a self,
-        order: &'a Order,
-        step: Step,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'a, StepOutcome> {
+    fn run<'a>(&'a self, call: StepCall<'a>) -> BoxFuture<'a, StepOutcome> {
         Box::pin(async move {
-            if !waited(self.step_duration, &cancel).await {
-                return StepOutcome::NotNow;
+            if !waited(self.step_duration, &call.cancel).await {
+                return interrupted();
             }
+            let (order, step) = (call.order, call.step);
             // A retry draws anew: its number goes in the high bits, so a first run draws as before.
             let attempt = order.attempt | (order.retries << 16);
             if self.failures.fails(order.order_id, step, attempt) {
@@ -85,24 +100,26 @@ impl Steps for Simulated {
                     ),
                 }
             } else {
-                StepOutcome::Done
+                StepOutcome::done()
             }
         })
     }
 
-    fn roll_back<'a>(
-        &'a self,
-        _order: &'a Order,
-        _step: Step,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'a, StepOutcome> {
+    fn roll_back<'a>(&'a self, call: StepCall<'a>) -> BoxFuture<'a, StepOutcome> {
         Box::pin(async move {
-            if waited(self.rollback_duration, &cancel).await {
-                StepOutcome::Done
+            if waited(self.rollback_duration, &call.cancel).await {
+                StepOutcome::done()
             } else {
-                StepOutcome::NotNow
+                interrupted()
             }
         })
+    }
+}
+
+/// The answer of a call the pipeline stopped waiting for (it is not read).
+fn interrupted() -> StepOutcome {
+    StepOutcome::NotNow {
+        reason: "interrupted".into(),
     }
 }
 

@@ -24,7 +24,7 @@ pub enum Halt {
     /// The node is shutting down; progress so far is recorded, and the order can be handed back.
     #[error("interrupted by shutdown")]
     Interrupted,
-    /// The step cannot run now: the order is handed back to be run again later.
+    /// The work cannot go on now (a rollback failed): the order is handed back to go on later.
     #[error("the step cannot run now")]
     NotNow,
     /// The node could not confirm its lease in time and stopped working on the order.

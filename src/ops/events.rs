@@ -143,7 +143,7 @@ mod tests {
         started.start_step(Step::Scheduling, "n", t(2)).unwrap();
         assert_eq!(change(&claimed, &started), "step_started");
         let mut done = started.clone();
-        done.complete_step(t(3)).unwrap();
+        done.complete_step(None, t(3)).unwrap();
         assert_eq!(change(&started, &done), "step_completed");
         let mut next = done.clone();
         next.start_step(Step::PreProcessing, "n", t(4)).unwrap();

@@ -16,6 +16,8 @@ pub const QUEUE_WAIT: &str = "orderly_queue_wait_seconds";
 pub const STEP_DURATION: &str = "orderly_step_duration_seconds";
 pub const STEP_FAILURES: &str = "orderly_step_failures_total";
 pub const ROLLBACKS: &str = "orderly_rollbacks_total";
+pub const STEP_UNAVAILABLE: &str = "orderly_step_unavailable_total";
+pub const STEP_TIMEOUTS: &str = "orderly_step_timeouts_total";
 pub const WORKERS_BUSY: &str = "orderly_workers_busy";
 pub const WORKERS_TOTAL: &str = "orderly_workers_capacity";
 pub const MESSAGES_ACKED: &str = "orderly_messages_acked_total";
@@ -100,6 +102,8 @@ fn zero_counters() {
     for step in Step::ALL {
         metrics::counter!(STEP_FAILURES, "step" => step.as_str()).absolute(0);
         metrics::counter!(ROLLBACKS, "step" => step.as_str()).absolute(0);
+        metrics::counter!(STEP_UNAVAILABLE, "step" => step.as_str()).absolute(0);
+        metrics::counter!(STEP_TIMEOUTS, "step" => step.as_str()).absolute(0);
     }
     metrics::counter!(ORDERS_GIVEN_UP, "path" => "last_delivery").absolute(0);
     for (request, answers) in [
@@ -166,6 +170,14 @@ fn describe_orders() {
     );
     describe_counter!(STEP_FAILURES, "Steps that failed, by step.");
     describe_counter!(ROLLBACKS, "Steps rolled back, by step.");
+    describe_counter!(
+        STEP_UNAVAILABLE,
+        "Calls of a step or rollback its code could not take now (no step handler running), by step; the order waits and is called again."
+    );
+    describe_counter!(
+        STEP_TIMEOUTS,
+        "Calls of a step or rollback that did not answer within the step timeout (ORDERLY_STEP_TIMEOUT), by step."
+    );
 }
 
 /// The metrics of work messages, leases and the order store.
