@@ -183,7 +183,14 @@ impl Lease {
     }
 
     /// A write under this lease was confirmed as `revision`.
-    pub fn committed(&self, change: &str, step: Option<Step>, revision: u64, sent: Stamp) {
+    pub fn committed(
+        &self,
+        change: &str,
+        step: Option<Step>,
+        revision: u64,
+        sent: Stamp,
+        answered: Stamp,
+    ) {
         // Only the first confirmed write is the claim; later ones leave it as it is.
         let _ = self.inner.claim_revision.compare_exchange(
             0,
@@ -199,6 +206,7 @@ impl Lease {
             step,
             revision,
             sent,
+            answered,
         );
     }
 

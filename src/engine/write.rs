@@ -12,6 +12,7 @@
 
 use crate::domain::order::{CurrentStep, Order, TransitionError};
 use crate::engine::lease::Lease;
+use crate::ops::audit::Stamp;
 use crate::ops::events::Events;
 use crate::ops::metrics as m;
 use crate::store::{OrderStore, StoreError, Versioned};
@@ -143,6 +144,9 @@ impl Writer {
                 return Err(Halt::Fenced);
             }
         };
+        // When the answer arrived: the lease is checked after this, so a write confirmed here was
+        // answered inside the lease's interval, whenever its audit line gets written.
+        let answered = Stamp::now();
         let written = match written {
             Ok(Ok(written)) if lease.is_held() => written,
             Ok(Ok(_)) => {
@@ -169,7 +173,7 @@ impl Writer {
             CurrentStep::Step(step) => Some(step),
             CurrentStep::Terminal(_) => None,
         };
-        lease.committed(what, step, written.revision, sent);
+        lease.committed(what, step, written.revision, sent, answered);
         match before {
             Some(before) => self.events.transition(before, &written.order).await,
             None => self.events.created(&written.order).await,

@@ -207,8 +207,10 @@ impl Audit {
         step: Option<Step>,
         revision: u64,
         sent: Stamp,
+        answered: Stamp,
     ) {
-        self.write(
+        // Stamped when the answer arrived (the lease was checked then), not when the line is written.
+        self.write_at(
             order_id,
             Event::Commit {
                 delivery,
@@ -217,6 +219,7 @@ impl Audit {
                 revision,
                 sent,
             },
+            answered,
         );
     }
 
@@ -251,12 +254,16 @@ impl Audit {
     }
 
     fn write(&self, order_id: Uuid, event: Event<'_>) {
+        self.write_at(order_id, event, Stamp::now());
+    }
+
+    fn write_at(&self, order_id: Uuid, event: Event<'_>, at: Stamp) {
         let Some(sink) = &self.sink else { return };
         let line = Line {
             node: &sink.node,
             order_id,
             event,
-            at: Stamp::now(),
+            at,
         };
         let mut bytes = serde_json::to_vec(&line).expect("an audit line always serializes");
         bytes.push(b'\n');
@@ -279,7 +286,15 @@ mod tests {
         let id = Uuid::now_v7();
         let start = Stamp::now();
         audit.claimed(id, 2, 7, 11, start);
-        audit.committed(id, 2, "start_step", Some(Step::PreProcessing), 12, start);
+        audit.committed(
+            id,
+            2,
+            "start_step",
+            Some(Step::PreProcessing),
+            12,
+            start,
+            Stamp::now(),
+        );
         audit.lease_ended(id, 2, Stamp::now(), LeaseEnd::Released);
         let text = std::fs::read_to_string(&path).expect("audit readable");
         let lines: Vec<serde_json::Value> = text
