@@ -205,8 +205,7 @@ impl Lease {
             change,
             step,
             revision,
-            sent,
-            answered,
+            (sent, answered),
         );
     }
 

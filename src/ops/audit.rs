@@ -206,8 +206,7 @@ impl Audit {
         change: &str,
         step: Option<Step>,
         revision: u64,
-        sent: Stamp,
-        answered: Stamp,
+        (sent, answered): (Stamp, Stamp),
     ) {
         // Stamped when the answer arrived (the lease was checked then), not when the line is written.
         self.write_at(
@@ -292,8 +291,7 @@ mod tests {
             "start_step",
             Some(Step::PreProcessing),
             12,
-            start,
-            Stamp::now(),
+            (start, Stamp::now()),
         );
         audit.lease_ended(id, 2, Stamp::now(), LeaseEnd::Released);
         let text = std::fs::read_to_string(&path).expect("audit readable");
