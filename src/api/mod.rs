@@ -1,5 +1,5 @@
 //! How orders come in and are read: intake (shared by every interface), cancel and retry, listing,
-//! the HTTP API (with its bearer tokens, the watch of an order and node control) and the `orders` NATS
+//! the HTTP API (with its limits, its bearer tokens, the watch of an order and node control) and the `orders` NATS
 //! service.
 
 pub mod admin;
@@ -7,6 +7,7 @@ pub mod auth;
 pub mod control;
 pub mod http;
 pub mod intake;
+pub mod limits;
 pub mod list;
 pub mod service;
 pub mod watch;

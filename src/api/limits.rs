@@ -1,0 +1,595 @@
+//! The HTTP server's limits: how long a client may take to send a request's head, how long a
+//! connection may sit idle between requests, how long a request may take (the watch of an order is
+//! exempt: it is a stream), and how many connections are open at once. Each ends with the documented
+//! JSON error `{"error", "code"}`, and so do the answers hyper writes itself (400, 414, 431) and every
+//! other error response without a JSON body.
+//!
+//! Connections over the cap do not wait: the connection that has gone longest without a request in
+//! progress (idle, or still sending its head) is closed to make room, so idle clients cannot keep a
+//! health check out; only when every connection is busy with a request is the newcomer answered `503`.
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use hyper::body::Incoming;
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// File descriptors kept for everything but HTTP connections (NATS, logs, the store).
+const RESERVED_FILES: u64 = 128;
+
+/// The route of the watch of an order, exempt from the request timeout.
+const WATCH_ROUTE: &str = "/orders/{id}/events";
+
+/// The HTTP server's limits (see the module's documentation).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    request_timeout: Duration,
+    max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits::new(
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+            Duration::from_secs(30),
+            1024,
+        )
+    }
+}
+
+impl Limits {
+    pub fn new(
+        header_timeout: Duration,
+        idle_timeout: Duration,
+        request_timeout: Duration,
+        max_connections: usize,
+    ) -> Limits {
+        Limits {
+            header_timeout,
+            idle_timeout,
+            request_timeout,
+            max_connections: max_connections.max(1),
+        }
+    }
+
+    /// The limits with the connection cap kept under the process's open-files limit (raised to the
+    /// hard limit if the cap needs it), with a warning when the cap had to be lowered.
+    pub fn fit_open_files(mut self) -> Limits {
+        let Some((soft, hard)) = open_files_limit() else {
+            return self;
+        };
+        let wanted = self.max_connections as u64 + RESERVED_FILES;
+        let soft = if soft < wanted && soft < hard {
+            raise_open_files(wanted.min(hard), hard).unwrap_or(soft)
+        } else {
+            soft
+        };
+        let room = soft.saturating_sub(RESERVED_FILES).max(1) as usize;
+        if room < self.max_connections {
+            tracing::warn!(
+                wanted = self.max_connections,
+                used = room,
+                open_files_limit = soft,
+                "the HTTP connection cap is lowered to fit the open-files limit (ulimit -n)"
+            );
+            self.max_connections = room;
+        }
+        self
+    }
+}
+
+/// The soft and hard `RLIMIT_NOFILE`.
+fn open_files_limit() -> Option<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given, which lives for the call.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (rc == 0).then_some((limit.rlim_cur, limit.rlim_max))
+}
+
+fn raise_open_files(soft: u64, hard: u64) -> Option<u64> {
+    let limit = libc::rlimit {
+        rlim_cur: soft as libc::rlim_t,
+        rlim_max: hard as libc::rlim_t,
+    };
+    // SAFETY: setrlimit only reads the struct it is given.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    (rc == 0).then_some(soft)
+}
+
+/// Serves `app` on `listener` within `limits` until `stop` fires, then lets the requests in progress
+/// finish (idle connections close at once).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    stop: CancellationToken,
+) -> io::Result<()> {
+    let app = app.layer(middleware::from_fn_with_state(limits, guard));
+    let table = Arc::new(Table::new(limits.max_connections));
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, most likely: wait for a connection to end.
+                tracing::warn!(error = %e, "cannot accept an HTTP connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match table.admit() {
+            Some(conn) => {
+                let served = Served {
+                    app: app.clone(),
+                    limits,
+                    conn,
+                    table: table.clone(),
+                };
+                connections.spawn(served.run(stream, stop.clone()));
+            }
+            None => refuse(&stream),
+        }
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Answers a connection over the cap with a `503` and closes it.
+fn refuse(stream: &TcpStream) {
+    metrics::counter!(crate::ops::metrics::HTTP_CONNECTIONS_REFUSED).increment(1);
+    let body = error_body(
+        "the node has as many HTTP connections as it allows, all busy with requests; try again",
+        "too_many_connections",
+    );
+    let _ = stream.try_write(&raw_response(StatusCode::SERVICE_UNAVAILABLE, &body));
+}
+
+/// `{"error": ..., "code": ...}`.
+fn error_body(message: &str, code: &str) -> Vec<u8> {
+    serde_json::json!({ "error": message, "code": code })
+        .to_string()
+        .into_bytes()
+}
+
+/// A whole HTTP/1.1 response that closes the connection, for answers written around hyper.
+fn raw_response(status: StatusCode, body: &[u8]) -> Vec<u8> {
+    let mut response = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes();
+    response.extend_from_slice(body);
+    response
+}
+
+/// The open connections.
+struct Table {
+    max: usize,
+    next_id: Mutex<u64>,
+    open: Mutex<HashMap<u64, Arc<Conn>>>,
+}
+
+impl Table {
+    fn new(max: usize) -> Table {
+        Table {
+            max,
+            next_id: Mutex::new(0),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A place for a new connection: a free one, or the one of the connection that has gone longest
+    /// without a request in progress, which is closed. None when every connection is busy.
+    fn admit(&self) -> Option<Arc<Conn>> {
+        let id = {
+            let mut next = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
+            *next += 1;
+            *next
+        };
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.len() >= self.max {
+            let victim = open
+                .iter()
+                .filter_map(|(id, conn)| conn.waiting_since().map(|since| (since, *id)))
+                .min()
+                .map(|(_, id)| id)?;
+            if let Some(conn) = open.remove(&victim) {
+                metrics::counter!(crate::ops::metrics::HTTP_CONNECTIONS_EVICTED).increment(1);
+                conn.evict.cancel();
+            }
+        }
+        let conn = Arc::new(Conn::new(id));
+        open.insert(id, conn.clone());
+        Some(conn)
+    }
+
+    fn remove(&self, id: u64) {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+}
+
+/// What one connection is doing.
+struct Conn {
+    id: u64,
+    state: Mutex<ConnState>,
+    evict: CancellationToken,
+}
+
+struct ConnState {
+    /// The last byte read or written, or the last response made.
+    last_io: Instant,
+    /// When the first byte of a request head not yet complete arrived.
+    head_since: Option<Instant>,
+    /// Requests handed to the application and not yet answered.
+    in_flight: usize,
+    /// An event stream was answered: the connection is a long-lived stream.
+    streaming: bool,
+}
+
+/// What a connection waits for while no request is in progress.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Waiting {
+    Head(Instant),
+    Idle(Instant),
+}
+
+impl Conn {
+    fn new(id: u64) -> Conn {
+        Conn {
+            id,
+            state: Mutex::new(ConnState {
+                last_io: Instant::now(),
+                head_since: None,
+                in_flight: 0,
+                streaming: false,
+            }),
+            evict: CancellationToken::new(),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut ConnState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn read(&self, bytes: usize) {
+        self.with(|s| {
+            s.last_io = Instant::now();
+            if bytes > 0 && s.in_flight == 0 && s.head_since.is_none() && !s.streaming {
+                s.head_since = Some(s.last_io);
+            }
+        });
+    }
+
+    fn wrote(&self) {
+        self.with(|s| s.last_io = Instant::now());
+    }
+
+    fn begin(&self) {
+        self.with(|s| {
+            s.in_flight += 1;
+            s.head_since = None;
+        });
+    }
+
+    fn end(&self, streaming: bool) {
+        self.with(|s| {
+            s.in_flight = s.in_flight.saturating_sub(1);
+            s.streaming |= streaming;
+            s.last_io = Instant::now();
+        });
+    }
+
+    /// What the connection waits for, if no request is in progress on it.
+    fn waiting(&self) -> Option<Waiting> {
+        self.with(|s| match (s.in_flight, s.streaming, s.head_since) {
+            (0, false, Some(since)) => Some(Waiting::Head(since)),
+            (0, false, None) => Some(Waiting::Idle(s.last_io)),
+            _ => None,
+        })
+    }
+
+    fn waiting_since(&self) -> Option<Instant> {
+        self.waiting().map(|w| match w {
+            Waiting::Head(since) | Waiting::Idle(since) => since,
+        })
+    }
+}
+
+/// One admitted connection.
+struct Served {
+    app: Router,
+    limits: Limits,
+    conn: Arc<Conn>,
+    table: Arc<Table>,
+}
+
+impl Served {
+    async fn run(self, stream: TcpStream, stop: CancellationToken) {
+        let Served {
+            app,
+            limits,
+            conn,
+            table,
+        } = self;
+        let io = hyper_util::rt::TokioIo::new(Watched::new(stream, conn.clone(), limits));
+        let service_conn = conn.clone();
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let app = app.clone();
+            let conn = service_conn.clone();
+            async move {
+                conn.begin();
+                let response = app.oneshot(request.map(Body::new)).await;
+                let streaming = response.as_ref().is_ok_and(|r| {
+                    r.headers().get(header::CONTENT_TYPE)
+                        == Some(&HeaderValue::from_static("text/event-stream"))
+                });
+                conn.end(streaming);
+                response
+            }
+        });
+        let served = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+        tokio::pin!(served);
+        let mut stopping = false;
+        loop {
+            tokio::select! {
+                _ = &mut served => break,
+                _ = stop.cancelled(), if !stopping => {
+                    stopping = true;
+                    served.as_mut().graceful_shutdown();
+                }
+                _ = conn.evict.cancelled() => break,
+            }
+        }
+        table.remove(conn.id);
+    }
+}
+
+/// A connection's socket that keeps its `Conn` up to date, ends a connection that waits too long for
+/// a request head (with a `408`) or sits idle too long, and gives hyper's own error answers a JSON
+/// body.
+struct Watched {
+    stream: TcpStream,
+    conn: Arc<Conn>,
+    limits: Limits,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Watched {
+    fn new(stream: TcpStream, conn: Arc<Conn>, limits: Limits) -> Watched {
+        Watched {
+            stream,
+            conn,
+            limits,
+            timer: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+        }
+    }
+
+    /// Whether the wait for a request has run out; on a head that took too long, a `408` is sent.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let (deadline, head) = match self.conn.waiting() {
+            None => return false,
+            Some(Waiting::Head(since)) => (since + self.limits.header_timeout, true),
+            Some(Waiting::Idle(since)) => (since + self.limits.idle_timeout, false),
+        };
+        self.timer.as_mut().reset(deadline);
+        if std::future::Future::poll(self.timer.as_mut(), cx).is_pending() {
+            return false;
+        }
+        if head {
+            metrics::counter!(crate::ops::metrics::HTTP_HEADER_TIMEOUTS).increment(1);
+            let message = format!(
+                "the request head was not complete within {}",
+                humantime::format_duration(self.limits.header_timeout)
+            );
+            let body = error_body(&message, "request_timeout");
+            let _ = self
+                .stream
+                .try_write(&raw_response(StatusCode::REQUEST_TIMEOUT, &body));
+        }
+        true
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                self.conn.read(buf.filled().len() - before);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // The end of the stream, as hyper sees it: the connection closes.
+            Poll::Pending if self.expired(cx) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(replacement) = own_error_with_json(buf) {
+            if self.stream.try_write(&replacement).ok() == Some(replacement.len()) {
+                self.conn.wrote();
+                return Poll::Ready(Ok(buf.len()));
+            }
+        }
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(_))) {
+            self.conn.wrote();
+        }
+        written
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// An error answer hyper writes itself (a request it cannot parse: 400, 414, 431, ...) has no body
+/// and no content type, while every answer of the application has one: the same answer, with the
+/// documented JSON body.
+fn own_error_with_json(written: &[u8]) -> Option<Vec<u8>> {
+    let head_end = written.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&written[..head_end]).ok()?;
+    let status_line = head.lines().next()?;
+    let code: u16 = status_line
+        .strip_prefix("HTTP/1.1 ")?
+        .get(..3)?
+        .parse()
+        .ok()?;
+    let status = StatusCode::from_u16(code).ok()?;
+    let typed = head
+        .lines()
+        .any(|line| line.to_ascii_lowercase().starts_with("content-type:"));
+    if typed || !(status.is_client_error() || status.is_server_error()) {
+        return None;
+    }
+    let body = error_body(
+        &format!(
+            "the request could not be read: {}",
+            status.canonical_reason().unwrap_or("malformed")
+        ),
+        code_of(status),
+    );
+    Some(raw_response(status, &body))
+}
+
+/// The error code of a status no handler chose.
+fn code_of(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::URI_TOO_LONG => "uri_too_long",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    }
+}
+
+/// The request timeout (but for the watch of an order), and a JSON body on every error response that
+/// has none (such as axum's rejection of a path that is not UTF-8).
+async fn guard(State(limits): State<Limits>, request: Request, next: Next) -> Response {
+    let watch = request
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|path| path.as_str() == WATCH_ROUTE);
+    let response = if watch {
+        next.run(request).await
+    } else {
+        match tokio::time::timeout(limits.request_timeout, next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => {
+                metrics::counter!(crate::ops::metrics::HTTP_REQUEST_TIMEOUTS).increment(1);
+                let message = format!(
+                    "the request was not done within {}; a submission may or may not have been accepted: query it before submitting again",
+                    humantime::format_duration(limits.request_timeout)
+                );
+                return json_error(StatusCode::SERVICE_UNAVAILABLE, &message, "timeout");
+            }
+        }
+    };
+    with_json_body(response).await
+}
+
+fn json_error(status: StatusCode, message: &str, code: &str) -> Response {
+    let body = serde_json::json!({ "error": message, "code": code });
+    (status, axum::Json(body)).into_response()
+}
+
+/// An error response whose body is not JSON, with its text moved into the documented JSON body.
+async fn with_json_body(response: Response) -> Response {
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 16 * 1024).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    let mut fixed = json_error(status, &text, code_of(status));
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            fixed.headers_mut().insert(name, value.clone());
+        }
+    }
+    fixed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hyper_own_errors_get_a_json_body() {
+        let written =
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let fixed = String::from_utf8(own_error_with_json(written).unwrap()).unwrap();
+        assert!(fixed.starts_with("HTTP/1.1 431 "), "{fixed}");
+        assert!(fixed.contains("content-type: application/json"), "{fixed}");
+        let body = fixed.split("\r\n\r\n").nth(1).unwrap();
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["code"], "headers_too_large");
+    }
+
+    #[test]
+    fn application_answers_are_left_alone() {
+        let typed = b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        assert!(own_error_with_json(typed).is_none());
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        assert!(own_error_with_json(ok).is_none());
+        assert!(own_error_with_json(b"{\"partial\": \"body\"}").is_none());
+    }
+}
