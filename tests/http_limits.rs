@@ -219,3 +219,103 @@ async fn every_reply_for_one_idempotency_key_is_the_same() {
     let body: Value = serde_json::from_str(&first.1).expect("JSON");
     assert_eq!(body["order_id"], key.as_str());
 }
+
+#[tokio::test]
+async fn a_connection_over_a_cap_of_busy_ones_gets_503_json() {
+    let nats = NatsServer::start().await;
+    let cap = 2;
+    let node = Node::builder(&nats.url)
+        .env("ORDERLY_HTTP_MAX_CONNECTIONS", cap)
+        .env("ORDERLY_STEP_DURATION", "10m")
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let id = common::submit(&http, &node, serde_json::json!({ "customer": "ada" })).await;
+    // Watches of an order in progress: connections with a request that does not end.
+    let mut busy = Vec::new();
+    for _ in 0..cap {
+        let mut stream = connect(&node).await;
+        let request = format!("GET /orders/{id}/events HTTP/1.1\r\nHost: node\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("the watch is asked for");
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut byte));
+            read.await
+                .expect("the watch answers")
+                .expect("the watch is readable");
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        busy.push(stream);
+    }
+    let answer = exchange(
+        &node,
+        b"GET /healthz HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let (status, body) = parse_response(&answer);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("too_many_connections"))
+    );
+    // Once a watch ends, the node answers again.
+    drop(busy);
+    let health = format!("{}/healthz", node.http);
+    wait_until(
+        "/healthz once the watches closed",
+        Duration::from_secs(10),
+        || async {
+            let response = http.get(&health).send().await.ok()?;
+            (response.status() == 200).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_watch_outlives_the_request_and_idle_timeouts() {
+    let nats = NatsServer::start().await;
+    let node = Node::builder(&nats.url)
+        .env("ORDERLY_STEP_DURATION", "1500ms")
+        .env("ORDERLY_HTTP_REQUEST_TIMEOUT", "1s")
+        .env("ORDERLY_HTTP_IDLE_TIMEOUT", "1s")
+        .env("ORDERLY_HTTP_HEADER_TIMEOUT", "1s")
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let id = common::submit(&http, &node, serde_json::json!({ "customer": "ada" })).await;
+    let mut stream = connect(&node).await;
+    let request = format!("GET /orders/{id}/events HTTP/1.1\r\nHost: node\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("the watch is asked for");
+    // Four steps of 1.5 s: the stream is silent for longer than the idle timeout between events, and
+    // the order completes well after the request timeout.
+    let mut seen = Vec::new();
+    let completed = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("\"Completed\"") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    })
+    .await
+    .expect("the watch goes on");
+    assert!(
+        completed,
+        "the watch ended before the order completed: {}",
+        String::from_utf8_lossy(&seen)
+    );
+}

@@ -21,8 +21,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -30,6 +31,9 @@ use tower::ServiceExt;
 
 /// File descriptors kept for everything but HTTP connections (NATS, logs, the store).
 const RESERVED_FILES: u64 = 128;
+
+/// Connections over the cap being answered `503` at once, at most.
+const REFUSING: usize = 64;
 
 /// The route of the watch of an order, exempt from the request timeout.
 const WATCH_ROUTE: &str = "/orders/{id}/events";
@@ -126,6 +130,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     let app = app.layer(middleware::from_fn_with_state(limits, guard));
     let table = Arc::new(Table::new(limits.max_connections));
+    let refusing = Arc::new(Semaphore::new(REFUSING));
     let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -152,7 +157,7 @@ pub async fn serve(
                 };
                 connections.spawn(served.run(stream, stop.clone()));
             }
-            None => refuse(&stream),
+            None => refuse(stream, &refusing),
         }
     }
     drop(listener);
@@ -160,14 +165,32 @@ pub async fn serve(
     Ok(())
 }
 
-/// Answers a connection over the cap with a `503` and closes it.
-fn refuse(stream: &TcpStream) {
+/// Answers a connection over the cap with a `503` and closes it. The answer is sent by a short task
+/// that reads what the client sent meanwhile: a socket closed with unread input resets the
+/// connection, and the client would lose the answer. Past [`REFUSING`] such tasks at once, the
+/// connection is closed without an answer.
+fn refuse(stream: TcpStream, refusing: &Arc<Semaphore>) {
     metrics::counter!(crate::ops::metrics::HTTP_CONNECTIONS_REFUSED).increment(1);
-    let body = error_body(
-        "the node has as many HTTP connections as it allows, all busy with requests; try again",
-        "too_many_connections",
-    );
-    let _ = stream.try_write(&raw_response(StatusCode::SERVICE_UNAVAILABLE, &body));
+    let Ok(permit) = refusing.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let _permit = permit;
+        let mut stream = stream;
+        let body = error_body(
+            "the node has as many HTTP connections as it allows, all busy with requests; try again",
+            "too_many_connections",
+        );
+        let answer = raw_response(StatusCode::SERVICE_UNAVAILABLE, &body);
+        let answered = async {
+            stream.write_all(&answer).await?;
+            stream.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            while stream.read(&mut sink).await? > 0 {}
+            io::Result::Ok(())
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), answered).await;
+    });
 }
 
 /// `{"error": ..., "code": ...}`.
