@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod auth;
+mod connection;
 pub mod control;
 pub mod http;
 pub mod intake;
