@@ -58,6 +58,23 @@ pub struct Config {
     #[arg(long, env = "ORDERLY_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
 
+    /// How long a client may take to send a request's head (line and headers): then 408, closed.
+    #[arg(long, env = "ORDERLY_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub http_header_timeout: Duration,
+
+    /// How long an HTTP connection may sit idle between requests before it is closed.
+    #[arg(long, env = "ORDERLY_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    pub http_idle_timeout: Duration,
+
+    /// How long a request may take (the watch of an order excepted): then 503 `timeout`.
+    #[arg(long, env = "ORDERLY_HTTP_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub http_request_timeout: Duration,
+
+    /// Open HTTP connections at most (kept under the open-files limit). Over it, the connection
+    /// longest without a request in progress is closed; if all are busy, the newcomer gets 503.
+    #[arg(long, env = "ORDERLY_HTTP_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http_max_connections: u32,
+
     /// Concurrent workers (orders in progress) on this node.
     #[arg(long, env = "ORDERLY_WORKERS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub workers: u32,

@@ -452,7 +452,14 @@ impl Parts<'_> {
             self.setup.consumer.clone(),
             QUEUE_POLL,
         ));
-        running.spawn(HttpServer::new(listener, state));
+        let limits = crate::api::limits::Limits::new(
+            config.http_header_timeout,
+            config.http_idle_timeout,
+            config.http_request_timeout,
+            config.http_max_connections as usize,
+        )
+        .fit_open_files();
+        running.spawn(HttpServer::new(listener, state).with_limits(limits));
         running.spawn(Sweep::new(
             async_nats::jetstream::new(self.connections.work.clone()),
             self.setup.stream.clone(),

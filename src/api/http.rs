@@ -182,6 +182,7 @@ impl IntoResponse for ApiError {
 pub struct HttpServer {
     listener: tokio::net::TcpListener,
     app: Router,
+    limits: crate::api::limits::Limits,
 }
 
 impl HttpServer {
@@ -189,7 +190,14 @@ impl HttpServer {
         HttpServer {
             listener,
             app: router(state),
+            limits: crate::api::limits::Limits::default(),
         }
+    }
+
+    /// Serves within `limits` (timeouts and the connection cap) instead of the defaults.
+    pub fn with_limits(mut self, limits: crate::api::limits::Limits) -> HttpServer {
+        self.limits = limits;
+        self
     }
 }
 
@@ -198,9 +206,7 @@ impl crate::task::Task for HttpServer {
 
     /// Serves until `stop` fires, then lets the requests in progress finish.
     async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
-        axum::serve(self.listener, self.app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await?;
+        crate::api::limits::serve(self.listener, self.app, self.limits, stop).await?;
         Ok(())
     }
 }

@@ -203,9 +203,8 @@ impl Intake {
                 .map_err(|e| IntakeError::BadRequest(format!("Idempotency-Key: {e}")))?,
             None => Uuid::now_v7(),
         };
-        let order = Order::queued(order_id, payload, via, now());
         let publish = PublishMessage::build()
-            .payload(Bytes::copy_from_slice(order.payload.get().as_bytes()))
+            .payload(Bytes::copy_from_slice(payload.get().as_bytes()))
             .message_id(order_id.to_string())
             .header(VIA_HEADER, via.as_str());
         let ack = self
@@ -229,6 +228,13 @@ impl Intake {
             });
         }
         metrics::counter!(m::ORDERS_SUBMITTED, "interface" => via.as_str()).increment(1);
+        // The start time is the one the stream stored the message at, as a worker that creates the
+        // document records it and as a repeated submission reads it: every reply for one id is the same.
+        let stored_at = match crate::queue::sweep::peek_exact(&self.js, stored.sequence).await {
+            Ok(Some(message)) => message.stored,
+            _ => None,
+        };
+        let order = Order::queued(order_id, payload, via, stored_at.unwrap_or_else(now));
         let start_time = match self.store.create(&order).await {
             Ok(created) => {
                 self.events.created(&created.order).await;
@@ -261,7 +267,9 @@ impl Intake {
         let expected = submit_subject(&order_id);
         match (carrier, document) {
             (_, Some(existing)) => Ok(existing.order.start_time),
-            (Some(message), None) if message.subject == expected => Ok(now()),
+            (Some(message), None) if message.subject == expected => {
+                Ok(message.stored.unwrap_or_else(now))
+            }
             (Some(message), None) => Err(IntakeError::Conflict(format!(
                 "id {order_id} was used as the message id of another message ({}, stream sequence {seq}) within the last {}s; choose another Idempotency-Key",
                 message.subject,

@@ -5,7 +5,12 @@ use serde_json::value::RawValue;
 /// Largest order payload accepted, in bytes.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 
-/// Checks a submitted payload: a JSON object of at most [`MAX_PAYLOAD`] bytes.
+/// Deepest nesting of arrays and objects a payload may have: serde_json's own limit, so that every
+/// reader of an order's document that parses it into a JSON value can.
+pub const MAX_DEPTH: usize = 128;
+
+/// Checks a submitted payload: a JSON object of at most [`MAX_PAYLOAD`] bytes, nested at most
+/// [`MAX_DEPTH`] deep.
 pub fn validate_payload(body: &[u8]) -> Result<Box<RawValue>, String> {
     if body.len() > MAX_PAYLOAD {
         return Err(format!(
@@ -18,7 +23,34 @@ pub fn validate_payload(body: &[u8]) -> Result<Box<RawValue>, String> {
     if !raw.get().starts_with('{') {
         return Err("payload must be a JSON object".into());
     }
+    if depth(raw.get()) > MAX_DEPTH {
+        return Err(format!(
+            "payload is nested more than {MAX_DEPTH} arrays or objects deep"
+        ));
+    }
     Ok(raw)
+}
+
+/// The deepest nesting of arrays and objects in `json`, which is valid JSON.
+fn depth(json: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for byte in json.bytes() {
+        match (in_string, escaped, byte) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, b'"') => in_string = true,
+            (false, _, b'[' | b'{') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, _, b']' | b'}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// The payload as the document shows it: the JSON object itself if it is one, else its first 256
@@ -35,6 +67,18 @@ pub fn shown_payload(payload: &[u8]) -> Box<RawValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payload_may_not_be_nested_too_deep() {
+        let nested = |n: usize| format!("{{\"a\":{}{}}}", "[".repeat(n - 1), "]".repeat(n - 1));
+        assert!(validate_payload(nested(MAX_DEPTH).as_bytes()).is_ok());
+        assert!(validate_payload(nested(MAX_DEPTH + 1).as_bytes())
+            .unwrap_err()
+            .contains("nested"));
+        let brackets_in_strings =
+            format!("{{\"a\":\"{}\\\"{}\"}}", "[".repeat(500), "{".repeat(500));
+        assert!(validate_payload(brackets_in_strings.as_bytes()).is_ok());
+    }
 
     #[test]
     fn payload_must_be_a_small_json_object() {

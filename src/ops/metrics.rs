@@ -33,6 +33,10 @@ pub const NATS_RECONNECTS: &str = "orderly_nats_reconnects_total";
 pub const NATS_AUTH_REFUSED: &str = "orderly_nats_auth_refused_total";
 pub const HTTP_REQUESTS: &str = "orderly_http_requests_total";
 pub const HTTP_DURATION: &str = "orderly_http_request_duration_seconds";
+pub const HTTP_CONNECTIONS_REFUSED: &str = "orderly_http_connections_refused_total";
+pub const HTTP_CONNECTIONS_EVICTED: &str = "orderly_http_connections_evicted_total";
+pub const HTTP_HEADER_TIMEOUTS: &str = "orderly_http_header_timeouts_total";
+pub const HTTP_REQUEST_TIMEOUTS: &str = "orderly_http_request_timeouts_total";
 pub const INFO: &str = "orderly_node_info";
 pub const QUEUE_PENDING: &str = "orderly_queue_pending_messages";
 pub const QUEUE_ACK_PENDING: &str = "orderly_queue_ack_pending_messages";
@@ -247,6 +251,22 @@ fn describe_node() {
         "Work messages with a header block no node can receive, published again without it, by reason."
     );
     describe_counter!(HTTP_REQUESTS, "HTTP requests, by route and status.");
+    describe_counter!(
+        HTTP_CONNECTIONS_REFUSED,
+        "HTTP connections answered 503 because every allowed connection was busy with a request."
+    );
+    describe_counter!(
+        HTTP_CONNECTIONS_EVICTED,
+        "HTTP connections without a request in progress closed to make room for a new one."
+    );
+    describe_counter!(
+        HTTP_HEADER_TIMEOUTS,
+        "HTTP connections closed with 408 because a request head was not complete in time."
+    );
+    describe_counter!(
+        HTTP_REQUEST_TIMEOUTS,
+        "HTTP requests answered 503 because they were not done within the request timeout."
+    );
     describe_histogram!(
         HTTP_DURATION,
         Unit::Seconds,

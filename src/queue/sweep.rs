@@ -109,6 +109,8 @@ struct StoredMessage {
     data: String,
     #[serde(default)]
     hdrs: Option<String>,
+    #[serde(default)]
+    time: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +133,8 @@ pub struct Found {
     pub payload: Bytes,
     /// The raw header block, if the message has one.
     pub headers: Option<Vec<u8>>,
+    /// When the stream stored the message, to the millisecond (as a worker records it).
+    pub stored: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The retry number a raw header block carries (`Orderly-Retry: <n>`), if any.
@@ -193,6 +197,9 @@ async fn peek_request(
         seq: message.seq,
         payload: engine.decode(message.data)?.into(),
         headers,
+        stored: message
+            .time
+            .map(|t| chrono::SubsecRound::trunc_subsecs(t, 3)),
     }))
 }
 
