@@ -304,22 +304,35 @@ async fn a_missing_nats_server_binary_says_how_to_install_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_hands_orders_back_and_another_node_finishes_them() {
-    let server = NatsServer::start().await;
-    let mut first = Node::builder(&server.url)
-        .env("ORDERLY_STEP_DURATION", "1s")
-        .env("ORDERLY_SHUTDOWN_GRACE", "5s")
-        .start()
+    let (mut first, scenario) = DrainScenario::start(10).await;
+    first.signal("TERM");
+    scenario
+        .exits_and_another_node_finishes(&mut first, "")
         .await;
-    let http = reqwest::Client::new();
-    let mut ids = Vec::new();
-    for i in 0..10 {
-        ids.push(submit(&http, &first, json!({ "n": i })).await);
-    }
-    let kv = server.js().await.get_key_value("orders").await.unwrap();
-    wait_until(
-        "all ten orders to be running",
-        Duration::from_secs(10),
-        || {
+}
+
+/// A node with `n` orders running (1 s steps, 5 s grace), for the ways of draining it.
+struct DrainScenario {
+    server: NatsServer,
+    kv: async_nats::jetstream::kv::Store,
+    ids: Vec<uuid::Uuid>,
+}
+
+impl DrainScenario {
+    async fn start(n: usize) -> (Node, DrainScenario) {
+        let server = NatsServer::start().await;
+        let first = Node::builder(&server.url)
+            .env("ORDERLY_STEP_DURATION", "1s")
+            .env("ORDERLY_SHUTDOWN_GRACE", "5s")
+            .start()
+            .await;
+        let http = reqwest::Client::new();
+        let mut ids = Vec::new();
+        for i in 0..n {
+            ids.push(submit(&http, &first, json!({ "n": i })).await);
+        }
+        let kv = server.js().await.get_key_value("orders").await.unwrap();
+        wait_until("every order to be running", Duration::from_secs(10), || {
             let (kv, ids) = (&kv, &ids);
             async move {
                 for id in ids {
@@ -329,39 +342,38 @@ async fn sigterm_hands_orders_back_and_another_node_finishes_them() {
                 }
                 Some(())
             }
-        },
-    )
-    .await;
-    first.signal("TERM");
-    let status = first
-        .wait_exit(Duration::from_secs(15))
-        .await
-        .expect("exits within the grace period");
-    assert!(status.success(), "{}", first.logs());
-    let scrape_logs = first.logs();
-    assert!(
-        scrape_logs.contains("handing the order back"),
-        "{scrape_logs}"
-    );
-    for id in &ids {
-        let doc = document(&kv, *id).await.unwrap();
-        assert!(doc["owner"].is_null(), "released: {doc}");
+        })
+        .await;
+        (first, DrainScenario { server, kv, ids })
     }
-    let second = Node::builder(&server.url).start().await;
-    let docs = wait_all_terminal(&kv, &ids, Duration::from_secs(30)).await;
-    for doc in &docs {
-        assert_eq!(doc["state"], "Completed");
-        check_terminal_document(doc);
-        let nodes: std::collections::BTreeSet<&str> = doc["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["node"].as_str().unwrap())
-            .collect();
-        assert!(
-            nodes.contains(second.id.as_str()),
-            "the second node continued it: {doc}"
-        );
+
+    /// The draining node exits within its grace period with status 0, having handed every order
+    /// back (and logged `logged`), and a second node finishes them all.
+    async fn exits_and_another_node_finishes(&self, first: &mut Node, logged: &str) {
+        let status = first
+            .wait_exit(Duration::from_secs(15))
+            .await
+            .expect("exits within the grace period");
+        assert!(status.success(), "{}", first.logs());
+        let logs = first.logs();
+        assert!(logs.contains(logged), "{logs}");
+        assert!(logs.contains("handing the order back"), "{logs}");
+        for id in &self.ids {
+            let doc = document(&self.kv, *id).await.unwrap();
+            assert!(doc["owner"].is_null(), "released: {doc}");
+        }
+        let second = Node::builder(&self.server.url).start().await;
+        let docs = wait_all_terminal(&self.kv, &self.ids, Duration::from_secs(30)).await;
+        for doc in &docs {
+            assert_eq!(doc["state"], "Completed");
+            check_terminal_document(doc);
+            let continued = doc["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["node"] == second.id.as_str());
+            assert!(continued, "the second node continued it: {doc}");
+        }
     }
 }
 
@@ -639,61 +651,14 @@ async fn every_log_line_names_the_node_and_a_reconnect_is_logged_once() {
 /// `POST /admin/drain`, for operators who cannot send signals, drains the node as SIGTERM does.
 #[tokio::test(flavor = "multi_thread")]
 async fn post_admin_drain_hands_orders_back_and_another_node_finishes_them() {
-    let server = NatsServer::start().await;
-    let mut first = Node::builder(&server.url)
-        .env("ORDERLY_STEP_DURATION", "1s")
-        .env("ORDERLY_SHUTDOWN_GRACE", "5s")
-        .start()
-        .await;
+    let (mut first, scenario) = DrainScenario::start(5).await;
     let http = reqwest::Client::new();
-    let mut ids = Vec::new();
-    for i in 0..5 {
-        ids.push(submit(&http, &first, json!({ "n": i })).await);
-    }
-    let kv = server.js().await.get_key_value("orders").await.unwrap();
-    wait_until(
-        "all five orders to be running",
-        Duration::from_secs(10),
-        || {
-            let (kv, ids) = (&kv, &ids);
-            async move {
-                for id in ids {
-                    if document(kv, *id).await?["state"] != "Running" {
-                        return None;
-                    }
-                }
-                Some(())
-            }
-        },
-    )
-    .await;
     let drain = format!("{}/admin/drain", first.http);
     let response = http.post(&drain).send().await.expect("the node answers");
     assert_eq!(response.status(), 202);
     let body: Value = response.json().await.expect("a JSON reply");
     assert_eq!(body, json!({ "status": "draining" }));
-    let status = first
-        .wait_exit(Duration::from_secs(15))
-        .await
-        .expect("exits within the grace period");
-    assert!(status.success(), "{}", first.logs());
-    let logs = first.logs();
-    assert!(logs.contains("drain requested over HTTP"), "{logs}");
-    assert!(logs.contains("handing the order back"), "{logs}");
-    for id in &ids {
-        let doc = document(&kv, *id).await.unwrap();
-        assert!(doc["owner"].is_null(), "released: {doc}");
-    }
-    let second = Node::builder(&server.url).start().await;
-    let docs = wait_all_terminal(&kv, &ids, Duration::from_secs(30)).await;
-    for doc in &docs {
-        assert_eq!(doc["state"], "Completed");
-        check_terminal_document(doc);
-        let continued = doc["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["node"] == second.id.as_str());
-        assert!(continued, "the second node continued it: {doc}");
-    }
+    scenario
+        .exits_and_another_node_finishes(&mut first, "drain requested over HTTP")
+        .await;
 }

@@ -195,10 +195,23 @@ async fn work_stream(
             .map_err(|e| nats_err("stream ORDERS")(e.into()))?,
     };
     let mut stream = stream;
+    let diffs = stream_differences(&mut stream, &wanted, "stream ORDERS", "replicas").await?;
+    conflict("stream ORDERS", diffs)?;
+    Ok(stream)
+}
+
+/// How the existing `stream` differs from `wanted` in what Orderly relies on: subjects, retention,
+/// storage and replicas (named `replicas` in the list).
+async fn stream_differences(
+    stream: &mut stream::Stream,
+    wanted: &stream::Config,
+    what: &str,
+    replicas: &str,
+) -> Result<Vec<String>, SetupError> {
     let actual = stream
         .info()
         .await
-        .map_err(|e| nats_err("stream ORDERS")(e.into()))?
+        .map_err(|e| nats_err(what)(e.into()))?
         .config
         .clone();
     let mut diffs = Vec::new();
@@ -212,12 +225,11 @@ async fn work_stream(
     differ(&mut diffs, "storage", &wanted.storage, &actual.storage);
     differ(
         &mut diffs,
-        "replicas",
+        replicas,
         &wanted.num_replicas,
         &actual.num_replicas,
     );
-    conflict("stream ORDERS", diffs)?;
-    Ok(stream)
+    Ok(diffs)
 }
 
 /// The `ORDERS_INDEX` stream, created if it is missing; an existing one must match.
@@ -228,27 +240,9 @@ async fn index_stream(js: &jetstream::Context, layout: Layout) -> Result<(), Set
         .get_or_create_stream(wanted.clone())
         .await
         .map_err(|e| nats_err(&what)(e.into()))?;
-    let actual = stream
-        .info()
-        .await
-        .map_err(|e| nats_err(&what)(e.into()))?
-        .config
-        .clone();
-    let mut diffs = Vec::new();
-    differ(&mut diffs, "subjects", &wanted.subjects, &actual.subjects);
-    differ(
-        &mut diffs,
-        "retention",
-        &wanted.retention,
-        &actual.retention,
-    );
-    differ(&mut diffs, "storage", &wanted.storage, &actual.storage);
-    differ(
-        &mut diffs,
-        "replicas (ORDERLY_REPLICAS)",
-        &wanted.num_replicas,
-        &actual.num_replicas,
-    );
+    let mut diffs =
+        stream_differences(&mut stream, &wanted, &what, "replicas (ORDERLY_REPLICAS)").await?;
+    let actual = stream.cached_info().config.clone();
     differ(
         &mut diffs,
         "allow_direct",
