@@ -9,7 +9,7 @@ use crate::api::intake::{connected, Intake, IntakeError};
 use crate::clock::now;
 use crate::domain::intent::{Intent, IntentKind};
 use crate::domain::order::{parse_order_id, CancelAnswer, Interface, Order, State};
-use crate::engine::intent::{self, Cancel};
+use crate::engine::intent::{self, Cancel, Retry};
 use crate::ops::metrics as m;
 use crate::queue::setup::{interrupt_subject, submit_subject, RETRY_HEADER, VIA_HEADER};
 use crate::store::Versioned;
@@ -23,8 +23,6 @@ pub const MAX_REASON: usize = 1000;
 /// How long a request may take before it is answered `503` (ask again: both requests are safe to
 /// repeat).
 const PATIENCE: Duration = Duration::from_secs(5);
-/// How often a retry reads and writes again when the document moved in between.
-const TRIES: usize = 10;
 
 /// A document, with whether the request is done (`200`) or accepted and under way (`202`).
 #[derive(Debug)]
@@ -148,7 +146,7 @@ impl Control {
         via: Interface,
     ) -> Result<Result<Order, IntakeError>, IntakeError> {
         let store = self.intake.store();
-        let Some(mut current) = store.get(order_id).await? else {
+        let Some(current) = store.get(order_id).await? else {
             return Ok(Err(IntakeError::NotFound(order_id)));
         };
         let number = current.order.retries + 1;
@@ -156,36 +154,22 @@ impl Control {
             return Ok(Err(IntakeError::Refused { order_id, refused }));
         }
         self.publish_retry(&current.order, number, via).await?;
-        for _ in 0..TRIES {
-            if current.order.retries >= number {
-                // Recorded by a node that got the message first, or by a concurrent request.
-                return Ok(Ok(current.order));
-            }
-            let mut next = current.order.clone();
-            if let Err(refused) = next.retry(now()) {
-                return Ok(Err(IntakeError::Refused { order_id, refused }));
-            }
-            match store.update(&next, current.revision).await {
-                Ok(written) => {
-                    self.intake
-                        .events()
-                        .transition(&current.order, &written.order)
-                        .await;
-                    return Ok(Ok(written.order));
+        match intent::retry(store, current, number).await? {
+            Retry::Recorded { order, before } => {
+                if let Some(before) = before {
+                    let events = self.intake.events();
+                    events.transition(&before, &order.order).await;
                 }
-                Err(e) if e.is_conflict() => {
-                    current = store
-                        .get(order_id)
-                        .await?
-                        .ok_or(IntakeError::NotFound(order_id))?;
-                }
-                Err(e) => return Err(e.into()),
+                // Recorded here, by a node that got the message first, or by a concurrent request.
+                Ok(Ok(order.order))
             }
+            Retry::Refused(refused) => Ok(Err(IntakeError::Refused { order_id, refused })),
+            Retry::NotFound => Ok(Err(IntakeError::NotFound(order_id))),
+            Retry::Other => Err(IntakeError::Unavailable {
+                context: format!("order {order_id} was retried again meanwhile; ask again"),
+                source: None,
+            }),
         }
-        Err(IntakeError::Unavailable {
-            context: format!("order {order_id} changed {TRIES} times while a retry was recorded"),
-            source: None,
-        })
     }
 
     /// Publishes the work message of retry `number` of `order`. Its message id makes a repeated

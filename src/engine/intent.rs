@@ -80,3 +80,64 @@ pub async fn cancel(
         "order {order_id} changed {TRIES} times while a cancel was being recorded"
     )))
 }
+
+/// What recording retry `number` of an order came to.
+#[derive(Debug)]
+pub enum Retry {
+    /// The document holds the retry: written now (`before` is the document it replaced), or
+    /// earlier by someone else (`before` is `None`).
+    Recorded {
+        order: Box<Versioned>,
+        before: Option<Box<Order>>,
+    },
+    /// The order's state does not allow a retry.
+    Refused(Refused),
+    /// The document is on another retry than `number` (a message of an older retry, or one ahead
+    /// of it).
+    Other,
+    /// No such order.
+    NotFound,
+}
+
+/// Records retry `number` of the order whose document is `current`, unless it is recorded already:
+/// the requester and a node that gets the retry's work message first both call it, and whichever
+/// writes first, the other finds the retry there.
+pub async fn retry(
+    store: &OrderStore,
+    mut current: Versioned,
+    number: u32,
+) -> Result<Retry, StoreError> {
+    let order_id = current.order.order_id;
+    for _ in 0..TRIES {
+        if current.order.retries >= number {
+            return Ok(Retry::Recorded {
+                order: Box::new(current),
+                before: None,
+            });
+        }
+        let mut next = current.order.clone();
+        if let Err(refused) = next.retry(crate::clock::now()) {
+            return Ok(Retry::Refused(refused));
+        }
+        if next.retries != number {
+            return Ok(Retry::Other);
+        }
+        match store.update(&next, current.revision).await {
+            Ok(written) => {
+                return Ok(Retry::Recorded {
+                    order: Box::new(written),
+                    before: Some(Box::new(current.order)),
+                })
+            }
+            // Written in between (perhaps the retry itself, by the other party): read again.
+            Err(e) if e.is_conflict() => match store.get(order_id).await? {
+                Some(stored) => current = stored,
+                None => return Ok(Retry::NotFound),
+            },
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::unavailable_because(format!(
+        "order {order_id} changed {TRIES} times while a retry was being recorded"
+    )))
+}

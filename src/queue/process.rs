@@ -5,6 +5,7 @@ use crate::clock::now;
 use crate::domain::order::{parse_order_id, Interface, Order, Owner, State};
 use crate::domain::payload::{shown_payload, validate_payload};
 use crate::engine::connection::Epoch;
+use crate::engine::intent::{retry, Retry};
 use crate::engine::lease::{Holder, Lease};
 use crate::engine::pipeline::{Pipeline, Stop};
 use crate::engine::window::Windows;
@@ -349,7 +350,7 @@ impl Processor {
     async fn take_up_retry(
         &self,
         message: &jetstream::Message,
-        mut order: Versioned,
+        order: Versioned,
     ) -> Result<Option<Versioned>, Failure> {
         let Some(number) = message
             .headers
@@ -359,32 +360,18 @@ impl Processor {
         else {
             return Ok(None);
         };
-        for _ in 0..3 {
-            if order.order.retries >= number {
-                // Recorded already, by its requester or an earlier delivery.
-                return Ok(Some(order).filter(|o| !o.order.is_terminal()));
-            }
-            let mut next = order.order.clone();
-            if next.retry(now()).is_err() || next.retries != number {
-                return Ok(None);
-            }
-            match self.store().update(&next, order.revision).await {
-                Ok(written) => {
+        match retry(self.store(), order, number).await? {
+            Retry::Recorded { order, before } => {
+                if let Some(before) = before {
                     let events = self.pipeline.writer().events();
-                    events.transition(&order.order, &written.order).await;
+                    events.transition(&before, &order.order).await;
                     tracing::info!(retry = number, "retry recorded by its work message");
-                    return Ok(Some(written));
                 }
-                Err(e) if e.is_conflict() => {
-                    let Some(stored) = self.store().get(order.order.order_id).await? else {
-                        return Ok(None);
-                    };
-                    order = stored;
-                }
-                Err(e) => return Err(e.into()),
+                // Recorded by its requester or an earlier delivery, and perhaps run to its end.
+                Ok(Some(*order).filter(|o| !o.order.is_terminal()))
             }
+            Retry::Refused(_) | Retry::Other | Retry::NotFound => Ok(None),
         }
-        Ok(None)
     }
 
     /// Claims the order for this delivery, unless this delivery's lease claimed it already (a retry
