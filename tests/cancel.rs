@@ -180,7 +180,13 @@ async fn a_running_order_is_interrupted_at_any_step_and_rolled_back() {
                 tokio::time::timeout(Duration::from_secs(30), events.next()).await
             {
                 let event: Value = serde_json::from_slice(&event.payload).expect("JSON event");
-                changes.push(event["change"].as_str().unwrap_or_default().to_owned());
+                changes.extend(
+                    event["changes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|c| c.as_str().unwrap_or_default().to_owned()),
+                );
                 if event["change"] == "cancelled" {
                     break;
                 }

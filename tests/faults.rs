@@ -166,12 +166,7 @@ async fn isolated_node_is_taken_over_and_returns(
         Duration::from_secs(60),
         || async {
             more.iter()
-                .any(|id| {
-                    audits
-                        .of(&a.id, *id)
-                        .iter()
-                        .any(|l| l["change"] == "finish")
-                })
+                .any(|id| audits.of(&a.id, *id).iter().any(common::audit::finishes))
                 .then_some(())
         },
     )

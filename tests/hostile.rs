@@ -436,7 +436,7 @@ async fn the_documented_ack_wait_change_is_safe() {
         Duration::from_secs(30),
         || async {
             let lines = common::audit::read(&[audits.path(&new.id).as_path()]);
-            lines.iter().any(|l| l["change"] == "finish").then_some(())
+            lines.iter().any(common::audit::finishes).then_some(())
         },
     )
     .await;

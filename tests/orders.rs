@@ -18,6 +18,20 @@ async fn orders_kv(server: &NatsServer) -> jetstream::kv::Store {
         .expect("orders bucket")
 }
 
+/// The step's number, 1 to 4.
+fn step_number(step: &str) -> usize {
+    [
+        "Scheduling",
+        "Pre-Processing",
+        "Processing",
+        "Post-Processing",
+    ]
+    .iter()
+    .position(|s| *s == step)
+    .expect("a step name")
+        + 1
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn hundred_orders_with_seeded_failures_all_end_terminal() {
     let server = NatsServer::start().await;
@@ -42,6 +56,13 @@ async fn hundred_orders_with_seeded_failures_all_end_terminal() {
             1,
             "order {id} ended exactly once"
         );
+        // Each write records a transition and begins the next: a completed order is created and
+        // written 5 times; one whose k-th step failed, 2k + 2 times (k starts, k rollbacks).
+        let writes = match doc["failed_step"].as_str() {
+            None => 6,
+            Some(step) => 2 * (step_number(step) + 1),
+        };
+        assert_eq!(revisions(&kv, *id).await, writes, "writes of {doc}");
         if doc["state"] == "Completed" {
             completed += 1;
         }
@@ -468,7 +489,12 @@ async fn http_nats_and_kv_show_the_same_order() {
         )
     });
     assert_eq!(seen.first().unwrap()["to"], "Queued");
-    let changes: Vec<&str> = seen.iter().map(|e| e["change"].as_str().unwrap()).collect();
+    // One write can make two changes (a step completes and the next starts): `changes` has them all.
+    let changes: Vec<&str> = seen
+        .iter()
+        .flat_map(|e| e["changes"].as_array().unwrap())
+        .map(|c| c.as_str().unwrap())
+        .collect();
     assert_eq!(changes.first(), Some(&"created"));
     assert_eq!(changes.last(), Some(&"completed"));
     assert_eq!(

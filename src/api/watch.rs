@@ -174,6 +174,7 @@ fn snapshot(order: &Order, entry: &kv::Entry) -> sse::Event {
     let event = Event {
         order_id: order.order_id,
         change: SNAPSHOT,
+        changes: vec![SNAPSHOT],
         from: order.state,
         to: order.state,
         from_step: order.current_step,

@@ -5,13 +5,14 @@
 //! new order, resumes one another node left half done, and finishes a rollback.
 
 use crate::clock::now;
-use crate::domain::order::{Action, Order, State, Step};
+use crate::domain::order::{Action, Order, Owner, State, Step, TransitionError};
 use crate::engine::interrupt::Interrupts;
 use crate::engine::lease::Lease;
 use crate::engine::steps::{StepCall, StepOutcome, Steps, MAX_OUTPUT};
 use crate::engine::write::{Halt, Writer};
 use crate::ops::metrics as m;
 use crate::store::Versioned;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -22,6 +23,19 @@ use tokio_util::sync::CancellationToken;
 pub struct Stop {
     pub drain: CancellationToken,
     pub abort: CancellationToken,
+}
+
+/// What a write began along with its own change (see [`Pipeline::commit`]): a step or a rollback,
+/// whose call comes next without a write of its own, or the order's end.
+pub type Begun = Option<Action>;
+
+/// The name, in the lease audit, of the write that begins `action`.
+fn write_name(action: Action) -> &'static str {
+    match action {
+        Action::Run(_) => "start_step",
+        Action::RollBack(_) => "start_rollback",
+        Action::Complete | Action::Fail | Action::Cancel | Action::Done => "finish",
+    }
 }
 
 pub struct Pipeline {
@@ -54,18 +68,37 @@ impl Pipeline {
         &self.writer
     }
 
-    /// Runs `order` until it is terminal, returning the terminal state.
+    /// Claims `order` for `owner` and, in the same write, begins what the document calls for next
+    /// (normally the first step; see [`Pipeline::commit`]). Returns what the claim began, for
+    /// [`Pipeline::run`].
+    pub async fn claim(
+        &self,
+        order: &mut Versioned,
+        owner: Owner,
+        lease: &Lease,
+        stop: &Stop,
+    ) -> Result<Begun, Halt> {
+        let ((), begun) = self
+            .commit(order, lease, stop, "claim", |o| o.claim(owner.clone()))
+            .await?;
+        Ok(begun)
+    }
+
+    /// Runs `order` until it is terminal, returning the terminal state. `begun` is what the last
+    /// write (the claim) began along with its own change.
     pub async fn run(
         &self,
         order: &mut Versioned,
         lease: &Lease,
         stop: &Stop,
+        mut begun: Begun,
     ) -> Result<State, Halt> {
         loop {
-            match self.next(order, lease, stop).await {
+            match self.next(order, lease, stop, &mut begun).await {
                 Ok(Some(state)) => return Ok(state),
+                Ok(None) => {}
                 // A cancel came in: what comes next is decided again from the document.
-                Ok(None) | Err(Halt::Redirected) => {}
+                Err(Halt::Redirected) => begun = None,
                 Err(halt) => return Err(halt),
             }
         }
@@ -77,15 +110,13 @@ impl Pipeline {
         order: &mut Versioned,
         lease: &Lease,
         stop: &Stop,
+        begun: &mut Begun,
     ) -> Result<Option<State>, Halt> {
-        self.see_intent(order, lease).await?;
+        self.see_intent(order, lease, stop, begun).await?;
         let action = order.order.next_action();
-        if matches!(action, Action::Run(_) | Action::RollBack(_)) && stop.drain.is_cancelled() {
-            return Err(Halt::Interrupted);
-        }
-        match action {
-            Action::Run(step) => self.run_step(order, step, lease, stop).await?,
-            Action::RollBack(step) => self.roll_back(order, step, lease, stop).await?,
+        let call = match action {
+            Action::Run(step) => Call::Run(step),
+            Action::RollBack(step) => Call::RollBack(step),
             Action::Complete | Action::Fail | Action::Cancel => {
                 let state = self
                     .writer
@@ -95,42 +126,124 @@ impl Pipeline {
                 return Ok(Some(state));
             }
             Action::Done => return Ok(Some(order.order.state)),
+        };
+        if begun.take() != Some(action) {
+            if stop.drain.is_cancelled() {
+                return Err(Halt::Interrupted);
+            }
+            self.begin(order, call, lease).await?;
         }
+        *begun = match call {
+            Call::Run(step) => self.run_step(order, step, lease, stop).await?,
+            Call::RollBack(step) => self.roll_back(order, step, lease, stop).await?,
+        };
         Ok(None)
     }
 
-    /// Marks an intent recorded since the last commit as seen. Acting on it is the business of the
-    /// request that recorded it (cancel, later); until then the order goes on.
-    async fn see_intent(&self, order: &mut Versioned, lease: &Lease) -> Result<(), Halt> {
+    /// Writes `change` (named `what` in the audit) and, in the same write, the next transition that
+    /// needs no work before it: the next step's or rollback's start, or the order's end. A step that
+    /// completes and the next one that starts are one write, as are the last step's completion and
+    /// the order's end; the document records both, with their times. Nothing is begun while an
+    /// intent waits to be seen, nor a step or a rollback while the node drains. Returns the change's
+    /// result and what was begun.
+    async fn commit<T>(
+        &self,
+        order: &mut Versioned,
+        lease: &Lease,
+        stop: &Stop,
+        what: &'static str,
+        mut change: impl FnMut(&mut Order) -> Result<T, TransitionError>,
+    ) -> Result<(T, Begun), Halt> {
+        self.writer
+            .commit_named(order, lease, |o| {
+                let result = change(o)?;
+                let begun = self.carry(o, stop)?;
+                let name = match begun {
+                    Some(action) => Cow::Owned(format!("{what}+{}", write_name(action))),
+                    None => Cow::Borrowed(what),
+                };
+                Ok(((result, begun), name))
+            })
+            .await
+    }
+
+    /// Applies to `order` the transition it calls for next, if that needs no work first (see
+    /// [`Pipeline::commit`]).
+    fn carry(&self, order: &mut Order, stop: &Stop) -> Result<Begun, TransitionError> {
+        if order.intent.as_ref().is_some_and(|i| i.seen_by.is_none()) {
+            return Ok(None);
+        }
+        let draining = stop.drain.is_cancelled();
+        let action = order.next_action();
+        match action {
+            Action::Run(step) if !draining => order.start_step(step, &self.node_id, now())?,
+            Action::RollBack(step) if !draining => {
+                order.start_rollback(step, &self.node_id, now())?
+            }
+            Action::Complete | Action::Fail | Action::Cancel => {
+                order.finish(now())?;
+            }
+            Action::Run(_) | Action::RollBack(_) | Action::Done => return Ok(None),
+        }
+        Ok(Some(action))
+    }
+
+    /// Marks an intent recorded since the last commit as seen, beginning what comes next in the same
+    /// write. Acting on it is the business of the request that recorded it (a cancel moved the order
+    /// to `Cancelling`); the rollbacks it calls for follow from the document.
+    async fn see_intent(
+        &self,
+        order: &mut Versioned,
+        lease: &Lease,
+        stop: &Stop,
+        begun: &mut Begun,
+    ) -> Result<(), Halt> {
         let unseen = order
             .order
             .intent
             .as_ref()
             .is_some_and(|intent| intent.seen_by.is_none());
         if unseen {
-            let kind = self
-                .writer
-                .commit(order, lease, "see_intent", |o| {
+            let (kind, carried) = self
+                .commit(order, lease, stop, "see_intent", |o| {
                     o.see_intent(&self.node_id, now())
                 })
                 .await?;
+            *begun = carried;
             tracing::info!(intent = ?kind, "intent seen");
         }
         Ok(())
     }
 
+    /// Records the start of `call` in a write of its own (when no earlier write began it).
+    async fn begin(&self, order: &mut Versioned, call: Call, lease: &Lease) -> Result<(), Halt> {
+        match call {
+            Call::Run(step) => {
+                self.writer
+                    .commit(order, lease, "start_step", |o| {
+                        o.start_step(step, &self.node_id, now())
+                    })
+                    .await?
+            }
+            Call::RollBack(step) => {
+                self.writer
+                    .commit(order, lease, "start_rollback", |o| {
+                        o.start_rollback(step, &self.node_id, now())
+                    })
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `step`, recorded started, and records how it ended; returns what that write began.
     async fn run_step(
         &self,
         order: &mut Versioned,
         step: Step,
         lease: &Lease,
         stop: &Stop,
-    ) -> Result<(), Halt> {
-        self.writer
-            .commit(order, lease, "start_step", |o| {
-                o.start_step(step, &self.node_id, now())
-            })
-            .await?;
+    ) -> Result<Begun, Halt> {
         tracing::debug!(order.step = %step, "step started");
         let started = Instant::now();
         let running = self.interrupts.register(order.order.order_id);
@@ -145,43 +258,42 @@ impl Pipeline {
             }
             return Err(Halt::Redirected);
         }
-        match bounded(outcome?) {
+        let begun = match bounded(outcome?) {
             StepOutcome::Done { output } => {
-                self.writer
-                    .commit(order, lease, "complete_step", |o| {
-                        o.complete_step(output.clone(), now())
+                let ((), begun) = self
+                    .commit(order, lease, stop, "complete_step", |o| {
+                        o.complete_step(output.clone(), now()).map(drop)
                     })
                     .await?;
                 tracing::debug!(order.step = %step, "step completed");
+                begun
             }
             StepOutcome::Failed { reason } => {
-                self.writer
-                    .commit(order, lease, "fail_step", |o| {
-                        o.fail_step(reason.clone(), now())
+                let ((), begun) = self
+                    .commit(order, lease, stop, "fail_step", |o| {
+                        o.fail_step(reason.clone(), now()).map(drop)
                     })
                     .await?;
                 metrics::counter!(m::STEP_FAILURES, "step" => step.as_str()).increment(1);
                 tracing::debug!(order.step = %step, %reason, "step failed; rolling back");
+                begun
             }
             StepOutcome::NotNow { .. } => return Err(Halt::NotNow),
-        }
+        };
         metrics::histogram!(m::STEP_DURATION, "step" => step.as_str())
             .record(started.elapsed().as_secs_f64());
-        Ok(())
+        Ok(begun)
     }
 
+    /// Rolls back `step`, recorded rolling back, and records that it is undone; returns what that
+    /// write began.
     async fn roll_back(
         &self,
         order: &mut Versioned,
         step: Step,
         lease: &Lease,
         stop: &Stop,
-    ) -> Result<(), Halt> {
-        self.writer
-            .commit(order, lease, "start_rollback", |o| {
-                o.start_rollback(step, &self.node_id, now())
-            })
-            .await?;
+    ) -> Result<Begun, Halt> {
         tracing::debug!(order.step = %step, "rollback started");
         // A rollback is never interrupted: it is what a cancel asks for.
         let never = CancellationToken::new();
@@ -196,14 +308,14 @@ impl Pipeline {
             }
             StepOutcome::NotNow { .. } => return Err(Halt::NotNow),
         }
-        self.writer
-            .commit(order, lease, "complete_rollback", |o| {
+        let ((), begun) = self
+            .commit(order, lease, stop, "complete_rollback", |o| {
                 o.complete_rollback(step, now())
             })
             .await?;
         metrics::counter!(m::ROLLBACKS, "step" => step.as_str()).increment(1);
         tracing::debug!(order.step = %step, "rollback completed");
-        Ok(())
+        Ok(begun)
     }
 
     /// Calls the steps until they take the call. While they answer "not now" (a step service has

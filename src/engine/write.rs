@@ -88,17 +88,35 @@ impl Writer {
         what: &str,
         mut change: impl FnMut(&mut Order) -> Result<T, TransitionError>,
     ) -> Result<T, Halt> {
+        self.commit_named(order, lease, |o| change(o).map(|result| (result, what)))
+            .await
+    }
+
+    /// As [`Writer::commit`], for a change that names itself: one that may carry the next
+    /// transition along (`complete_step+start_step`), which it knows only once applied.
+    pub async fn commit_named<T, N: AsRef<str>>(
+        &self,
+        order: &mut Versioned,
+        lease: &Lease,
+        mut change: impl FnMut(&mut Order) -> Result<(T, N), TransitionError>,
+    ) -> Result<T, Halt> {
         let mut rebases = 0;
         loop {
             let mut next = order.order.clone();
-            let result = match change(&mut next) {
-                Ok(result) => result,
+            let (result, what) = match change(&mut next) {
+                Ok(changed) => changed,
                 // The change was planned before a request came in, and no longer fits.
                 Err(_) if rebases > 0 => return Err(Halt::Redirected),
                 Err(e) => return Err(e.into()),
             };
             match self
-                .write(lease, what, Some(&order.order), &next, order.revision)
+                .write(
+                    lease,
+                    what.as_ref(),
+                    Some(&order.order),
+                    &next,
+                    order.revision,
+                )
                 .await
             {
                 Ok(written) => {

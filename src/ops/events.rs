@@ -8,15 +8,19 @@ use serde::Serialize;
 
 pub const SUBJECT_PREFIX: &str = "orders.events";
 
-/// A change of an order, as published on `orders.events.<id>`.
+/// A write of an order's document, as published on `orders.events.<id>`. One write can make more
+/// than one change (a step completes and the next one starts): `changes` lists them in the order
+/// they happened, and `change` is the last of them, the one that says where the order is now.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[schema(as = OrderEvent)]
 pub struct Event<'a> {
     pub order_id: uuid::Uuid,
-    /// What happened: `created`, `claimed`, `released`, `step_started`, `step_completed`,
-    /// `step_failed`, `rollback_started`, `rollback_completed`, `cancel_requested`, `intent_seen`,
-    /// `completed`, `failed`, `cancelled` or `retried`.
+    /// The last change the write made: `created`, `claimed`, `released`, `step_started`,
+    /// `step_completed`, `step_failed`, `rollback_started`, `rollback_completed`,
+    /// `cancel_requested`, `intent_seen`, `completed`, `failed`, `cancelled` or `retried`.
     pub change: &'static str,
+    /// Every change the write made, in order; `change` is the last.
+    pub changes: Vec<&'static str>,
     pub from: State,
     pub to: State,
     pub from_step: CurrentStep,
@@ -29,9 +33,11 @@ pub struct Event<'a> {
 impl<'a> Event<'a> {
     /// The event of the change from `before` to `after`, as `node` reports it.
     pub fn transition(before: &Order, after: &Order, node: &'a str) -> Event<'a> {
+        let changes = changes(before, after);
         Event {
             order_id: after.order_id,
-            change: change(before, after),
+            change: changes.last().copied().unwrap_or(RELEASED),
+            changes,
             from: before.state,
             to: after.state,
             from_step: before.current_step,
@@ -62,13 +68,15 @@ impl Events {
 
     /// Publishes the creation of `order`.
     pub async fn created(&self, order: &Order) {
+        let change = if order.state == State::Failed {
+            "failed"
+        } else {
+            "created"
+        };
         let event = Event {
             order_id: order.order_id,
-            change: if order.state == State::Failed {
-                "failed"
-            } else {
-                "created"
-            },
+            change,
+            changes: vec![change],
             from: order.state,
             to: order.state,
             from_step: order.current_step,
@@ -89,33 +97,64 @@ impl Events {
     }
 }
 
-/// Names the change from `before` to `after`, two successive versions of one order's document.
-pub fn change(before: &Order, after: &Order) -> &'static str {
-    if after.state != before.state {
-        match after.state {
-            State::Completed => return "completed",
-            State::Failed => return "failed",
-            State::Cancelled => return "cancelled",
-            State::Cancelling => return "cancel_requested",
-            State::Queued if before.state.is_terminal() => return "retried",
+const RELEASED: &str = "released";
+
+/// Names the changes from `before` to `after`, two successive versions of one order's document, in
+/// the order they were made: the claim, an intent seen, what ended (a step completed or failed, a
+/// rollback completed), what started (a step, a rollback), then a change of state. A write that
+/// only gives the order back is `released`.
+pub fn changes(before: &Order, after: &Order) -> Vec<&'static str> {
+    let mut changes = Vec::with_capacity(2);
+    if after.owner.is_some() && after.owner != before.owner {
+        changes.push("claimed");
+    }
+    let seen = |order: &Order| order.intent.as_ref().and_then(|i| i.seen_at);
+    if after.intent.is_some() && seen(after) != seen(before) {
+        changes.push("intent_seen");
+    }
+    let records = || {
+        after.steps.iter().enumerate().filter_map(|(i, record)| {
+            let was = before.steps.get(i).filter(|was| was.runs == record.runs);
+            (was != Some(record)).then_some((was.map(|w| w.status), record))
+        })
+    };
+    // What ended: steps in the order they ran, rollbacks in the reverse order.
+    for (was, record) in records() {
+        let failed_now =
+            record.step_complete_time.is_some() && matches!(was, None | Some(StepStatus::Running));
+        match record.status {
+            StepStatus::Completed => changes.push("step_completed"),
+            StepStatus::Failed => changes.push("step_failed"),
+            StepStatus::RollingBack if failed_now && was.is_some() => changes.push("step_failed"),
             _ => {}
         }
     }
-    let changed = after
-        .steps
-        .iter()
-        .enumerate()
-        .find(|(i, record)| before.steps.get(*i) != Some(*record));
-    match changed.map(|(_, record)| record.status) {
-        Some(StepStatus::Running) => "step_started",
-        Some(StepStatus::Completed) => "step_completed",
-        Some(StepStatus::Failed) => "step_failed",
-        Some(StepStatus::RollingBack) => "rollback_started",
-        Some(StepStatus::RolledBack) => "rollback_completed",
-        None if before.intent != after.intent => "intent_seen",
-        None if after.owner.is_some() => "claimed",
-        None => "released",
+    let mut rolled_back: Vec<&'static str> = records()
+        .filter(|(_, record)| record.status == StepStatus::RolledBack)
+        .map(|_| "rollback_completed")
+        .collect();
+    changes.append(&mut rolled_back);
+    for (_, record) in records() {
+        match record.status {
+            StepStatus::Running => changes.push("step_started"),
+            StepStatus::RollingBack => changes.push("rollback_started"),
+            _ => {}
+        }
     }
+    if after.state != before.state {
+        match after.state {
+            State::Completed => changes.push("completed"),
+            State::Failed => changes.push("failed"),
+            State::Cancelled => changes.push("cancelled"),
+            State::Cancelling => changes.push("cancel_requested"),
+            State::Queued if before.state.is_terminal() => changes.push("retried"),
+            _ => {}
+        }
+    }
+    if changes.is_empty() {
+        changes.push(RELEASED);
+    }
+    changes
 }
 
 #[cfg(test)]
@@ -123,6 +162,10 @@ mod tests {
     use super::*;
     use crate::domain::order::{Interface, Owner, Step};
     use chrono::TimeZone;
+
+    fn change(before: &Order, after: &Order) -> &'static str {
+        Event::transition(before, after, "n").change
+    }
 
     #[test]
     fn changes_are_named() {
@@ -181,5 +224,73 @@ mod tests {
         let mut cancelled = queued.clone();
         cancelled.request_cancel(intent).unwrap();
         assert_eq!(change(&queued, &cancelled), "cancelled");
+    }
+
+    #[test]
+    fn a_write_that_begins_the_next_transition_names_both_changes() {
+        let t = |s: i64| Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap();
+        let payload = serde_json::value::RawValue::from_string("{}".into()).unwrap();
+        let queued = Order::queued(uuid::Uuid::now_v7(), payload, Interface::Http, t(0));
+        let owner = Owner {
+            node: "n".into(),
+            delivery: 1,
+            stream_seq: 1,
+            claimed_at: t(1),
+        };
+        let names = |before: &Order, after: &Order| Event::transition(before, after, "n").changes;
+        let mut claimed = queued.clone();
+        claimed.claim(owner).unwrap();
+        claimed.start_step(Step::Scheduling, "n", t(1)).unwrap();
+        assert_eq!(names(&queued, &claimed), ["claimed", "step_started"]);
+        let mut next = claimed.clone();
+        next.complete_step(None, t(2)).unwrap();
+        next.start_step(Step::PreProcessing, "n", t(2)).unwrap();
+        assert_eq!(names(&claimed, &next), ["step_completed", "step_started"]);
+        let mut completed = next.clone();
+        for (at, step) in [(3, Step::Processing), (4, Step::PostProcessing)] {
+            completed.complete_step(None, t(at)).unwrap();
+            completed.start_step(step, "n", t(at)).unwrap();
+        }
+        let before = completed.clone();
+        completed.complete_step(None, t(5)).unwrap();
+        completed.finish(t(5)).unwrap();
+        assert_eq!(names(&before, &completed), ["step_completed", "completed"]);
+        assert_eq!(change(&before, &completed), "completed");
+
+        let mut failing = next.clone();
+        failing.fail_step("boom".into(), t(3)).unwrap();
+        failing
+            .start_rollback(Step::PreProcessing, "n", t(3))
+            .unwrap();
+        assert_eq!(names(&next, &failing), ["step_failed", "rollback_started"]);
+        let mut rolling = failing.clone();
+        rolling
+            .complete_rollback(Step::PreProcessing, t(4))
+            .unwrap();
+        rolling.start_rollback(Step::Scheduling, "n", t(4)).unwrap();
+        assert_eq!(
+            names(&failing, &rolling),
+            ["rollback_completed", "rollback_started"]
+        );
+        let mut failed = rolling.clone();
+        failed.complete_rollback(Step::Scheduling, t(5)).unwrap();
+        failed.finish(t(5)).unwrap();
+        assert_eq!(names(&rolling, &failed), ["rollback_completed", "failed"]);
+
+        // A step that its previous owner left running starts again: a new run, not a change of it.
+        let mut resumed = claimed.clone();
+        resumed.release(t(6));
+        let before = resumed.clone();
+        resumed
+            .claim(Owner {
+                node: "m".into(),
+                delivery: 2,
+                stream_seq: 1,
+                claimed_at: t(7),
+            })
+            .unwrap();
+        resumed.start_step(Step::Scheduling, "m", t(7)).unwrap();
+        assert_eq!(resumed.steps[0].runs, 2);
+        assert_eq!(names(&before, &resumed), ["claimed", "step_started"]);
     }
 }

@@ -7,7 +7,7 @@ use crate::domain::payload::{shown_payload, validate_payload};
 use crate::engine::connection::Epoch;
 use crate::engine::intent::{retry, Retry};
 use crate::engine::lease::{Holder, Lease};
-use crate::engine::pipeline::{Pipeline, Stop};
+use crate::engine::pipeline::{Begun, Pipeline, Stop};
 use crate::engine::window::Windows;
 use crate::engine::write::{Halt, StoreRetry};
 use crate::ops::audit::{Audit, LeaseEnd};
@@ -273,15 +273,15 @@ impl Processor {
                 return Err(Failure::Poison(TermReason::Duplicate));
             }
         }
-        match self.claim(&mut order, delivery, lease).await {
+        let begun = match self.claim(&mut order, delivery, lease, stop).await {
             // Cancelled before anyone picked it up, while this delivery was claiming it.
             Err(Failure::Halt(Halt::Redirected)) if order.order.is_terminal() => {
                 return Ok(Processed::AlreadyTerminal)
             }
             claimed => claimed?,
-        }
+        };
         metrics::gauge!(m::ORDERS_IN_FLIGHT).increment(1.0);
-        let result = self.pipeline.run(&mut order, lease, stop).await;
+        let result = self.pipeline.run(&mut order, lease, stop, begun).await;
         metrics::gauge!(m::ORDERS_IN_FLIGHT).decrement(1.0);
         match result {
             Ok(state) => Ok(Processed::Finished(state, Box::new(order.order))),
@@ -374,14 +374,16 @@ impl Processor {
         }
     }
 
-    /// Claims the order for this delivery, unless this delivery's lease claimed it already (a retry
-    /// after a store outage goes on under its own claim).
+    /// Claims the order for this delivery, beginning its next step in the same write, unless this
+    /// delivery's lease claimed it already (a retry after a store outage goes on under its own
+    /// claim). Returns what the claim began.
     async fn claim(
         &self,
         order: &mut Versioned,
         delivery: &Delivery,
         lease: &Lease,
-    ) -> Result<(), Failure> {
+        stop: &Stop,
+    ) -> Result<Begun, Failure> {
         let node_id = self.pipeline.node_id();
         let consumer_created = self.windows.borrow().created;
         let ours = order.order.owner.as_ref().is_some_and(|owner| {
@@ -391,7 +393,7 @@ impl Processor {
                 && lease.is_claimed()
         });
         if ours {
-            return Ok(());
+            return Ok(None);
         }
         if let Some(owner) = order.order.owner.as_ref().filter(|owner| {
             // A claim made through a consumer that was since deleted and created again is stale
@@ -414,9 +416,9 @@ impl Processor {
             stream_seq: delivery.stream_seq,
             claimed_at: now(),
         };
-        self.pipeline
-            .writer()
-            .commit(order, lease, "claim", |o| o.claim(owner.clone()))
+        let begun = self
+            .pipeline
+            .claim(order, owner, lease, stop)
             .await
             .map_err(Failure::Halt)?;
         if first_pickup {
@@ -425,7 +427,7 @@ impl Processor {
                 .unwrap_or_default();
             metrics::histogram!(m::QUEUE_WAIT).record(waited.as_secs_f64());
         }
-        Ok(())
+        Ok(begun)
     }
 
     /// Records an order whose message can never be processed as failed, then has it terminated.

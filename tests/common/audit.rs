@@ -274,17 +274,26 @@ async fn check_order(
     let mut completed = HashSet::new();
     for commit in commits {
         let step = commit["step"].as_str().unwrap_or_default().to_owned();
-        match commit["change"].as_str() {
-            Some("start_step") => {
-                assert!(
+        let change = commit["change"].as_str().unwrap_or_default();
+        // A write can carry the next transition: `complete_step+start_step` completes the step
+        // before the one it starts, `complete_step+finish` the last one.
+        let parts: Vec<&str> = change.split('+').collect();
+        for part in &parts {
+            match *part {
+                "start_step" => assert!(
                     !completed.contains(&step),
                     "order {id}: step {step} was started again after it completed: {commit}"
-                );
+                ),
+                "complete_step" => {
+                    let done = match parts.get(1) {
+                        Some(&"start_step") => previous_step(&step),
+                        Some(&"finish") => STEPS[3],
+                        _ => step.as_str(),
+                    };
+                    completed.insert(done.to_owned());
+                }
+                _ => {}
             }
-            Some("complete_step") => {
-                completed.insert(step);
-            }
-            _ => {}
         }
     }
 
@@ -525,4 +534,31 @@ pub fn median_max(values: &mut [f64]) -> (f64, f64) {
     }
     values.sort_by(f64::total_cmp);
     (values[values.len() / 2], values[values.len() - 1])
+}
+
+const STEPS: [&str; 4] = [
+    "Scheduling",
+    "Pre-Processing",
+    "Processing",
+    "Post-Processing",
+];
+
+/// The step that runs before `step`.
+fn previous_step(step: &str) -> &'static str {
+    let at = STEPS
+        .iter()
+        .position(|s| *s == step)
+        .unwrap_or_else(|| panic!("a step named {step}"));
+    STEPS[at
+        .checked_sub(1)
+        .unwrap_or_else(|| panic!("a step before {step}"))]
+}
+
+/// Whether an audit line is a write that ended its order (alone, or carried by the write of the
+/// last step's completion or rollback).
+pub fn finishes(line: &Value) -> bool {
+    line["event"] == "commit"
+        && line["change"]
+            .as_str()
+            .is_some_and(|change| change.split('+').any(|part| part == "finish"))
 }

@@ -525,6 +525,13 @@ pub async fn stream_messages(js: &jetstream::Context) -> Option<u64> {
 }
 
 /// How many revisions in the order's history are terminal: exactly one for an order that ended once.
+/// How many times the order's document was written (its revisions in the bucket's history).
+pub async fn revisions(kv: &jetstream::kv::Store, id: Uuid) -> usize {
+    use futures::StreamExt;
+    let history = kv.history(id.to_string()).await.expect("kv history");
+    history.count().await
+}
+
 pub async fn terminal_revisions(kv: &jetstream::kv::Store, id: Uuid) -> usize {
     use futures::StreamExt;
     let mut history = kv.history(id.to_string()).await.expect("kv history");
