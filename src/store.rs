@@ -146,11 +146,12 @@ impl OrderStore {
         let entry = self.index.announce(order, 0).await?;
         let created = self.create_document(order).await;
         match &created {
-            Ok(created) => {
-                self.index
-                    .saw(order.order_id, created.revision, order.state);
-                self.index.settle(order.order_id, entry);
-            }
+            // The key was free, so the order has no older entry to purge, unless a create whose
+            // answer was lost wrote one: the order's next change of state purges it, and a listing
+            // passes over the extra copy meanwhile.
+            Ok(created) => self
+                .index
+                .saw(order.order_id, created.revision, order.state),
             Err(StoreError::Exists(_)) => self.index.withdraw(order.order_id, entry),
             Err(_) => {} // may have been applied: the entry stays
         }
