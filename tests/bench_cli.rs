@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The figures the JSON report must carry, each a finite number above zero.
-const FIGURES: [&str; 14] = [
+const FIGURES: [&str; 16] = [
     "floor_orders_per_s",
     "orders_per_s",
     "ratio_to_floor",
@@ -19,7 +19,9 @@ const FIGURES: [&str; 14] = [
     "overhead_p99_ms",
     "query_per_s",
     "query_p99_ms",
+    "query_p50_ms",
     "kv_get_per_s",
+    "kv_get_p99_ms",
     "query_ratio_to_kv",
     "rss_busy_mib",
     "rss_queued_mib",

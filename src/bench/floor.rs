@@ -4,6 +4,7 @@
 //! node's own work (leases, heartbeats, metrics, decisions). The nodes' orders per second divided by
 //! the floor's is what Orderly's own code costs.
 
+use super::document::Document;
 use super::load::preload;
 use super::mix::{Change, OpMix};
 use crate::engine::lease::confirm;
@@ -27,12 +28,6 @@ const INDEX_PREFIX: &str = "bench.floor.index";
 const EVENTS_PREFIX: &str = "bench.floor.events";
 /// Orders in flight per node-equivalent, as a node's default workers.
 const WORKERS: usize = 50;
-const STEPS: [&str; 4] = [
-    "Scheduling",
-    "Pre-Processing",
-    "Processing",
-    "Post-Processing",
-];
 
 /// One drain of the floor: `orders` preloaded, then processed by `nodes` node-equivalents.
 pub async fn drain(
@@ -44,8 +39,21 @@ pub async fn drain(
 ) -> anyhow::Result<f64> {
     let admin = jetstream::new(async_nats::connect(url).await?);
     remove(&admin).await;
-    create(&admin).await?;
-    preload(&admin, SUBMIT_PREFIX, orders).await?;
+    let measured = measure(url, &admin, mix, orders, nodes, timeout).await;
+    remove(&admin).await;
+    measured
+}
+
+async fn measure(
+    url: &str,
+    admin: &jetstream::Context,
+    mix: OpMix,
+    orders: usize,
+    nodes: usize,
+    timeout: Duration,
+) -> anyhow::Result<f64> {
+    create(admin).await?;
+    preload(admin, SUBMIT_PREFIX, orders).await?;
 
     let progress = Arc::new(Progress::new(orders));
     let mut pullers = JoinSet::new();
@@ -76,7 +84,6 @@ pub async fn drain(
     let elapsed = clock.elapsed();
     progress.done.cancel();
     pullers.shutdown().await;
-    remove(&admin).await;
     if let Some(e) = progress.error.lock().ok().and_then(|mut e| e.take()) {
         return Err(e);
     }
@@ -130,6 +137,17 @@ async fn create(js: &jetstream::Context) -> anyhow::Result<()> {
     .await
     .context("cannot create the floor's index stream")?;
     Ok(())
+}
+
+/// Deletes the floor's objects on the server at `url`, if it answers within a few seconds: after an
+/// interrupted run.
+pub async fn clean_up(url: &str) {
+    let cleaned = async {
+        if let Ok(client) = async_nats::connect(url).await {
+            remove(&jetstream::new(client)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), cleaned).await;
 }
 
 /// Deletes the floor's objects (those that exist).
@@ -323,83 +341,5 @@ impl Worker {
             )
             .await?;
         Ok(())
-    }
-}
-
-/// A document of the shape and size of Orderly's (`domain::order::Order` as stored), growing as
-/// steps are recorded.
-struct Document(Value);
-
-impl Document {
-    fn queued(id: &str, payload: Value) -> Document {
-        let now = crate::clock::now();
-        Document(json!({
-            "order_id": id,
-            "state": "Queued",
-            "current_step": STEPS[0],
-            "start_time": now,
-            "complete_time": null,
-            "steps": [],
-            "attempt": 0,
-            "owner": null,
-            "message_seq": null,
-            "submitted_via": "stream",
-            "updated_at": now,
-            "payload": payload,
-        }))
-    }
-
-    fn state(&self) -> String {
-        self.0["state"].as_str().unwrap_or_default().to_owned()
-    }
-
-    fn encode(&self) -> bytes::Bytes {
-        serde_json::to_vec(&self.0).unwrap_or_default().into()
-    }
-
-    fn apply(&mut self, change: Change, state: &str, node: &str, seq: u64) {
-        let now = json!(crate::clock::now());
-        let doc = &mut self.0;
-        let start = |doc: &mut Value, step: usize| {
-            if let Some(steps) = doc["steps"].as_array_mut() {
-                steps.push(json!({
-                    "step_name": STEPS[step],
-                    "status": "Running",
-                    "step_start_time": now,
-                    "step_complete_time": null,
-                    "node": node,
-                    "attempt": 1,
-                    "runs": 1,
-                }));
-            }
-            doc["current_step"] = json!(STEPS[step]);
-        };
-        let complete = |doc: &mut Value, step: usize| {
-            doc["steps"][step]["status"] = json!("Completed");
-            doc["steps"][step]["step_complete_time"] = now.clone();
-        };
-        match change {
-            Change::Create => {}
-            Change::ClaimAndStart => {
-                doc["attempt"] = json!(1);
-                doc["message_seq"] = json!(seq);
-                doc["owner"] = json!({
-                    "node": node, "delivery": 1, "stream_seq": seq, "claimed_at": now,
-                });
-                start(doc, 0);
-            }
-            Change::CompleteAndStart(step) => {
-                complete(doc, step);
-                start(doc, step + 1);
-            }
-            Change::CompleteAndFinish => {
-                complete(doc, STEPS.len() - 1);
-                doc["current_step"] = json!("Completed");
-                doc["complete_time"] = now.clone();
-                doc["owner"] = Value::Null;
-            }
-        }
-        doc["state"] = json!(state);
-        doc["updated_at"] = now;
     }
 }

@@ -1,6 +1,7 @@
 //! The figures of a run: as a table on stdout and as JSON (`--json PATH`), the same numbers.
 
-use super::phases::{Drain, Scale};
+use super::mix;
+use super::phases::{Drain, Memory, Overhead, Reads, Scale};
 use serde::Serialize;
 
 /// Everything a run measured, with what it was measured against.
@@ -96,6 +97,42 @@ pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
 }
 
 impl Report {
+    /// The report of a run's phases: medians over the rounds, the rest as measured.
+    pub fn new(
+        parameters: Parameters,
+        rounds: Vec<Round>,
+        scaling: Vec<Scale>,
+        overhead: &Overhead,
+        reads: &Reads,
+        memory: &Memory,
+    ) -> Report {
+        Report {
+            parameters,
+            op_mix: mix::ORDERLY.summary(),
+            floor_orders_per_s: median(rounds.iter().map(|r| r.floor_orders_per_s)),
+            orders_per_s: median(rounds.iter().map(|r| r.nodes.orders_per_s)),
+            ratio_to_floor: median(rounds.iter().map(|r| r.ratio_to_floor)),
+            writes_per_order: median(rounds.iter().map(|r| r.nodes.writes_per_order)),
+            floor_writes_per_order: mix::ORDERLY.writes.len() as f64,
+            events_per_order: median(rounds.iter().map(|r| r.nodes.events_per_order)),
+            floor_events_per_order: mix::ORDERLY.events() as f64,
+            scaling,
+            overhead_p50_ms: overhead.p50_ms,
+            overhead_p99_ms: overhead.p99_ms,
+            query_per_s: reads.http_per_s,
+            query_p50_ms: reads.http_p50_ms,
+            query_p99_ms: reads.http_p99_ms,
+            kv_get_per_s: reads.kv_per_s,
+            kv_get_p50_ms: reads.kv_p50_ms,
+            kv_get_p99_ms: reads.kv_p99_ms,
+            query_ratio_to_kv: reads.http_per_s / reads.kv_per_s,
+            rss_busy_mib: memory.busy_mib,
+            rss_queued_mib: memory.queued_mib,
+            rss_queued_orders: memory.queued_orders,
+            rounds,
+        }
+    }
+
     /// The table printed on stdout.
     pub fn table(&self) -> String {
         let p = &self.parameters;
