@@ -88,3 +88,53 @@ impl Document {
         doc["updated_at"] = now;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::mix::ORDERLY;
+    use crate::domain::order::{Interface, Order, Owner, Step};
+
+    /// The node's own document through the same writes, for comparison.
+    fn node_documents(id: uuid::Uuid, payload: &str) -> Vec<usize> {
+        let now = crate::clock::now();
+        let raw = serde_json::value::RawValue::from_string(payload.into()).unwrap();
+        let mut order = Order::queued(id, raw, Interface::Stream, now);
+        let mut sizes = vec![crate::store::encode(&order).len()];
+        order
+            .claim(Owner {
+                node: "bench-floor-0".into(),
+                delivery: 1,
+                stream_seq: 12345,
+                claimed_at: now,
+            })
+            .unwrap();
+        for step in Step::ALL {
+            order.start_step(step, "bench-floor-0", now).unwrap();
+            sizes.push(crate::store::encode(&order).len());
+            order.complete_step(None, now).unwrap();
+        }
+        order.finish(now).unwrap();
+        sizes.push(crate::store::encode(&order).len());
+        sizes
+    }
+
+    /// Within 15 %, write by write (when written, 317 to 1 140 bytes, equal to the byte).
+    #[test]
+    fn the_floors_document_is_the_size_of_the_nodes() {
+        let id = uuid::Uuid::now_v7();
+        let payload = r#"{"customer":"bench","n":1234}"#;
+        let mut doc = Document::queued(&id.to_string(), serde_json::from_str(payload).unwrap());
+        let mut sizes = vec![];
+        for write in ORDERLY.writes {
+            doc.apply(write.records, write.state, "bench-floor-0", 12345);
+            sizes.push(doc.encode().len());
+        }
+        let node = node_documents(id, payload);
+        assert_eq!(sizes.len(), node.len());
+        for (floor, node) in sizes.iter().zip(&node) {
+            let off = (*floor as f64 - *node as f64).abs() / *node as f64;
+            assert!(off < 0.15, "floor {sizes:?} against node {node:?}");
+        }
+    }
+}
