@@ -19,10 +19,12 @@
 //! - [`store`]: the `orders` bucket, and the order index it keeps ([`index`]).
 //! - [`ops`]: metrics, the lease audit, order events, the cluster view.
 //! - [`domain`]: the order, its payload and its intents: pure.
+//! - [`bench`]: `orderly bench`, which measures nodes against the floor of their NATS operations.
 //!
 //! A library user runs a node with steps of their own through [`run_with`].
 
 mod api;
+pub mod bench;
 mod clock;
 pub mod config;
 pub mod domain;

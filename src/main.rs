@@ -1,17 +1,57 @@
-//! The `orderly` binary: parse the configuration, start logging, run a node until SIGINT or SIGTERM.
+//! The `orderly` binary: parse the configuration, start logging, run a node until SIGINT or SIGTERM;
+//! or, with `orderly bench`, measure Orderly on a NATS deployment.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use orderly::config::{Config, LogFormat};
 use std::sync::Arc;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
+/// The node's settings, or a subcommand.
+#[derive(Debug, Parser)]
+#[command(name = "orderly", version, about = "Order processing on NATS JetStream", long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    config: Config,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure Orderly on a NATS server (a private one unless NATS_URL is set): throughput against
+    /// the floor of its own NATS operations, scaling with nodes, overhead per order, reads, memory.
+    Bench(orderly::bench::Args),
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let mut config = match Config::try_parse() {
-        Ok(config) => config,
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
         Err(e) => exit_on_bad_config(e),
     };
+    match cli.command {
+        Some(Command::Bench(args)) => bench(args).await,
+        None => node(cli.config).await,
+    }
+}
+
+/// `orderly bench`: library warnings on stderr beside the progress lines.
+async fn bench(args: orderly::bench::Args) -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .init();
+    match orderly::bench::run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn node(mut config: Config) -> std::process::ExitCode {
     if let Err(e) = config.check() {
         eprintln!("error: {e}");
         return std::process::ExitCode::from(2);
@@ -140,7 +180,7 @@ fn exit_on_bad_config(error: clap::Error) -> ! {
             .next()
             .unwrap_or_default()
             .trim_start_matches("--");
-        let command = <Config as clap::CommandFactory>::command();
+        let command = <Cli as clap::CommandFactory>::command();
         let env = command
             .get_arguments()
             .find(|a| a.get_long() == Some(long))
