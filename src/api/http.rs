@@ -31,8 +31,22 @@ use tokio_util::sync::CancellationToken;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
+/// What every handler and middleware gets: shared, since axum hands each request its own copy of
+/// the state (a copy per layer), and the parts (the bucket's stream description, the connections)
+/// are not cheap to copy.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+#[derive(Clone)]
+pub struct Shared {
     intake: Intake,
     control: Control,
     cluster: Cluster,
@@ -60,7 +74,7 @@ impl AppState {
         metrics: PrometheusHandle,
         draining: CancellationToken,
     ) -> AppState {
-        AppState {
+        AppState(Arc::new(Shared {
             intake,
             control,
             cluster,
@@ -71,21 +85,22 @@ impl AppState {
             tokens: Tokens::default(),
             drain_request: CancellationToken::new(),
             serving: Arc::new(AtomicBool::new(true)),
-        }
+        }))
     }
 
     /// Requests need one of `tokens` (none: the API is open); `POST /admin/drain` cancels
     /// `drain_request`.
     pub fn with_access(mut self, tokens: Tokens, drain_request: CancellationToken) -> AppState {
-        self.tokens = tokens;
-        self.drain_request = drain_request;
+        let shared = Arc::make_mut(&mut self.0);
+        shared.tokens = tokens;
+        shared.drain_request = drain_request;
         self
     }
 
     /// Readiness also waits for the `orders` NATS service, which sets `serving` once its endpoints
     /// answer: a node is not ready while `nats req orders.create` would find no responder on it.
     pub fn with_service(mut self, serving: Arc<AtomicBool>) -> AppState {
-        self.serving = serving;
+        Arc::make_mut(&mut self.0).serving = serving;
         self
     }
 

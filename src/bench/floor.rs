@@ -274,7 +274,7 @@ impl Worker {
                 Change::Create => self.kv.create(&id, value).await?,
                 _ => self.kv.update(&id, value, revision).await?,
             };
-            if let Some(entry) = entry {
+            if let Some(entry) = entry.filter(|_| write.purges()) {
                 self.purge_below(&id, entry);
             }
             for _ in 0..self.mix.events_per_write {

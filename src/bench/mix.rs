@@ -15,7 +15,8 @@
 //! - the index: `OrderStore::create`/`update` publish an index entry, awaited, before each write that
 //!   changes the state the index shows (`OrderIndex::announce`: here `Queued`, `Running`,
 //!   `Completed`) and, once the write succeeded, purge the order's older entries in the background
-//!   (`OrderIndex::settle`, a `STREAM.PURGE` request not awaited by the order);
+//!   (`OrderIndex::settle`, a `STREAM.PURGE` request not awaited by the order), except after the
+//!   create;
 //! - the events: one core publish on `orders.events.<id>` after each write (`ops::events`);
 //! - the ack: one double ack, waiting for the server's reply (`queue::settle`, `lease::confirm`).
 
@@ -103,6 +104,13 @@ pub const ORDERLY: OpMix = OpMix {
     double_acks: 1,
 };
 
+impl Write {
+    /// Whether the order's older index entries are purged after it.
+    pub fn purges(&self) -> bool {
+        self.indexed && self.records != Change::Create
+    }
+}
+
 impl OpMix {
     pub fn kv_creates(&self) -> usize {
         self.writes
@@ -120,9 +128,10 @@ impl OpMix {
         self.writes.iter().filter(|w| w.indexed).count()
     }
 
-    /// Index purges sent in the background (none for the stream's very first entry).
+    /// Index purges sent in the background: after each indexed write but the create, whose key
+    /// was free (`OrderStore::create`).
     pub fn index_purges(&self) -> usize {
-        self.index_publishes()
+        self.writes.iter().filter(|w| w.purges()).count()
     }
 
     pub fn events(&self) -> usize {
@@ -165,6 +174,7 @@ mod tests {
         assert_eq!(ORDERLY.kv_updates(), 5);
         assert_eq!(ORDERLY.events(), 6);
         assert_eq!(ORDERLY.index_publishes(), 3);
+        assert_eq!(ORDERLY.index_purges(), 2);
         assert_eq!(ORDERLY.writes.last().map(|w| w.state), Some("Completed"));
     }
 }

@@ -39,12 +39,27 @@ pub async fn drain(
     reset(js).await?;
     preload(js, SUBMIT_PREFIX, orders).await?;
     let events = count_events(js.client()).await?;
-    // The clock starts with the processes: their start-up counts against them.
-    let started = Instant::now();
+    let spawned = Instant::now();
     let mut running = (0..nodes)
         .map(|_| spawner.spawn(Duration::ZERO))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let deadline = started + timeout;
+    let deadline = spawned + timeout;
+    // The clock starts at the first order a node finishes, as the floor's starts with its orders
+    // loaded and its connections open: a process's start-up is not what is measured.
+    let (left, started) = loop {
+        let left = messages(js, STREAM).await?;
+        if (left as usize) < orders {
+            break (left, Instant::now());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{nodes} node(s) finished no order in {timeout:?}"
+        );
+        for node in &mut running {
+            node.check_alive()?;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
     while messages(js, STREAM).await? > 0 {
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -64,7 +79,7 @@ pub async fn drain(
     tokio::time::sleep(Duration::from_millis(200)).await;
     let events = events.load(Ordering::Relaxed);
     Ok(Drain {
-        orders_per_s: orders as f64 / elapsed.as_secs_f64(),
+        orders_per_s: left as f64 / elapsed.as_secs_f64(),
         writes_per_order: writes as f64 / orders as f64,
         events_per_order: events as f64 / orders as f64,
     })
@@ -119,10 +134,14 @@ pub async fn scale(
     reset(js).await?;
     preload(js, SUBMIT_PREFIX, queued).await?;
     let mut running = spawner.start(nodes, step).await?;
+    // Orders taken from a preloaded queue all start at once and so end in waves, one every four
+    // steps: counting between two arbitrary moments would be off by up to a wave. The count is
+    // taken at the first acknowledgement after the warm-up and after the window instead, so the
+    // window holds whole waves.
     tokio::time::sleep(window.warm_up).await;
-    let (before, from) = (messages(js, STREAM).await?, Instant::now());
+    let (before, from) = next_ack(js).await?;
     tokio::time::sleep(window.measure).await;
-    let (after, to) = (messages(js, STREAM).await?, Instant::now());
+    let (after, to) = next_ack(js).await?;
     for node in &mut running {
         node.check_alive()?;
     }
@@ -138,6 +157,20 @@ pub async fn scale(
         ideal_orders_per_s: ideal,
         efficiency: orders_per_s / ideal,
     })
+}
+
+/// The work stream's message count right after the next order leaves it, and when.
+async fn next_ack(js: &jetstream::Context) -> anyhow::Result<(u64, Instant)> {
+    let start = messages(js, STREAM).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let now = messages(js, STREAM).await?;
+        if now < start {
+            return Ok((now, Instant::now()));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    anyhow::bail!("no order finished within 30 s")
 }
 
 /// What an order takes beyond its four steps, at moderate load, and the ids of the orders.

@@ -184,7 +184,7 @@ impl Report {
                 p.overhead_orders
             ),
             format!("{:.1} / {:.1}", self.overhead_p50_ms, self.overhead_p99_ms),
-            "0".into(),
+            "0 (ideal)".into(),
             "".into(),
         );
         row(
