@@ -478,10 +478,19 @@ impl Parts<'_> {
     async fn intake(&self, audit: &Audit) -> anyhow::Result<Intake> {
         let public = &self.connections.public;
         let js = async_nats::jetstream::new(public.clone());
-        let orders = js
-            .get_key_value(crate::store::BUCKET)
-            .await
-            .context("cannot open the orders bucket")?;
+        // Set up on another connection a moment ago; a cluster under load can still let one request
+        // for it time out, which is no reason to stop the node.
+        let deadline = Instant::now() + SETUP_PATIENCE;
+        let orders = loop {
+            match js.get_key_value(crate::store::BUCKET).await {
+                Ok(orders) => break orders,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "cannot open the orders bucket yet; retrying in 1s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e).context("cannot open the orders bucket"),
+            }
+        };
         let store = OrderStore::new(orders, OrderIndex::new(js.clone()), audit.clone());
         let events = Events::new(public.clone(), self.node_id.to_owned());
         Ok(Intake::new(js, store, events))
