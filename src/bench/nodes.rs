@@ -56,20 +56,8 @@ impl Spawner {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        // On Linux a node dies with the thread that started it, should the run die without dropping it.
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-            unsafe {
-                command.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
+        // A node dies with the run, should the run die without dropping it.
+        crate::queue::embedded::die_with_parent(&mut command);
         let child = command.spawn().context("cannot start a node")?;
         Ok(NodeProcess {
             child,

@@ -46,31 +46,14 @@ pub async fn drain(
     let deadline = spawned + timeout;
     // The clock starts at the first order a node finishes, as the floor's starts with its orders
     // loaded and its connections open: a process's start-up is not what is measured.
-    let (left, started) = loop {
-        let left = messages(js, STREAM).await?;
-        if (left as usize) < orders {
-            break (left, Instant::now());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{nodes} node(s) finished no order in {timeout:?}"
-        );
-        for node in &mut running {
-            node.check_alive()?;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    while messages(js, STREAM).await? > 0 {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{nodes} node(s) did not drain {orders} orders in {timeout:?}"
-        );
-        for node in &mut running {
-            node.check_alive()?;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let elapsed = started.elapsed();
+    let (left, started) = watch_queue(js, &mut running, deadline, FINE, |n| n < orders as u64)
+        .await
+        .with_context(|| format!("{nodes} node(s) finished no order in {timeout:?}"))?;
+    // Polled less often while the nodes drain: each read is a request to the server measured.
+    let (_, ended) = watch_queue(js, &mut running, deadline, COARSE, |n| n == 0)
+        .await
+        .with_context(|| format!("{nodes} node(s) did not drain {orders} orders in {timeout:?}"))?;
+    let elapsed = ended - started;
     for node in running {
         node.stop(Duration::from_secs(15)).await;
     }
@@ -83,6 +66,37 @@ pub async fn drain(
         writes_per_order: writes as f64 / orders as f64,
         events_per_order: events as f64 / orders as f64,
     })
+}
+
+/// How often the work stream's count is read when a moment is to be caught: the first order done,
+/// the edge of a wave.
+const FINE: Duration = Duration::from_millis(2);
+/// How often it is read while nodes drain it.
+const COARSE: Duration = Duration::from_millis(10);
+
+/// Reads the work stream's message count every `every` until `enough` says so, while the nodes stay
+/// alive; returns the count and when it was read.
+async fn watch_queue(
+    js: &jetstream::Context,
+    running: &mut [NodeProcess],
+    deadline: Instant,
+    every: Duration,
+    enough: impl Fn(u64) -> bool,
+) -> anyhow::Result<(u64, Instant)> {
+    loop {
+        let left = messages(js, STREAM).await?;
+        if enough(left) {
+            return Ok((left, Instant::now()));
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{left} orders left at the deadline"
+        );
+        for node in running.iter_mut() {
+            node.check_alive()?;
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// Counts the messages on `orders.events.>` from now on.
@@ -139,12 +153,9 @@ pub async fn scale(
     // taken at the first acknowledgement after the warm-up and after the window instead, so the
     // window holds whole waves.
     tokio::time::sleep(window.warm_up).await;
-    let (before, from) = next_ack(js).await?;
+    let (before, from) = next_ack(js, &mut running).await?;
     tokio::time::sleep(window.measure).await;
-    let (after, to) = next_ack(js).await?;
-    for node in &mut running {
-        node.check_alive()?;
-    }
+    let (after, to) = next_ack(js, &mut running).await?;
     drop(running);
     anyhow::ensure!(
         after > 0,
@@ -160,17 +171,15 @@ pub async fn scale(
 }
 
 /// The work stream's message count right after the next order leaves it, and when.
-async fn next_ack(js: &jetstream::Context) -> anyhow::Result<(u64, Instant)> {
+async fn next_ack(
+    js: &jetstream::Context,
+    running: &mut [NodeProcess],
+) -> anyhow::Result<(u64, Instant)> {
     let start = messages(js, STREAM).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let now = messages(js, STREAM).await?;
-        if now < start {
-            return Ok((now, Instant::now()));
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    anyhow::bail!("no order finished within 30 s")
+    watch_queue(js, running, deadline, FINE, |n| n < start)
+        .await
+        .context("no order finished within 30 s")
 }
 
 /// What an order takes beyond its four steps, at moderate load, and the ids of the orders.

@@ -62,20 +62,10 @@ impl EmbeddedServer {
             // and then stops the server, instead of losing the server in the middle of the drain.
             .process_group(0)
             .kill_on_drop(true);
-        // On Linux the kernel kills the server when the thread that started it dies. Other Unix
-        // systems have no parent-death signal: there the server is stopped when the node stops or
-        // drops it, but a node killed with SIGKILL leaves it running (the next node started on the
-        // same address uses it).
-        #[cfg(target_os = "linux")]
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // Other Unix systems have no parent-death signal: there the server is stopped when the node
+        // stops or drops it, but a node killed with SIGKILL leaves it running (the next node started
+        // on the same address uses it).
+        die_with_parent(command.as_std_mut());
         let child = command.spawn().map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => EmbeddedError::NotInstalled {
                 path: binary.to_owned(),
@@ -117,4 +107,24 @@ impl EmbeddedServer {
             }
         }
     }
+}
+
+/// Has the kernel kill the process `command` starts when the thread that started it dies (Linux; a
+/// no-op elsewhere), so that a child outlives no `kill -9` of its parent.
+pub fn die_with_parent(command: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
 }
