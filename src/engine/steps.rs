@@ -123,8 +123,12 @@ fn interrupted() -> StepOutcome {
     }
 }
 
-/// Sleeps `duration`; false if `cancel` fired first.
+/// Sleeps `duration`; false if `cancel` fired first. A zero duration takes no time at all: a timer,
+/// even an elapsed one, fires only at the runtime's next millisecond tick.
 async fn waited(duration: Duration, cancel: &CancellationToken) -> bool {
+    if duration.is_zero() {
+        return !cancel.is_cancelled();
+    }
     tokio::select! {
         _ = tokio::time::sleep(duration) => true,
         _ = cancel.cancelled() => false,
