@@ -9,15 +9,6 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use uuid::Uuid;
 
-async fn orders_kv(server: &NatsServer) -> async_nats::jetstream::kv::Store {
-    server
-        .js()
-        .await
-        .get_key_value("orders")
-        .await
-        .expect("the orders bucket")
-}
-
 const STEPS: [&str; 4] = [
     "Scheduling",
     "Pre-Processing",
@@ -84,7 +75,7 @@ async fn a_queued_order_is_cancelled_at_once_and_never_runs() {
         .start()
         .await;
     let http = reqwest::Client::new();
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     let busy = submit(&http, &node, json!({ "customer": "ada" })).await;
     wait_doc(&kv, busy, "the only worker is busy", |d| {
         d["state"] == "Running"
@@ -155,7 +146,7 @@ async fn a_running_order_is_interrupted_at_any_step_and_rolled_back() {
         .start()
         .await;
     let http = reqwest::Client::new();
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     let client = server.client().await;
     let mut ids = Vec::new();
     for _ in STEPS {
@@ -240,7 +231,7 @@ async fn a_cancel_is_refused_once_the_outcome_is_decided() {
         .start()
         .await;
     let http = reqwest::Client::new();
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     let id = submit(&http, &node, json!({ "customer": "ada" })).await;
     wait_doc(&kv, id, "the rollback runs", |d| {
         d["state"] == "RollingBack"
@@ -287,7 +278,7 @@ async fn over_nats_cancel_and_retry_answer_as_http_does() {
         .start()
         .await;
     let http = reqwest::Client::new();
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     let client = server.client().await;
     let error_code = |reply: &async_nats::Message| {
         reply
@@ -364,7 +355,7 @@ async fn a_failed_order_is_retried_as_a_new_attempt_and_keeps_the_old_one() {
         .start()
         .await;
     let http = reqwest::Client::new();
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     let id = submit(&http, &failing, json!({ "customer": "ada" })).await;
     let failed = wait_all_terminal(&kv, &[id], Duration::from_secs(20))
         .await
@@ -419,7 +410,7 @@ async fn a_cancel_written_while_a_node_runs_the_order_is_not_taken_for_a_takeove
         .await;
     let http = reqwest::Client::new();
     let id = submit(&http, &node, json!({ "customer": "ada" })).await;
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     wait_doc(&kv, id, "the order runs", |d| {
         d["state"] == "Running" && d["owner"].is_object()
     })

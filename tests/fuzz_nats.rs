@@ -294,17 +294,7 @@ async fn hostile_nats_input_is_answered_and_ended() {
         || async { (common::stream_messages(&js).await == Some(0)).then_some(()) },
     )
     .await;
-    for id in ids {
-        wait_until(
-            "an order submitted during the attack to complete",
-            Duration::from_secs(30),
-            || async {
-                let doc = common::get_json(&http, &format!("{}/orders/{id}", node.http)).await;
-                (doc["state"] == "Completed").then_some(())
-            },
-        )
-        .await;
-    }
+    common::wait_completed(&http, &node, &ids, "an order submitted during the attack").await;
     // A message that can never be an order (bad id, not an object, too large) is terminated and
     // counted; the others (a foreign Nats-Msg-Id, a malformed header block) run as orders.
     let unrunnable: usize = ["bad id", "not an object", "1 MiB"]

@@ -9,15 +9,6 @@ use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-async fn orders_kv(server: &NatsServer) -> jetstream::kv::Store {
-    server
-        .js()
-        .await
-        .get_key_value("orders")
-        .await
-        .expect("orders bucket")
-}
-
 /// The step's number, 1 to 4.
 fn step_number(step: &str) -> usize {
     [
@@ -45,7 +36,7 @@ async fn hundred_orders_with_seeded_failures_all_end_terminal() {
     for i in 0..100 {
         ids.push(submit(&http, &node, json!({ "customer": "ada", "n": i })).await);
     }
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     let docs = wait_all_terminal(&kv, &ids, Duration::from_secs(60)).await;
     let mut completed = 0;
     for (id, doc) in ids.iter().zip(&docs) {
@@ -104,7 +95,7 @@ async fn a_step_that_always_fails_rolls_back_in_reverse_order() {
     for _ in 0..10 {
         ids.push(submit(&http, &node, json!({ "customer": "bob" })).await);
     }
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     for doc in wait_all_terminal(&kv, &ids, Duration::from_secs(30)).await {
         check_terminal_document(&doc);
         assert_eq!(doc["state"], "Failed");
@@ -187,7 +178,7 @@ async fn orders_published_while_no_node_runs_are_processed_when_one_starts() {
     .await;
 
     let node = Node::builder(&server.url).start().await;
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     let doc = &wait_all_terminal(&kv, &[from_http], Duration::from_secs(30)).await[0];
     assert_eq!(doc["submitted_via"], "http");
     for doc in wait_all_terminal(&kv, &ids, Duration::from_secs(30)).await {
@@ -236,7 +227,7 @@ async fn a_node_never_holds_more_unacked_orders_than_workers() {
         .get_consumer("workers")
         .await
         .unwrap();
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     let mut max_ack_pending = 0;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -356,7 +347,7 @@ async fn garbage_in_the_stream_is_terminated_and_the_node_keeps_working() {
             .await
             .unwrap();
     }
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     let doc = wait_until(
         "the bad payload's order to be recorded",
         Duration::from_secs(10),
@@ -591,7 +582,7 @@ async fn heartbeats_keep_an_order_longer_than_ack_wait_on_its_first_delivery() {
         .await;
     let http = reqwest::Client::new();
     let id = submit(&http, &node, json!({ "customer": "slow" })).await;
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     let doc = &wait_all_terminal(&kv, &[id], Duration::from_secs(30)).await[0];
     // Four steps of 700 ms each, under a 1 s ack wait: only in-progress acks kept the message.
     assert_eq!(doc["state"], "Completed");
@@ -659,7 +650,7 @@ async fn an_idempotency_key_makes_a_repeated_submission_the_same_order() {
     let from_nats: Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!(from_nats, replies[0]);
 
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     let docs = wait_all_terminal(&kv, &[key.parse().unwrap()], Duration::from_secs(20)).await;
     assert_eq!(docs[0]["state"], "Completed");
     let js = server.js().await;
@@ -701,7 +692,7 @@ async fn a_second_message_for_a_running_order_is_terminated_not_run() {
     let id = Uuid::now_v7();
     // Two messages for one order, as after a resubmission past the duplicate window.
     publish_order(&js, id).await;
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     wait_until("the order to run", Duration::from_secs(10), || async {
         (document(&kv, id).await?["state"] == "Running").then_some(())
     })
@@ -751,7 +742,7 @@ async fn a_resubmitted_order_whose_message_is_gone_is_continued() {
     let js = server.js().await;
     let id = Uuid::now_v7();
     let ack = publish_order(&js, id).await;
-    let kv = orders_kv(&server).await;
+    let kv = server.orders().await;
     wait_until(
         "the first step to start",
         Duration::from_secs(10),

@@ -7,7 +7,6 @@
 
 mod common;
 
-use async_nats::jetstream::kv;
 use common::*;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -115,15 +114,6 @@ fn nats_node(server: &NatsServer) -> NodeBuilder {
     Node::builder(&server.url).env("ORDERLY_STEPS", "nats")
 }
 
-async fn orders_bucket(server: &NatsServer) -> kv::Store {
-    server
-        .js()
-        .await
-        .get_key_value("orders")
-        .await
-        .expect("the orders bucket")
-}
-
 /// The shop's records of `id`: `{fence, calls: [...], effects: [...]}`.
 async fn shop_records(client: &async_nats::Client, id: Uuid) -> Value {
     let reply = client
@@ -189,7 +179,7 @@ async fn the_python_shop_runs_200_orders_on_two_nodes() {
             card,
         ));
     }
-    let kv = orders_bucket(&server).await;
+    let kv = server.orders().await;
     let all: Vec<Uuid> = ids.iter().map(|(id, _)| *id).collect();
     let docs = wait_all_terminal(&kv, &all, Duration::from_secs(60)).await;
     let client = server.client().await;
@@ -252,7 +242,7 @@ async fn a_handler_that_errors_at_processing_fails_every_order_there_and_rolls_b
     for i in 0..20 {
         ids.push(submit(&http, &node, json!({ "sku": format!("B-{i}") })).await);
     }
-    let kv = orders_bucket(&server).await;
+    let kv = server.orders().await;
     let docs = wait_all_terminal(&kv, &ids, Duration::from_secs(30)).await;
     let client = server.client().await;
     for (id, doc) in ids.iter().zip(&docs) {
@@ -303,7 +293,7 @@ async fn orders_wait_while_no_handler_runs_and_complete_once_one_does() {
     for i in 0..10 {
         ids.push(submit(&http, &node, json!({ "sku": format!("C-{i}") })).await);
     }
-    let kv = orders_bucket(&server).await;
+    let kv = server.orders().await;
     for id in &ids {
         let waiting = wait_until(
             "the order says it waits",
@@ -390,7 +380,7 @@ async fn a_takeover_calls_the_step_again_with_a_higher_fence_and_the_old_caller_
         .env("ORDERLY_ACK_WAIT", "3s")
         .start()
         .await;
-    let kv = orders_bucket(&server).await;
+    let kv = server.orders().await;
     let doc = wait_all_terminal(&kv, &[id], Duration::from_secs(40))
         .await
         .remove(0);
@@ -455,7 +445,7 @@ async fn a_handler_slower_than_the_step_timeout_fails_the_step_saying_so() {
         .await;
     let http = reqwest::Client::new();
     let id = submit(&http, &node, json!({ "sku": "E-1" })).await;
-    let kv = orders_bucket(&server).await;
+    let kv = server.orders().await;
     let doc = wait_all_terminal(&kv, &[id], Duration::from_secs(30))
         .await
         .remove(0);
@@ -483,7 +473,7 @@ async fn a_waiting_order_can_be_cancelled_and_a_draining_node_hands_its_waiting_
     let http = reqwest::Client::new();
     let cancelled = submit(&http, &node, json!({ "sku": "F-1" })).await;
     let handed_back = submit(&http, &node, json!({ "sku": "F-2" })).await;
-    let kv = orders_bucket(&server).await;
+    let kv = server.orders().await;
     for id in [cancelled, handed_back] {
         wait_until(
             "the order waits for a handler",

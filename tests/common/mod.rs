@@ -185,6 +185,15 @@ impl NatsServer {
     pub async fn js(&self) -> jetstream::Context {
         jetstream::new(self.client().await)
     }
+
+    /// The `orders` bucket, once a node has created it.
+    pub async fn orders(&self) -> jetstream::kv::Store {
+        self.js()
+            .await
+            .get_key_value("orders")
+            .await
+            .expect("the orders bucket")
+    }
 }
 
 impl Drop for NatsServer {
@@ -393,6 +402,22 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
 }
 
 /// Sum of a metric over the label sets that contain `labels` (for example `reason="duplicate"`).
+/// Waits for each of `ids` (`what`) to be `Completed`, as `GET /orders/{id}` on `node` shows it, 30 s
+/// each.
+pub async fn wait_completed(http: &reqwest::Client, node: &Node, ids: &[Uuid], what: &str) {
+    for id in ids {
+        wait_until(
+            &format!("{what} ({id}) to complete"),
+            Duration::from_secs(30),
+            || async {
+                let doc = get_json(http, &format!("{}/orders/{id}", node.http)).await;
+                (doc["state"] == "Completed").then_some(())
+            },
+        )
+        .await;
+    }
+}
+
 pub fn metric_with(scrape: &str, name: &str, labels: &str) -> f64 {
     let lines: Vec<&str> = scrape
         .lines()
