@@ -31,11 +31,7 @@ pub type Begun = Option<Action>;
 
 /// The name, in the lease audit, of the write that begins `action`.
 fn write_name(action: Action) -> &'static str {
-    match action {
-        Action::Run(_) => "start_step",
-        Action::RollBack(_) => "start_rollback",
-        Action::Complete | Action::Fail | Action::Cancel | Action::Done => "finish",
-    }
+    Call::of(action).map_or("finish", Call::start_name)
 }
 
 pub struct Pipeline {
@@ -114,18 +110,17 @@ impl Pipeline {
     ) -> Result<Option<State>, Halt> {
         self.see_intent(order, lease, stop, begun).await?;
         let action = order.order.next_action();
-        let call = match action {
-            Action::Run(step) => Call::Run(step),
-            Action::RollBack(step) => Call::RollBack(step),
-            Action::Complete | Action::Fail | Action::Cancel => {
-                let state = self
-                    .writer
-                    .commit(order, lease, "finish", |o| o.finish(now()))
-                    .await?;
-                tracing::debug!(state = %state, "order finished");
-                return Ok(Some(state));
+        let Some(call) = Call::of(action) else {
+            if action == Action::Done {
+                return Ok(Some(order.order.state));
             }
-            Action::Done => return Ok(Some(order.order.state)),
+            // Complete, Fail or Cancel, which the write before did not carry out along with its own.
+            let state = self
+                .writer
+                .commit(order, lease, "finish", |o| o.finish(now()))
+                .await?;
+            tracing::debug!(state = %state, "order finished");
+            return Ok(Some(state));
         };
         if begun.take() != Some(action) {
             if stop.drain.is_cancelled() {
@@ -175,15 +170,12 @@ impl Pipeline {
         }
         let draining = stop.drain.is_cancelled();
         let action = order.next_action();
-        match action {
-            Action::Run(step) if !draining => order.start_step(step, &self.node_id, now())?,
-            Action::RollBack(step) if !draining => {
-                order.start_rollback(step, &self.node_id, now())?
-            }
-            Action::Complete | Action::Fail | Action::Cancel => {
+        match (action, Call::of(action)) {
+            (_, Some(call)) if !draining => call.start(order, &self.node_id)?,
+            (Action::Complete | Action::Fail | Action::Cancel, _) => {
                 order.finish(now())?;
             }
-            Action::Run(_) | Action::RollBack(_) | Action::Done => return Ok(None),
+            _ => return Ok(None),
         }
         Ok(Some(action))
     }
@@ -217,23 +209,11 @@ impl Pipeline {
 
     /// Records the start of `call` in a write of its own (when no earlier write began it).
     async fn begin(&self, order: &mut Versioned, call: Call, lease: &Lease) -> Result<(), Halt> {
-        match call {
-            Call::Run(step) => {
-                self.writer
-                    .commit(order, lease, "start_step", |o| {
-                        o.start_step(step, &self.node_id, now())
-                    })
-                    .await?
-            }
-            Call::RollBack(step) => {
-                self.writer
-                    .commit(order, lease, "start_rollback", |o| {
-                        o.start_rollback(step, &self.node_id, now())
-                    })
-                    .await?
-            }
-        }
-        Ok(())
+        self.writer
+            .commit(order, lease, call.start_name(), |o| {
+                call.start(o, &self.node_id)
+            })
+            .await
     }
 
     /// Runs `step`, recorded started, and records how it ended; returns what that write began.
@@ -418,6 +398,31 @@ enum Call {
 }
 
 impl Call {
+    /// The call `action` asks for, if it asks for one.
+    fn of(action: Action) -> Option<Call> {
+        match action {
+            Action::Run(step) => Some(Call::Run(step)),
+            Action::RollBack(step) => Some(Call::RollBack(step)),
+            Action::Complete | Action::Fail | Action::Cancel | Action::Done => None,
+        }
+    }
+
+    /// Records in `order` that `node` starts the call.
+    fn start(self, order: &mut Order, node: &str) -> Result<(), TransitionError> {
+        match self {
+            Call::Run(step) => order.start_step(step, node, now()),
+            Call::RollBack(step) => order.start_rollback(step, node, now()),
+        }
+    }
+
+    /// The name of that change in the lease audit.
+    fn start_name(self) -> &'static str {
+        match self {
+            Call::Run(_) => "start_step",
+            Call::RollBack(_) => "start_rollback",
+        }
+    }
+
     fn step(self) -> Step {
         match self {
             Call::Run(step) | Call::RollBack(step) => step,

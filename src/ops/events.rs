@@ -2,7 +2,7 @@
 //! `orders.events.<order id>`, so `nats sub 'orders.events.>'` follows every order. Events are a core
 //! NATS publish (at most once): the document in the `orders` bucket stays the record.
 
-use crate::domain::order::{CurrentStep, Order, State, StepStatus};
+use crate::domain::order::{CurrentStep, Order, State, StepRecord, StepStatus};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -112,29 +112,34 @@ pub fn changes(before: &Order, after: &Order) -> Vec<&'static str> {
     if after.intent.is_some() && seen(after) != seen(before) {
         changes.push("intent_seen");
     }
-    let records = || {
-        after.steps.iter().enumerate().filter_map(|(i, record)| {
+    // The step records the write changed (a step run again is a new run: `runs` went up), with the
+    // status each had before.
+    let records: Vec<(Option<StepStatus>, &StepRecord)> = after
+        .steps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, record)| {
             let was = before.steps.get(i).filter(|was| was.runs == record.runs);
             (was != Some(record)).then_some((was.map(|w| w.status), record))
         })
-    };
-    // What ended: steps in the order they ran, rollbacks in the reverse order.
-    for (was, record) in records() {
-        let failed_now =
-            record.step_complete_time.is_some() && matches!(was, None | Some(StepStatus::Running));
+        .collect();
+    // What ended, then what started.
+    for &(was, record) in &records {
         match record.status {
             StepStatus::Completed => changes.push("step_completed"),
             StepStatus::Failed => changes.push("step_failed"),
-            StepStatus::RollingBack if failed_now && was.is_some() => changes.push("step_failed"),
+            StepStatus::RolledBack => changes.push("rollback_completed"),
+            // Failed and rolling back in one write (a step left running by a cancel has no
+            // complete time: it was interrupted, not failed).
+            StepStatus::RollingBack
+                if was == Some(StepStatus::Running) && record.step_complete_time.is_some() =>
+            {
+                changes.push("step_failed")
+            }
             _ => {}
         }
     }
-    let mut rolled_back: Vec<&'static str> = records()
-        .filter(|(_, record)| record.status == StepStatus::RolledBack)
-        .map(|_| "rollback_completed")
-        .collect();
-    changes.append(&mut rolled_back);
-    for (_, record) in records() {
+    for &(_, record) in &records {
         match record.status {
             StepStatus::Running => changes.push("step_started"),
             StepStatus::RollingBack => changes.push("rollback_started"),
