@@ -7,6 +7,7 @@
 //! so the index holds at least the truth, and [`OrderStore::list`] checks what it finds against the
 //! documents.
 
+use crate::domain::limits::DOCUMENT_LIMIT;
 use crate::domain::order::{Order, State};
 use crate::error::{with_cause, BoxError};
 use crate::index::{Found, IndexError, OrderIndex, Walk};
@@ -35,6 +36,10 @@ pub enum StoreError {
         revision: u64,
         reason: String,
     },
+    /// The document would be larger than [`DOCUMENT_LIMIT`]: the write was not sent, and sending it
+    /// again will not help.
+    #[error("order {order_id}'s document would be {size} bytes, more than the {DOCUMENT_LIMIT} allowed")]
+    TooLarge { order_id: Uuid, size: usize },
     /// NATS did not answer or refused for a reason that may pass: try again later.
     #[error("order store unavailable: {}", with_cause(context, source.as_deref()))]
     Unavailable {
@@ -159,7 +164,7 @@ impl OrderStore {
     }
 
     async fn create_document(&self, order: &Order) -> Result<Versioned, StoreError> {
-        let value = encode(order);
+        let value = fitting(order)?;
         let sent = crate::ops::audit::Stamp::now();
         self.audit.create_sending(order.order_id, sent);
         match self
@@ -225,7 +230,7 @@ impl OrderStore {
     }
 
     async fn compare_and_set(&self, order: &Order, expected: u64) -> Result<Versioned, Refused> {
-        let value = encode(order);
+        let value = fitting(order).map_err(Refused::Other)?;
         let key = order.order_id.to_string();
         match self.kv.update(&key, value.clone(), expected).await {
             Ok(revision) => Ok(Versioned {
@@ -385,6 +390,18 @@ impl Refused {
             Refused::Revision(e) | Refused::Other(e) => e,
         }
     }
+}
+
+/// The document of `order`, if it is within [`DOCUMENT_LIMIT`].
+fn fitting(order: &Order) -> Result<Bytes, StoreError> {
+    let value = encode(order);
+    if value.len() > DOCUMENT_LIMIT {
+        return Err(StoreError::TooLarge {
+            order_id: order.order_id,
+            size: value.len(),
+        });
+    }
+    Ok(value)
 }
 
 pub fn encode(order: &Order) -> Bytes {

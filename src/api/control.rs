@@ -9,17 +9,20 @@ use crate::api::intake::{connected, Intake, IntakeError};
 use crate::clock::now;
 use crate::domain::intent::{Intent, IntentKind};
 use crate::domain::order::{parse_order_id, CancelAnswer, Interface, Order, State};
-use crate::engine::intent::{self, Cancel, Retry};
+use crate::engine::intent::{self, Cancel, Retry, RetryAsked};
 use crate::ops::metrics as m;
-use crate::queue::setup::{interrupt_subject, submit_subject, RETRY_HEADER, VIA_HEADER};
+use crate::queue::setup::{
+    interrupt_subject, retry_message_id, submit_subject, RETRY_HEADER, VIA_HEADER,
+};
 use crate::store::Versioned;
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// The longest reason a cancel may carry, in characters.
-pub const MAX_REASON: usize = 1000;
+pub use crate::domain::limits::MAX_REASON;
+/// How many times a retry asks again with a new key when its message id was taken.
+const TAKEN_KEYS: usize = 3;
 /// How long a request may take before it is answered `503` (ask again: both requests are safe to
 /// repeat).
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -110,10 +113,13 @@ impl Control {
     /// Runs order `id` again from `Scheduling` as a new attempt, if it ended `Failed` or
     /// `Cancelled`; the attempt that ended stays in the document's `history`.
     ///
-    /// The retry's work message goes out first, with the retry's number, then the document records
-    /// the retry. A node that gets the message before the document changed records the retry itself,
-    /// so the order runs exactly once whichever comes first, and a retry whose message could not be
-    /// sent changed nothing.
+    /// The document first records that the retry is asked for (`retry_request`, with a random key),
+    /// then the retry's work message goes out, with the retry's number and an id that carries the
+    /// key, then the document records the retry. A node that gets the message before the document
+    /// changed records the retry itself, if the document asks for it with that key: the order runs
+    /// exactly once whichever comes first, a work message that the document did not ask for starts
+    /// nothing, and a retry whose message could not be sent left the order as it was (it can be
+    /// asked for again).
     pub async fn retry(&self, id: &str, via: Interface) -> Result<Answer, IntakeError> {
         let order_id = parse_order_id(id).map_err(|e| IntakeError::BadRequest(e.to_string()))?;
         connected(&self.intake.jetstream().client())?;
@@ -140,50 +146,79 @@ impl Control {
         }
     }
 
+    /// Asks for the retry in the document, publishes its work message, then records the retry. A
+    /// message id that someone else's message took first (the id is only known once the document
+    /// holds it, so this takes a reader racing the request) is given up for a new key.
     async fn retry_order(
         &self,
         order_id: Uuid,
         via: Interface,
     ) -> Result<Result<Order, IntakeError>, IntakeError> {
         let store = self.intake.store();
-        let Some(current) = store.get(order_id).await? else {
-            return Ok(Err(IntakeError::NotFound(order_id)));
-        };
-        let number = current.order.retries + 1;
-        if let Err(refused) = current.order.clone().retry(now()) {
-            return Ok(Err(IntakeError::Refused { order_id, refused }));
-        }
-        self.publish_retry(&current.order, number, via).await?;
-        match intent::retry(store, current, number).await? {
-            Retry::Recorded { order, before } => {
-                if let Some(before) = before {
-                    let events = self.intake.events();
-                    events.transition(&before, &order.order).await;
-                }
-                // Recorded here, by a node that got the message first, or by a concurrent request.
-                Ok(Ok(order.order))
+        let mut taken: Option<String> = None;
+        for _ in 0..TAKEN_KEYS {
+            let (current, number, key, fresh) =
+                match intent::request_retry(store, order_id, taken.as_deref()).await? {
+                    RetryAsked::Asked {
+                        current,
+                        number,
+                        key,
+                        fresh,
+                    } => (current, number, key, fresh),
+                    RetryAsked::Refused(refused) => {
+                        return Ok(Err(IntakeError::Refused { order_id, refused }))
+                    }
+                    RetryAsked::NotFound => return Ok(Err(IntakeError::NotFound(order_id))),
+                };
+            let duplicate = self
+                .publish_retry(&current.order, number, &key, via)
+                .await?;
+            if duplicate && fresh {
+                tracing::warn!(order.id = %order_id, retry = number, "the retry's message id was taken by another message; asking again with a new key");
+                metrics::counter!(m::RETRY_IDS_TAKEN).increment(1);
+                taken = Some(key);
+                continue;
             }
-            Retry::Refused(refused) => Ok(Err(IntakeError::Refused { order_id, refused })),
-            Retry::NotFound => Ok(Err(IntakeError::NotFound(order_id))),
-            Retry::Other => Err(IntakeError::Unavailable {
-                context: format!("order {order_id} was retried again meanwhile; ask again"),
-                source: None,
-            }),
+            return match intent::retry(store, *current, number).await? {
+                Retry::Recorded { order, before } => {
+                    if let Some(before) = before {
+                        let events = self.intake.events();
+                        events.transition(&before, &order.order).await;
+                    }
+                    // Recorded here, by a node that got the message first, or by a concurrent
+                    // request.
+                    Ok(Ok(order.order))
+                }
+                Retry::Refused(refused) => Ok(Err(IntakeError::Refused { order_id, refused })),
+                Retry::NotFound => Ok(Err(IntakeError::NotFound(order_id))),
+                Retry::Other => Err(IntakeError::Unavailable {
+                    context: format!("order {order_id} was retried again meanwhile; ask again"),
+                    source: None,
+                }),
+            };
         }
+        Err(IntakeError::Unavailable {
+            context: format!(
+                "the message id of the retry of order {order_id} was taken {TAKEN_KEYS} times; ask again"
+            ),
+            source: None,
+        })
     }
 
-    /// Publishes the work message of retry `number` of `order`. Its message id makes a repeated
-    /// request for the same retry one message.
+    /// Publishes the work message of retry `number` of `order`, asked for with `key`; returns
+    /// whether the stream took it for a duplicate. Its message id makes a repeated request for the
+    /// same retry one message.
     async fn publish_retry(
         &self,
         order: &Order,
         number: u32,
+        key: &str,
         via: Interface,
-    ) -> Result<(), IntakeError> {
+    ) -> Result<bool, IntakeError> {
         let order_id = order.order_id;
         let publish = PublishMessage::build()
             .payload(Bytes::copy_from_slice(order.payload.get().as_bytes()))
-            .message_id(format!("{order_id}.retry.{number}"))
+            .message_id(retry_message_id(&order_id, number, key))
             .header(VIA_HEADER, via.as_str())
             .header(RETRY_HEADER, number.to_string().as_str());
         let js = self.intake.jetstream();
@@ -191,9 +226,10 @@ impl Control {
             .send_publish(submit_subject(&order_id), publish)
             .await
             .map_err(|e| IntakeError::unavailable("cannot publish the retry", e))?;
-        ack.await
+        let ack = ack
+            .await
             .map_err(|e| IntakeError::unavailable("the retry's message was not confirmed", e))?;
-        Ok(())
+        Ok(ack.duplicate)
     }
 }
 

@@ -13,6 +13,7 @@ use std::str::FromStr;
 use uuid::Uuid;
 
 use super::intent::{Intent, IntentKind};
+use super::limits::{bounded_reason, ATTEMPT_ROOM, DOCUMENT_LIMIT, HISTORY_KEPT};
 
 /// The four processing steps, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -294,9 +295,18 @@ pub struct Order {
     /// first retry.
     #[serde(default, skip_serializing_if = "never_retried")]
     pub retries: u32,
-    /// The earlier attempts of a retried order, oldest first.
+    /// The earlier attempts of a retried order, oldest first: the last [`HISTORY_KEPT`] at most, and
+    /// fewer when they would leave the document too little room for another attempt.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<EarlierAttempt>,
+    /// How many of the oldest earlier attempts were dropped from `history` to keep the document
+    /// within its size; absent when none were.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub history_dropped: u32,
+    /// A retry asked for and not yet recorded: its work message is on its way, and only a message
+    /// with this retry's number and key starts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_request: Option<RetryRequest>,
     /// Why the owner is waiting to run a step, while it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<Waiting>,
@@ -304,6 +314,28 @@ pub struct Order {
 
 fn never_retried(retries: &u32) -> bool {
     *retries == 0
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// How many bytes `value` takes as JSON.
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX, |bytes| bytes.len())
+}
+
+/// A retry on its way: recorded in the terminal document before its work message is published, so
+/// that a node starts a retry only when the document asked for it (a work message alone, which a
+/// submitter can publish, cannot), and only from the message whose id carries this key (which nobody
+/// can publish first, since nobody knows it before it is recorded).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RetryRequest {
+    /// The number the retry will have (`retries + 1`).
+    pub retry: u32,
+    /// A random key, part of the work message's id.
+    pub key: String,
+    pub requested_at: DateTime<Utc>,
 }
 
 /// An attempt of a retried order, as it ended: kept in the document's `history`.
@@ -393,6 +425,8 @@ impl Order {
             intent: None,
             retries: 0,
             history: Vec::new(),
+            history_dropped: 0,
+            retry_request: None,
             waiting: None,
         }
     }
@@ -409,7 +443,7 @@ impl Order {
         order.state = State::Failed;
         order.current_step = CurrentStep::Terminal(Terminal::Failed);
         order.complete_time = Some(now);
-        order.failure_reason = Some(reason);
+        order.failure_reason = Some(bounded_reason(reason));
         order
     }
 
@@ -510,9 +544,12 @@ impl Order {
         }
         let mut expected = self.clone();
         expected.apply_intent(intent.clone());
-        let value =
-            |order: &Order| serde_json::to_value(order).expect("an order always serializes");
-        value(&expected) == value(stored)
+        // Compared as written, not as JSON values: a payload or an output may hold what a JSON value
+        // cannot (a number out of range, a lone surrogate, deep nesting), and is kept byte for byte.
+        match (serde_json::to_vec(&expected), serde_json::to_vec(stored)) {
+            (Ok(expected), Ok(stored)) => expected == stored,
+            _ => false,
+        }
     }
 
     /// Records `intent` and what it does to the document at once. A cancel of an order nobody ever
@@ -563,15 +600,36 @@ impl Order {
         }
     }
 
-    /// Starts the order again from `Scheduling`, as retry number `retries + 1`, keeping the attempt
-    /// that ended in `history`. Only a `Failed` or `Cancelled` order can be retried.
-    pub fn retry(&mut self, now: DateTime<Utc>) -> Result<(), Refused> {
-        if !matches!(self.state, State::Failed | State::Cancelled) {
-            return Err(Refused {
+    /// Records that retry number `retries + 1` was asked for, with the `key` its work message's id
+    /// carries. Only a `Failed` or `Cancelled` order can be retried.
+    pub fn request_retry(&mut self, key: String, now: DateTime<Utc>) -> Result<u32, Refused> {
+        self.retryable()?;
+        let retry = self.retries + 1;
+        self.retry_request = Some(RetryRequest {
+            retry,
+            key,
+            requested_at: now,
+        });
+        Ok(retry)
+    }
+
+    fn retryable(&self) -> Result<(), Refused> {
+        if matches!(self.state, State::Failed | State::Cancelled) {
+            Ok(())
+        } else {
+            Err(Refused {
                 attempted: "retry",
                 state: self.state,
-            });
+            })
         }
+    }
+
+    /// Starts the order again from `Scheduling`, as retry number `retries + 1`, keeping the attempt
+    /// that ended in `history`. Only a `Failed` or `Cancelled` order can be retried. The oldest
+    /// attempts are dropped from `history` while it holds more than [`HISTORY_KEPT`], or while the
+    /// document would leave less than [`ATTEMPT_ROOM`] for the new attempt.
+    pub fn retry(&mut self, now: DateTime<Utc>) -> Result<(), Refused> {
+        self.retryable()?;
         self.history.push(EarlierAttempt {
             retry: self.retries,
             state: self.state,
@@ -582,7 +640,8 @@ impl Order {
             failure_reason: self.failure_reason.take(),
             intent: self.intent.take(),
         });
-        self.retries += 1;
+        self.retries = self.retries.saturating_add(1);
+        self.retry_request = None;
         self.state = State::Queued;
         self.current_step = CurrentStep::Step(Step::Scheduling);
         self.start_time = now;
@@ -591,7 +650,21 @@ impl Order {
         self.owner = None;
         self.message_seq = None;
         self.updated_at = now;
+        self.trim_history();
         Ok(())
+    }
+
+    /// Drops the oldest earlier attempts while there are more than [`HISTORY_KEPT`] or the document
+    /// leaves less than [`ATTEMPT_ROOM`] below [`DOCUMENT_LIMIT`].
+    fn trim_history(&mut self) {
+        let mut total = encoded_len(self);
+        let budget = DOCUMENT_LIMIT - ATTEMPT_ROOM;
+        while !self.history.is_empty() && (self.history.len() > HISTORY_KEPT || total > budget) {
+            let dropped = self.history.remove(0);
+            // The entry and the comma after it.
+            total = total.saturating_sub(encoded_len(&dropped) + 1);
+            self.history_dropped = self.history_dropped.saturating_add(1);
+        }
     }
 
     /// Gives the order back (for another node to continue) without changing its progress.
@@ -708,7 +781,7 @@ impl Order {
             self.state = State::RollingBack;
         }
         self.failed_step = Some(step);
-        self.failure_reason = Some(reason);
+        self.failure_reason = Some(bounded_reason(reason));
         self.updated_at = now;
         Ok(step)
     }
@@ -1119,6 +1192,104 @@ mod tests {
         let mut moved = mine.clone();
         moved.attempt += 1;
         assert!(!mine.only_intent_added(&moved));
+    }
+
+    fn with_payload(json: &str) -> Order {
+        let payload = RawValue::from_string(json.to_owned()).unwrap();
+        let mut order = Order::queued(Uuid::now_v7(), payload, Interface::Http, t(0));
+        order
+            .claim(Owner {
+                node: "n1".into(),
+                delivery: 1,
+                stream_seq: 1,
+                claimed_at: t(1),
+            })
+            .unwrap();
+        order
+    }
+
+    #[test]
+    fn an_intent_is_told_from_a_takeover_whatever_the_payload_holds() {
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(200), "]".repeat(200));
+        for payload in [r#"{"a":1e400}"#, r#"{"a":"\ud800"}"#, deep.as_str()] {
+            let order = with_payload(payload);
+            let mut stored = order.clone();
+            stored.request_cancel(cancel_intent(5)).unwrap();
+            assert!(order.only_intent_added(&stored), "{payload}");
+            let mut taken = stored.clone();
+            taken.owner.as_mut().unwrap().node = "n2".into();
+            assert!(!order.only_intent_added(&taken), "{payload}");
+        }
+    }
+
+    /// An order that ran every step, each answering `output`, and was then cancelled with `reason`.
+    fn cancelled_with(output: &str, reason: &str) -> Order {
+        let mut order = new_order();
+        for step in Step::ALL {
+            order.start_step(step, "n1", t(2)).unwrap();
+            let out = StepOutput(RawValue::from_string(output.to_owned()).unwrap());
+            order.complete_step(Some(out), t(3)).unwrap();
+        }
+        order.state = State::Cancelled;
+        order.current_step = CurrentStep::Terminal(Terminal::Cancelled);
+        order.intent = Some(Box::new(
+            Intent::new(IntentKind::Cancel, None, t(4)).with_request(Interface::Http, Some(reason.into())),
+        ));
+        order
+    }
+
+    #[test]
+    fn retries_keep_the_document_within_its_limit() {
+        let output = format!(
+            "{{\"x\":\"{}\"}}",
+            "a".repeat(crate::engine::steps::MAX_OUTPUT - 8)
+        );
+        let reason = "\u{1}".repeat(crate::domain::limits::MAX_REASON);
+        let mut order = cancelled_with(&output, &reason);
+        for n in 1..=200u32 {
+            order.retry(t(10)).unwrap();
+            assert!(encoded_len(&order) <= DOCUMENT_LIMIT - ATTEMPT_ROOM, "retry {n}");
+            assert!(order.history.len() <= HISTORY_KEPT);
+            assert_eq!(order.history_dropped as usize + order.history.len(), n as usize);
+            // The next attempt runs every step with the largest outputs and is cancelled again.
+            let ran = cancelled_with(&output, &reason);
+            order.steps = ran.steps;
+            order.intent = ran.intent;
+            order.state = State::Cancelled;
+            assert!(encoded_len(&order) <= DOCUMENT_LIMIT, "attempt {n}");
+        }
+        // Small attempts are kept by number, not by size.
+        let mut small = new_order();
+        small.state = State::Failed;
+        for _ in 0..50 {
+            small.retry(t(10)).unwrap();
+            small.state = State::Failed;
+        }
+        assert_eq!(small.history.len(), HISTORY_KEPT);
+        assert_eq!(small.history_dropped as usize, 50 - HISTORY_KEPT);
+        assert_eq!(small.history.last().unwrap().retry, 49);
+    }
+
+    #[test]
+    fn a_retry_is_asked_for_only_of_an_ended_order_and_recorded_once() {
+        let mut running = new_order();
+        assert!(running.request_retry("k".into(), t(5)).is_err());
+        let mut failed = new_order();
+        drive(&mut failed, Some(Step::Processing));
+        assert_eq!(failed.request_retry("k".into(), t(5)), Ok(1));
+        assert_eq!(failed.retry_request.as_ref().unwrap().key, "k");
+        failed.retry(t(6)).unwrap();
+        assert_eq!(failed.retry_request, None);
+        assert_eq!(failed.retries, 1);
+    }
+
+    #[test]
+    fn a_long_failure_reason_is_cut() {
+        let mut order = new_order();
+        order.start_step(Step::Scheduling, "n1", t(2)).unwrap();
+        order.fail_step("x".repeat(100_000), t(3)).unwrap();
+        let kept = order.failure_reason.unwrap();
+        assert_eq!(kept.chars().count(), crate::domain::limits::MAX_REASON + 1);
     }
 
     fn cancel_intent(at: i64) -> Intent {

@@ -5,9 +5,11 @@ use serde_json::value::RawValue;
 /// Largest order payload accepted, in bytes.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 
-/// Deepest nesting of arrays and objects a payload may have: serde_json's own limit, so that every
-/// reader of an order's document that parses it into a JSON value can.
-pub const MAX_DEPTH: usize = 128;
+/// Deepest nesting of arrays and objects a payload (the object itself counted) or a step's output may
+/// have. The document puts them up to six levels deeper (an output in `history`), and serde_json
+/// reads at most 127 levels into a JSON value: this leaves every reader of a document that parses it
+/// into a value room to do so.
+pub const MAX_DEPTH: usize = 120;
 
 /// Checks a submitted payload: a JSON object of at most [`MAX_PAYLOAD`] bytes, nested at most
 /// [`MAX_DEPTH`] deep.
@@ -32,7 +34,7 @@ pub fn validate_payload(body: &[u8]) -> Result<Box<RawValue>, String> {
 }
 
 /// The deepest nesting of arrays and objects in `json`, which is valid JSON.
-fn depth(json: &str) -> usize {
+pub fn depth(json: &str) -> usize {
     let (mut depth, mut deepest) = (0usize, 0usize);
     let (mut in_string, mut escaped) = (false, false);
     for byte in json.bytes() {

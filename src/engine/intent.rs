@@ -81,6 +81,73 @@ pub async fn cancel(
     )))
 }
 
+/// A retry asked for in an order's document ([`request_retry`]).
+#[derive(Debug)]
+pub enum RetryAsked {
+    /// The document asks for retry `number`; its work message's id carries `key`. `fresh` when this
+    /// request wrote the key (no message can carry it yet), not when it found it there.
+    Asked {
+        current: Box<Versioned>,
+        number: u32,
+        key: String,
+        fresh: bool,
+    },
+    /// The order's state does not allow a retry.
+    Refused(Refused),
+    /// No such order.
+    NotFound,
+}
+
+/// Records in the document of order `order_id` that its next retry is asked for, with a new random
+/// key, unless the document asks for that retry already with a key other than `taken` (then that
+/// request is joined: its message goes out with the same id, which makes both one message).
+pub async fn request_retry(
+    store: &OrderStore,
+    order_id: Uuid,
+    taken: Option<&str>,
+) -> Result<RetryAsked, StoreError> {
+    for _ in 0..TRIES {
+        let Some(current) = store.get(order_id).await? else {
+            return Ok(RetryAsked::NotFound);
+        };
+        let mut next = current.order.clone();
+        let key = Uuid::new_v4().simple().to_string();
+        let number = match next.request_retry(key.clone(), crate::clock::now()) {
+            Err(refused) => return Ok(RetryAsked::Refused(refused)),
+            Ok(number) => number,
+        };
+        if let Some(asked) = current
+            .order
+            .retry_request
+            .as_ref()
+            .filter(|asked| asked.retry == number && Some(asked.key.as_str()) != taken)
+        {
+            let key = asked.key.clone();
+            return Ok(RetryAsked::Asked {
+                current: Box::new(current),
+                number,
+                key,
+                fresh: false,
+            });
+        }
+        match store.update(&next, current.revision).await {
+            Ok(written) => {
+                return Ok(RetryAsked::Asked {
+                    current: Box::new(written),
+                    number,
+                    key,
+                    fresh: true,
+                })
+            }
+            Err(e) if e.is_conflict() => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::unavailable_because(format!(
+        "order {order_id} changed {TRIES} times while a retry was being asked for"
+    )))
+}
+
 /// What recording retry `number` of an order came to.
 #[derive(Debug)]
 pub enum Retry {

@@ -8,6 +8,7 @@ use crate::clock::now;
 use crate::domain::order::{Action, Order, Owner, State, Step, TransitionError};
 use crate::engine::interrupt::Interrupts;
 use crate::engine::lease::Lease;
+use crate::domain::payload::{depth, MAX_DEPTH};
 use crate::engine::steps::{StepCall, StepOutcome, Steps, MAX_OUTPUT};
 use crate::engine::write::{Halt, Writer};
 use crate::ops::metrics as m;
@@ -447,7 +448,7 @@ impl std::fmt::Display for Call {
     }
 }
 
-/// A step's output larger than the document allows fails the step instead.
+/// A step's output larger or deeper than the document allows fails the step instead.
 fn bounded(outcome: StepOutcome) -> StepOutcome {
     match outcome {
         StepOutcome::Done {
@@ -456,6 +457,13 @@ fn bounded(outcome: StepOutcome) -> StepOutcome {
             reason: format!(
                 "the step's output is {} bytes, more than the {MAX_OUTPUT} a step may answer",
                 output.0.get().len()
+            ),
+        },
+        StepOutcome::Done {
+            output: Some(output),
+        } if depth(output.0.get()) > MAX_DEPTH => StepOutcome::Failed {
+            reason: format!(
+                "the step's output is nested more than {MAX_DEPTH} arrays or objects deep"
             ),
         },
         outcome => outcome,

@@ -49,6 +49,8 @@ pub const UP_SINCE: &str = "orderly_node_start_time_seconds";
 pub const STORE_RETRIES: &str = "orderly_store_retries_total";
 pub const MESSAGES_REQUEUED: &str = "orderly_messages_requeued_total";
 pub const LEFTOVERS_REMOVED: &str = "orderly_leftover_messages_removed_total";
+pub const RETRY_IDS_TAKEN: &str = "orderly_retry_ids_taken_total";
+pub const WORKER_PANICS: &str = "orderly_worker_panics_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -131,6 +133,8 @@ fn zero_counters() {
         QUEUE_POLL_ERRORS,
         STORE_RETRIES,
         LEFTOVERS_REMOVED,
+        RETRY_IDS_TAKEN,
+        WORKER_PANICS,
     ] {
         metrics::counter!(name).absolute(0);
     }
@@ -245,6 +249,14 @@ fn describe_node() {
     describe_counter!(
         LEFTOVERS_REMOVED,
         "Work messages removed by the sweep because their order had ended long before (the removal that should have followed its ack was lost)."
+    );
+    describe_counter!(
+        RETRY_IDS_TAKEN,
+        "Retries whose work message id was found taken by another message, and asked for again with a new key."
+    );
+    describe_counter!(
+        WORKER_PANICS,
+        "Deliveries whose worker panicked: the lease was ended and the message handed back (a bug: see the log)."
     );
     describe_counter!(
         MESSAGES_REQUEUED,

@@ -16,10 +16,12 @@ use crate::ops::stats::WorkerStats;
 use crate::queue::delivery::{message_exists, Delivery};
 use crate::queue::give_up::GiveUp;
 use crate::queue::settle::{NakReason, Outcome, Settlement, TermReason};
-use crate::queue::setup::{RETRY_HEADER, SUBMIT_PREFIX, VIA_HEADER};
+use crate::queue::setup::{retry_message_id, RETRY_HEADER, SUBMIT_PREFIX, VIA_HEADER};
 use crate::store::{OrderStore, StoreError, Versioned};
 use async_nats::jetstream;
 use chrono::SubsecRound;
+use futures::FutureExt;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -176,7 +178,23 @@ impl Processor {
             // Heartbeats stop with this task, even if processing panics.
             let _heartbeats = done.clone().drop_guard();
             tokio::spawn(lease.clone().keep_alive(message.clone(), done.clone()));
-            self.deliver(settlement, &delivery, &stop).await;
+            let delivered = AssertUnwindSafe(self.deliver(settlement, &delivery, &stop))
+                .catch_unwind()
+                .await;
+            if let Err(panic) = delivered {
+                // A bug, never an answer: the lease ends here, as at any other outcome, so that the
+                // audit closes its interval and nothing works on the order under it any more.
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, "worker panicked; ending the lease and handing the message back");
+                metrics::counter!(m::WORKER_PANICS).increment(1);
+                Settlement::new(message.clone(), lease.clone())
+                    .settle(Outcome::Nak(NakReason::Panicked), LeaseEnd::Released)
+                    .await;
+            }
             done.cancel();
         }
         .instrument(span)
@@ -347,19 +365,37 @@ impl Processor {
 
     /// The order, retried, if `message` is the work message of its next retry (see
     /// `api::control::retry`); `None` if the message carries nothing more for a terminal order.
+    ///
+    /// A retry the document already records is run by any message of it. One it does not record
+    /// yet is recorded here only if the document asks for it (`retry_request`) and the message's id
+    /// carries the request's key: a message that anyone could publish with the retry header starts
+    /// nothing.
     async fn take_up_retry(
         &self,
         message: &jetstream::Message,
         order: Versioned,
     ) -> Result<Option<Versioned>, Failure> {
-        let Some(number) = message
-            .headers
-            .as_ref()
+        let headers = message.headers.as_ref();
+        let Some(number) = headers
             .and_then(|h| h.get(RETRY_HEADER))
             .and_then(|v| v.as_str().parse::<u32>().ok())
         else {
             return Ok(None);
         };
+        let asked = order.order.retry_request.as_ref().is_some_and(|asked| {
+            let id = retry_message_id(&order.order.order_id, asked.retry, &asked.key);
+            asked.retry == number
+                && headers
+                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                    .is_some_and(|v| v.as_str() == id)
+        });
+        if !asked && order.order.retries < number {
+            tracing::warn!(
+                retry = number,
+                "a retry's work message that the document did not ask for; it starts nothing"
+            );
+            return Ok(None);
+        }
         match retry(self.store(), order, number).await? {
             Retry::Recorded { order, before } => {
                 if let Some(before) = before {

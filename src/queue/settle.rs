@@ -26,15 +26,19 @@ pub enum NakReason {
     FetchError,
     /// The steps could not run the order now; it comes back after [`RETRY_DELAY`].
     NotNow,
+    /// The worker panicked (a bug); the message comes back after [`RETRY_DELAY`], and its delivery
+    /// counts towards the limit, so an order that always panics ends `Failed`.
+    Panicked,
 }
 
 impl NakReason {
-    pub const ALL: [NakReason; 5] = [
+    pub const ALL: [NakReason; 6] = [
         NakReason::Shutdown,
         NakReason::StoreUnavailable,
         NakReason::OverBatch,
         NakReason::FetchError,
         NakReason::NotNow,
+        NakReason::Panicked,
     ];
 
     /// The `reason` label of `orderly_messages_nakked_total`.
@@ -45,13 +49,16 @@ impl NakReason {
             NakReason::OverBatch => "over_batch",
             NakReason::FetchError => "fetch_error",
             NakReason::NotNow => "not_now",
+            NakReason::Panicked => "panicked",
         }
     }
 
     /// How long the server waits before delivering the message again.
     pub fn delay(self) -> Option<Duration> {
         match self {
-            NakReason::StoreUnavailable | NakReason::NotNow => Some(RETRY_DELAY),
+            NakReason::StoreUnavailable | NakReason::NotNow | NakReason::Panicked => {
+                Some(RETRY_DELAY)
+            }
             NakReason::Shutdown | NakReason::OverBatch | NakReason::FetchError => None,
         }
     }

@@ -40,6 +40,11 @@ pub const MAX_MSG_SIZE: i32 = 1024 * 1024;
 /// The consumer's cap on unacknowledged messages across all nodes.
 pub const MAX_ACK_PENDING: i64 = 20_000;
 
+/// The message id of the work message of retry `number` of `order_id`, asked for with `key`.
+pub fn retry_message_id(order_id: &uuid::Uuid, number: u32, key: &str) -> String {
+    format!("{order_id}.retry.{number}.{key}")
+}
+
 pub fn submit_subject(order_id: &uuid::Uuid) -> String {
     format!("{SUBMIT_PREFIX}.{order_id}")
 }
