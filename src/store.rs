@@ -38,7 +38,9 @@ pub enum StoreError {
     },
     /// The document would be larger than [`DOCUMENT_LIMIT`]: the write was not sent, and sending it
     /// again will not help.
-    #[error("order {order_id}'s document would be {size} bytes, more than the {DOCUMENT_LIMIT} allowed")]
+    #[error(
+        "order {order_id}'s document would be {size} bytes, more than the {DOCUMENT_LIMIT} allowed"
+    )]
     TooLarge { order_id: Uuid, size: usize },
     /// NATS did not answer or refused for a reason that may pass: try again later.
     #[error("order store unavailable: {}", with_cause(context, source.as_deref()))]

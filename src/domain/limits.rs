@@ -7,8 +7,10 @@
 /// with room for the KV headers. A larger one is refused by the store, never retried.
 pub const DOCUMENT_LIMIT: usize = 768 * 1024;
 
-/// What one attempt can add to a document at most: four step outputs of
-/// [`crate::engine::steps::MAX_OUTPUT`] bytes, a cancel's and a failure's reason, step records and
+/// The largest output a step may answer with, in bytes of JSON: it is stored in the order's document.
+pub const MAX_OUTPUT: usize = 16 * 1024;
+
+/// What one attempt can add to a document at most: four step outputs of [`MAX_OUTPUT`] bytes, a cancel's and a failure's reason, step records and
 /// waits, with room to spare. A retry leaves at least this much below [`DOCUMENT_LIMIT`].
 pub const ATTEMPT_ROOM: usize = 192 * 1024;
 
@@ -31,6 +33,12 @@ pub fn bounded_reason(reason: String) -> String {
     }
 }
 
+// An attempt's largest additions fit in its room: four outputs, and three reasons of at most 6 bytes
+// a character once escaped (`\u0001`), with 16 KiB for the step records; and a new order leaves room
+// for two attempts.
+const _: () = assert!(4 * MAX_OUTPUT + 3 * 6 * MAX_REASON + 16 * 1024 < ATTEMPT_ROOM);
+const _: () = assert!(crate::domain::payload::MAX_PAYLOAD + 2 * ATTEMPT_ROOM < DOCUMENT_LIMIT);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -44,14 +52,5 @@ mod tests {
         let cut = bounded_reason(long);
         assert_eq!(cut.chars().count(), MAX_REASON + 1);
         assert!(cut.ends_with('…'));
-    }
-
-    #[test]
-    fn an_attempt_fits_in_its_room() {
-        let outputs = 4 * crate::engine::steps::MAX_OUTPUT;
-        // A reason is at most 6 bytes a character once escaped (`\u0001`), and there are three.
-        let reasons = 3 * 6 * MAX_REASON;
-        assert!(outputs + reasons + 16 * 1024 < ATTEMPT_ROOM);
-        assert!(crate::domain::payload::MAX_PAYLOAD + 2 * ATTEMPT_ROOM < DOCUMENT_LIMIT);
     }
 }

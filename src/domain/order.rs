@@ -1233,7 +1233,8 @@ mod tests {
         order.state = State::Cancelled;
         order.current_step = CurrentStep::Terminal(Terminal::Cancelled);
         order.intent = Some(Box::new(
-            Intent::new(IntentKind::Cancel, None, t(4)).with_request(Interface::Http, Some(reason.into())),
+            Intent::new(IntentKind::Cancel, None, t(4))
+                .with_request(Interface::Http, Some(reason.into())),
         ));
         order
     }
@@ -1242,15 +1243,21 @@ mod tests {
     fn retries_keep_the_document_within_its_limit() {
         let output = format!(
             "{{\"x\":\"{}\"}}",
-            "a".repeat(crate::engine::steps::MAX_OUTPUT - 8)
+            "a".repeat(crate::domain::limits::MAX_OUTPUT - 8)
         );
         let reason = "\u{1}".repeat(crate::domain::limits::MAX_REASON);
         let mut order = cancelled_with(&output, &reason);
         for n in 1..=200u32 {
             order.retry(t(10)).unwrap();
-            assert!(encoded_len(&order) <= DOCUMENT_LIMIT - ATTEMPT_ROOM, "retry {n}");
+            assert!(
+                encoded_len(&order) <= DOCUMENT_LIMIT - ATTEMPT_ROOM,
+                "retry {n}"
+            );
             assert!(order.history.len() <= HISTORY_KEPT);
-            assert_eq!(order.history_dropped as usize + order.history.len(), n as usize);
+            assert_eq!(
+                order.history_dropped as usize + order.history.len(),
+                n as usize
+            );
             // The next attempt runs every step with the largest outputs and is cancelled again.
             let ran = cancelled_with(&output, &reason);
             order.steps = ran.steps;

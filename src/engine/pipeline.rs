@@ -6,9 +6,9 @@
 
 use crate::clock::now;
 use crate::domain::order::{Action, Order, Owner, State, Step, TransitionError};
+use crate::domain::payload::{depth, MAX_DEPTH};
 use crate::engine::interrupt::Interrupts;
 use crate::engine::lease::Lease;
-use crate::domain::payload::{depth, MAX_DEPTH};
 use crate::engine::steps::{StepCall, StepOutcome, Steps, MAX_OUTPUT};
 use crate::engine::write::{Halt, Writer};
 use crate::ops::metrics as m;

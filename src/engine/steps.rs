@@ -13,8 +13,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// The largest output a step may answer with, in bytes of JSON: it is stored in the order's document.
-pub const MAX_OUTPUT: usize = 16 * 1024;
+pub use crate::domain::limits::MAX_OUTPUT;
 
 /// What running a step (or rolling one back) came to.
 #[derive(Debug, Clone)]
