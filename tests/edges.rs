@@ -281,3 +281,34 @@ async fn a_cancel_of_an_order_whose_payload_no_json_value_can_hold_ends_it_at_on
         .expect("POST /orders answers");
     assert_eq!(response.status(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_work_message_is_requeued_whatever_id_its_copy_would_have_had() {
+    let server = NatsServer::start().await;
+    let node = Node::builder(&server.url).start().await;
+    let js = server.js().await;
+    let mut stream = js.get_stream("ORDERS").await.expect("the stream");
+    let last = stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence;
+    // Another order's message takes the id the sweep will give the copy of the next message...
+    let taken = format!("orderly-requeue-{}", last + 2);
+    publish_with(
+        &js,
+        format!("orders.submit.{}", Uuid::now_v7()),
+        &[("Nats-Msg-Id", taken.as_str())],
+    )
+    .await;
+    // ... which has a header block no node can receive: it is swept and published again.
+    let poisoned = Uuid::now_v7();
+    common::hostile::hpub_order(&server.url, poisoned, common::hostile::NO_COLON, b"{}").await;
+    let kv = server.orders().await;
+    let done = wait_all_terminal(&kv, &[poisoned], Duration::from_secs(30))
+        .await
+        .remove(0);
+    assert_eq!(done["state"], "Completed", "{done}");
+    assert!(node.logs().contains("was taken by another message"));
+}

@@ -333,17 +333,22 @@ impl Sweep {
         Ok(true)
     }
 
+    /// Publishes a copy of `found` without its headers, then deletes it. The copy's id makes two
+    /// nodes' sweeps of the same message one copy; an id that another message took first (anyone can
+    /// publish with it: the sequence is no secret) is given up for one nobody can know, so that the
+    /// original is never deleted without a copy stored.
     async fn requeue(&self, found: &Found, bad: BadHeaders) -> anyhow::Result<()> {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("{REQUEUE_ID_PREFIX}{}", found.seq).as_str(),
-        );
-        let stored = self
-            .js
-            .publish_with_headers(found.subject.clone(), headers, found.payload.clone())
-            .await?
-            .await?;
+        let id = format!("{REQUEUE_ID_PREFIX}{}", found.seq);
+        let mut stored = self.publish_copy(found, &id).await?;
+        if stored.duplicate && !self.is_copy_of(found, stored.sequence).await? {
+            tracing::warn!(
+                msg.stream_seq = found.seq,
+                taken_by = stored.sequence,
+                "the id of a work message's copy was taken by another message; publishing the copy under a new id"
+            );
+            let id = format!("{id}-{}", uuid::Uuid::new_v4().simple());
+            stored = self.publish_copy(found, &id).await?;
+        }
         if let Err(e) = self.stream.delete_message(found.seq).await {
             // Another node may have replaced it a moment ago; otherwise the next sweep tries again
             // (its copy is published once: the duplicate window recognises it).
@@ -360,6 +365,30 @@ impl Sweep {
             "work message with a header block no node can receive: published again without headers"
         );
         Ok(())
+    }
+}
+
+impl Sweep {
+    async fn publish_copy(
+        &self,
+        found: &Found,
+        id: &str,
+    ) -> anyhow::Result<jetstream::publish::PublishAck> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        Ok(self
+            .js
+            .publish_with_headers(found.subject.clone(), headers, found.payload.clone())
+            .await?
+            .await?)
+    }
+
+    /// Whether the message at `seq` is a copy of `found` (same subject and payload); `false` also
+    /// when it is gone, since then nobody can tell.
+    async fn is_copy_of(&self, found: &Found, seq: u64) -> anyhow::Result<bool> {
+        Ok(peek_exact(&self.js, seq)
+            .await?
+            .is_some_and(|copy| copy.subject == found.subject && copy.payload == found.payload))
     }
 }
 
