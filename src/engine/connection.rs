@@ -1,6 +1,7 @@
 //! The node's connections to NATS as leases see them: each loss starts a new epoch, and a lease lasts no
 //! longer than the epoch it was taken in.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -14,40 +15,77 @@ pub struct Connection {
     inner: Arc<ConnectionInner>,
 }
 
+/// How many losses a connection remembers the time of. Anyone who can publish a work message with a
+/// header block the client cannot parse can make the node lose its fetch connection, as often as
+/// they like: the record of losses must not grow with them.
+const REMEMBERED_LOSSES: usize = 1024;
+
 #[derive(Default)]
 struct ConnectionInner {
-    /// When each loss happened, in order: the connection's epoch is the number of losses.
-    losses: Mutex<Vec<Instant>>,
+    losses: Mutex<Losses>,
     changed: tokio::sync::Notify,
 }
 
+/// The losses of a connection: the epoch is their number; the times of the last
+/// [`REMEMBERED_LOSSES`] are kept.
+struct Losses {
+    forgotten: usize,
+    recent: VecDeque<Instant>,
+    /// Before every loss: what a loss whose time was forgotten is taken to have happened at.
+    origin: Instant,
+}
+
+impl Default for Losses {
+    fn default() -> Losses {
+        Losses {
+            forgotten: 0,
+            recent: VecDeque::new(),
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Losses {
+    fn count(&self) -> usize {
+        self.forgotten + self.recent.len()
+    }
+
+    /// When loss number `n` (from 0) happened. A forgotten one is taken to have happened before any:
+    /// a lease that old ends at once, which is always safe.
+    fn at(&self, n: usize) -> Option<Instant> {
+        match n.checked_sub(self.forgotten) {
+            None => Some(self.origin),
+            Some(i) => self.recent.get(i).copied(),
+        }
+    }
+
+    fn push(&mut self, at: Instant) {
+        if self.recent.len() == REMEMBERED_LOSSES {
+            self.recent.pop_front();
+            self.forgotten += 1;
+        }
+        self.recent.push_back(at);
+    }
+}
+
 impl Connection {
+    fn with<T>(&self, f: impl FnOnce(&mut Losses) -> T) -> T {
+        f(&mut self.inner.losses.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// The connection was lost: every lease taken before now ends now.
     pub fn lost(&self) {
-        self.inner
-            .losses
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Instant::now());
+        self.with(|losses| losses.push(Instant::now()));
         self.inner.changed.notify_waiters();
     }
 
     fn epoch(&self) -> usize {
-        self.inner
-            .losses
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.with(|losses| losses.count())
     }
 
     /// When the connection was first lost after `epoch`, if it was.
     fn lost_since(&self, epoch: usize) -> Option<Instant> {
-        self.inner
-            .losses
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(epoch)
-            .copied()
+        self.with(|losses| losses.at(epoch))
     }
 
     /// How many times the connection was lost so far.
@@ -101,5 +139,32 @@ impl Epoch {
             }
             changed.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn losses_without_end_are_remembered_within_a_bound_and_end_old_leases_at_once() {
+        let connection = Connection::default();
+        let first = connection.current();
+        assert_eq!(first.ended(), None);
+        connection.lost();
+        let lost_at = first.ended().expect("the first loss ended it");
+        let second = connection.current();
+        for _ in 0..3 * REMEMBERED_LOSSES {
+            connection.lost();
+        }
+        assert_eq!(connection.losses(), 3 * REMEMBERED_LOSSES + 1);
+        assert_eq!(connection.with(|l| l.recent.len()), REMEMBERED_LOSSES);
+        // Forgotten losses end their leases no later than they really did.
+        assert!(first.ended().expect("ended") <= lost_at);
+        assert!(second.ended().is_some());
+        let now = connection.current();
+        assert_eq!(now.ended(), None);
+        connection.lost();
+        assert!(now.ended().is_some());
     }
 }
