@@ -22,7 +22,7 @@ use common::faults::{fill_store, NatsCluster, Proxy, FILLER};
 use common::hostile::{stored_in, Barrage, RawClient, Shots, MALFORMED};
 use common::scenario::*;
 use common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -93,6 +93,18 @@ enum Fault {
     /// Another stream fills every server's store until it refuses writes; it is deleted when the
     /// fault ends.
     Full,
+    /// Message ids that Orderly gives its own messages, taken first by other messages (a retry's
+    /// old id, the id of the sweep's copy of the next sequence, followed by a work message with a
+    /// malformed header block), and work messages that claim to be retries of accepted orders.
+    TakenIds,
+    /// The side orders cancelled (with the longest reason) and retried over and over while the
+    /// fault lasts.
+    Retries,
+    /// Watches of orders opened on every node until they are refused, kept open while the fault
+    /// lasts, while `/healthz` is asked every 0.5 s.
+    Watches,
+    /// Index entries for orders that do not exist, published into `ORDERS_INDEX`; then a listing.
+    IndexSpam,
 }
 
 impl Fault {
@@ -109,6 +121,10 @@ impl Fault {
             Fault::Poison => "malformed-header work message",
             Fault::Forged => "forged MAX_DELIVERIES advisories",
             Fault::Full => "full store",
+            Fault::TakenIds => "taken message ids and forged retries",
+            Fault::Retries => "cancel-retry cycles",
+            Fault::Watches => "watch abuse",
+            Fault::IndexSpam => "index spam",
         }
     }
 
@@ -160,7 +176,7 @@ fn plan(seed: u64, run: Duration) -> Vec<Planned> {
     while start + Duration::from_secs(5) < run {
         let length = rng.between(3.0, 12.0);
         for _ in 0..10 {
-            let fault = match rng.below(11) {
+            let fault = match rng.below(15) {
                 0 => Fault::Kill(rng.below(3)),
                 1 => Fault::Stop(rng.below(3)),
                 2 => Fault::Term(rng.below(3)),
@@ -171,10 +187,16 @@ fn plan(seed: u64, run: Duration) -> Vec<Planned> {
                 7 => Fault::Malformed,
                 8 => Fault::Poison,
                 9 => Fault::Forged,
-                _ => Fault::Full,
+                10 => Fault::Full,
+                11 => Fault::TakenIds,
+                12 => Fault::Retries,
+                13 => Fault::Watches,
+                _ => Fault::IndexSpam,
             };
             let length = match fault {
-                Fault::Poison | Fault::Forged => Duration::ZERO,
+                Fault::Poison | Fault::Forged | Fault::TakenIds | Fault::IndexSpam => {
+                    Duration::ZERO
+                }
                 _ => length,
             };
             let end = start + length;
@@ -194,7 +216,9 @@ fn plan(seed: u64, run: Duration) -> Vec<Planned> {
                     }
                 }
                 f if f.on_servers() => !during(Duration::from_secs(5)).any(Fault::on_servers),
-                Fault::Malformed => !during(Duration::ZERO).any(|f| f == Fault::Malformed),
+                Fault::Malformed | Fault::Retries | Fault::Watches => {
+                    !during(Duration::ZERO).any(|f| f == fault)
+                }
                 // The server refuses consumer edits while the store is full: edits (with their
                 // shrink) and full stores take turns.
                 Fault::AckWait | Fault::Full => {
@@ -300,6 +324,7 @@ struct Storm {
     /// Work messages with malformed headers the stream accepted.
     poisoned: Vec<Uuid>,
     injected: BTreeMap<&'static str, usize>,
+    edges: Edges,
 }
 
 impl Storm {
@@ -317,6 +342,7 @@ impl Storm {
             .env("ORDERLY_REPLICAS", 3)
             .env("ORDERLY_SEED", NODE_SEED)
             .env("ORDERLY_ACK_WAIT", format!("{}s", self.window().as_secs()))
+            .env("ORDERLY_HTTP_MAX_CONNECTIONS", STORM_MAX_CONNECTIONS)
     }
 
     fn start_node(&mut self, i: usize) {
@@ -434,27 +460,69 @@ impl Storm {
                 ));
             }
             Fault::Poison => {
-                let id = Uuid::now_v7();
-                let header = MALFORMED[self.poisoned.len() % MALFORMED.len()];
-                let sent = async {
-                    let mut client = RawClient::connect(&self.cluster.urls).await.ok()?;
-                    let subject = format!("orders.submit.{id}");
-                    let ack = client
-                        .request(&subject, header, br#"{"customer":"mallory"}"#)
-                        .await
-                        .ok()?;
-                    stored_in(&ack, "ORDERS")
-                };
-                let stored = tokio::time::timeout(Duration::from_secs(5), sent).await;
-                let stored = matches!(stored, Ok(Some(_)));
-                self.say(&format!(
-                    "{}: orders.submit.{id} ({})",
-                    fault.kind(),
-                    if stored { "stored" } else { "not stored" }
+                self.poison(fault).await;
+            }
+            Fault::TakenIds => {
+                self.take_ids(fault).await;
+            }
+            Fault::Retries => {
+                self.say(&format!("begin {}", fault.kind()));
+                let stop = tokio_util::sync::CancellationToken::new();
+                let task = tokio::spawn(cycle_side_orders(
+                    self.edges.side.clone(),
+                    self.submitted.clone(),
+                    orders_bucket(&self.js).await,
+                    self.edges.counts.clone(),
+                    stop.clone(),
                 ));
-                if stored {
-                    self.poisoned.push(id);
-                }
+                self.edges.running = Some((stop, task));
+            }
+            Fault::Watches => {
+                let watched = *self
+                    .edges
+                    .side
+                    .lock()
+                    .expect("lock")
+                    .last()
+                    .expect("a side order");
+                self.say(&format!("begin {}: watches of {watched}", fault.kind()));
+                let stop = tokio_util::sync::CancellationToken::new();
+                let task = tokio::spawn(abuse_watches(
+                    self.submitted.clone(),
+                    watched,
+                    self.edges.counts.clone(),
+                    stop.clone(),
+                ));
+                self.edges.watching = Some((stop, task));
+            }
+            Fault::IndexSpam => {
+                let sent = spam_index(&self.js.client(), 2_000).await;
+                self.edges
+                    .counts
+                    .index_entries
+                    .fetch_add(sent, Ordering::Relaxed);
+                let nodes = live_nodes(&self.submitted);
+                let status = match nodes.get(index % nodes.len().max(1)) {
+                    Some(node) => reqwest::Client::new()
+                        .get(format!("{node}/orders?state=Failed&limit=10"))
+                        .timeout(Duration::from_secs(10))
+                        .send()
+                        .await
+                        .map_or(0, |r| r.status().as_u16()),
+                    None => 0,
+                };
+                *self
+                    .edges
+                    .counts
+                    .listings
+                    .lock()
+                    .expect("lock")
+                    .entry(status)
+                    .or_default() += 1;
+                self.say(&format!(
+                    "{}: {sent} entries of orders that do not exist; a listing answered {status}",
+                    fault.kind()
+                ));
             }
             Fault::Forged => {
                 let last = self.submitted.last_seq.load(Ordering::Relaxed);
@@ -588,8 +656,119 @@ impl Storm {
                 )
                 .await;
             }
-            Fault::Poison | Fault::Forged => {}
+            Fault::Retries => {
+                if let Some((stop, task)) = self.edges.running.take() {
+                    stop.cancel();
+                    task.await.expect("the cycles do not panic");
+                }
+                self.say(&format!(
+                    "end {}: {} cycles so far",
+                    fault.kind(),
+                    self.edges.counts.cycles.load(Ordering::Relaxed)
+                ));
+            }
+            Fault::Watches => {
+                if let Some((stop, task)) = self.edges.watching.take() {
+                    stop.cancel();
+                    task.await.expect("the watches do not panic");
+                }
+                self.say(&format!(
+                    "end {}: {} watches opened, {} refused so far",
+                    fault.kind(),
+                    self.edges.counts.watches_open.load(Ordering::Relaxed),
+                    self.edges.counts.watches_refused.load(Ordering::Relaxed)
+                ));
+            }
+            Fault::Poison | Fault::Forged | Fault::TakenIds | Fault::IndexSpam => {}
         }
+    }
+
+    /// Publishes one work message with a malformed header block straight into the stream.
+    async fn poison(&mut self, fault: Fault) {
+        let id = Uuid::now_v7();
+        let header = MALFORMED[self.poisoned.len() % MALFORMED.len()];
+        let sent = async {
+            let mut client = RawClient::connect(&self.cluster.urls).await.ok()?;
+            let subject = format!("orders.submit.{id}");
+            let ack = client
+                .request(&subject, header, br#"{"customer":"mallory"}"#)
+                .await
+                .ok()?;
+            stored_in(&ack, "ORDERS")
+        };
+        let stored = tokio::time::timeout(Duration::from_secs(5), sent).await;
+        let stored = matches!(stored, Ok(Some(_)));
+        self.say(&format!(
+            "{}: orders.submit.{id} ({})",
+            fault.kind(),
+            if stored { "stored" } else { "not stored" }
+        ));
+        if stored {
+            self.poisoned.push(id);
+        }
+    }
+
+    /// Takes the ids Orderly gives its own messages, and forges retries of accepted orders.
+    async fn take_ids(&mut self, fault: Fault) {
+        let targets: Vec<Uuid> = {
+            let accepted = self.submitted.accepted.lock().expect("lock");
+            accepted.iter().rev().step_by(7).take(3).copied().collect()
+        };
+        let counts = self.edges.counts.clone();
+        for id in &targets {
+            // The id a retry's message used to have, on another order's message...
+            let other = Uuid::now_v7();
+            let taken = format!("{id}.retry.1");
+            if publish_with(
+                &self.js,
+                format!("orders.submit.{other}"),
+                &[("Nats-Msg-Id", &taken)],
+            )
+            .await
+            .is_some()
+            {
+                self.submitted.accepted.lock().expect("lock").push(other);
+                counts.taken_ids.fetch_add(1, Ordering::Relaxed);
+            }
+            // ... and a work message that claims to be the order's retry.
+            let forged = format!("{id}.retry.1.{}", Uuid::new_v4().simple());
+            if publish_with(
+                &self.js,
+                format!("orders.submit.{id}"),
+                &[("Nats-Msg-Id", &forged), ("Orderly-Retry", "1")],
+            )
+            .await
+            .is_some()
+            {
+                counts.forged_retries.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // The id of the sweep's copy of the next message, then a message the sweep must copy.
+        let last = async {
+            let mut stream = self.js.get_stream("ORDERS").await.ok()?;
+            stream.info().await.ok().map(|i| i.state.last_sequence)
+        };
+        if let Ok(Some(last)) = tokio::time::timeout(Duration::from_secs(5), last).await {
+            let other = Uuid::now_v7();
+            let taken = format!("orderly-requeue-{}", last + 2);
+            if publish_with(
+                &self.js,
+                format!("orders.submit.{other}"),
+                &[("Nats-Msg-Id", &taken)],
+            )
+            .await
+            .is_some()
+            {
+                self.submitted.accepted.lock().expect("lock").push(other);
+                counts.taken_ids.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.say(&format!(
+            "{}: {} orders' retry ids taken, forged retries published",
+            fault.kind(),
+            targets.len()
+        ));
+        self.poison(fault).await;
     }
 
     /// The windows the consumer has now.
@@ -688,11 +867,24 @@ async fn storm() {
         killed: BTreeMap::new(),
         poisoned: Vec::new(),
         injected: BTreeMap::new(),
+        edges: Edges {
+            counts: Arc::default(),
+            side: Arc::default(),
+            running: None,
+            watching: None,
+        },
     };
     for i in 0..NODES.len() {
         storm.start_node(i);
         let node = storm.nodes[i].as_mut().expect("started");
         node.wait_ready().await;
+    }
+    let http = reqwest::Client::new();
+    for _ in 0..SIDE_ORDERS {
+        let side = submit_side_order(&http, &storm.node(0).http)
+            .await
+            .expect("a side order is accepted");
+        storm.edges.side.lock().expect("lock").push(side);
     }
 
     // Steady load through the whole run, each submission on its own so that a stuck one holds up
@@ -791,4 +983,270 @@ async fn storm() {
         report.failed,
         report.handovers.len()
     );
+}
+
+/// What the attacks at the edges of retry, watches and the index saw.
+#[derive(Default)]
+struct EdgeCounts {
+    cycles: AtomicUsize,
+    cancel_refused_503: AtomicUsize,
+    retry_refused_503: AtomicUsize,
+    replaced: AtomicUsize,
+    watches_open: AtomicUsize,
+    watches_refused: AtomicUsize,
+    health_answered: AtomicUsize,
+    /// `/healthz` answered 503 for want of a connection: what watches must never cause.
+    health_crowded_out: AtomicUsize,
+    index_entries: AtomicUsize,
+    listings: Mutex<BTreeMap<u16, usize>>,
+    taken_ids: AtomicUsize,
+    forged_retries: AtomicUsize,
+}
+
+/// The attacks at the edges, and the orders cancelled and retried over and over ("side orders").
+struct Edges {
+    counts: Arc<EdgeCounts>,
+    /// Every side order there was; the last `SIDE_ORDERS` are the ones cycled.
+    side: Arc<Mutex<Vec<Uuid>>>,
+    running: Option<(
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    )>,
+    watching: Option<(
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+/// Side orders cycled at once.
+const SIDE_ORDERS: usize = 3;
+/// The longest reason a cancel may carry.
+const LONGEST_REASON: usize = 1000;
+/// Each node's connection cap in the storm, so that watches can reach it.
+const STORM_MAX_CONNECTIONS: usize = 48;
+
+fn live_nodes(submitted: &Submitted) -> Vec<String> {
+    submitted.nodes.lock().expect("lock").clone()
+}
+
+/// `POST <node>/orders/<id>/<action>`; the status, or `None` when no answer came in time.
+async fn act(
+    http: &reqwest::Client,
+    node: &str,
+    id: Uuid,
+    action: &str,
+    body: Value,
+) -> Option<u16> {
+    http.post(format!("{node}/orders/{id}/{action}"))
+        .timeout(Duration::from_secs(3))
+        .json(&body)
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+/// The state of the order's document, read as text (its `state` comes before its payload).
+async fn state_of(kv: &jetstream::kv::Store, id: Uuid) -> Option<String> {
+    let read = tokio::time::timeout(Duration::from_secs(3), kv.get(id.to_string()));
+    let raw = read.await.ok()?.ok()??;
+    let doc: Value = serde_json::from_slice(&raw).ok()?;
+    doc["state"].as_str().map(str::to_owned)
+}
+
+/// Cancels and retries the side orders until `stop`: a cancel with the longest reason, a wait for
+/// the order to end, a retry. An order that completed before its cancel is replaced by a new one.
+async fn cycle_side_orders(
+    side: Arc<Mutex<Vec<Uuid>>>,
+    submitted: Arc<Submitted>,
+    kv: jetstream::kv::Store,
+    counts: Arc<EdgeCounts>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let http = reqwest::Client::new();
+    let reason = "\u{1}".repeat(LONGEST_REASON);
+    let mut turn = 0usize;
+    while !stop.is_cancelled() {
+        turn += 1;
+        let nodes = live_nodes(&submitted);
+        let active: Vec<Uuid> = {
+            let side = side.lock().expect("lock");
+            side[side.len().saturating_sub(SIDE_ORDERS)..].to_vec()
+        };
+        if nodes.is_empty() || active.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        let node = &nodes[turn % nodes.len()];
+        let id = active[turn % active.len()];
+        match act(&http, node, id, "cancel", json!({ "reason": reason })).await {
+            Some(200 | 202) => {}
+            Some(409) => {
+                if state_of(&kv, id).await.as_deref() == Some("Completed") {
+                    // It ran to its end between two cycles: a new one takes its place.
+                    if let Some(new) = submit_side_order(&http, node).await {
+                        side.lock().expect("lock").push(new);
+                        counts.replaced.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+            }
+            Some(503) => {
+                counts.cancel_refused_503.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            _ => continue,
+        }
+        let ended = async {
+            loop {
+                if let Some("Cancelled" | "Failed" | "Completed") =
+                    state_of(&kv, id).await.as_deref()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            done = tokio::time::timeout(Duration::from_secs(10), ended) => if done.is_err() { continue },
+        }
+        match act(&http, node, id, "retry", Value::Null).await {
+            Some(202) => {
+                counts.cycles.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(503) => {
+                counts.retry_refused_503.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn submit_side_order(http: &reqwest::Client, node: &str) -> Option<Uuid> {
+    let response = http
+        .post(format!("{node}/orders"))
+        .timeout(Duration::from_secs(3))
+        .json(&json!({ "side": true }))
+        .send()
+        .await
+        .ok()?;
+    if response.status() != 202 {
+        return None;
+    }
+    let body: Value = response.json().await.ok()?;
+    body["order_id"].as_str()?.parse().ok()
+}
+
+/// Opens watches on every node until they are refused, keeps them open until `stop`, and asks each
+/// node's `/healthz` every 0.5 s meanwhile.
+async fn abuse_watches(
+    submitted: Arc<Submitted>,
+    watched: Uuid,
+    counts: Arc<EdgeCounts>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let watcher = reqwest::Client::builder()
+        .pool_max_idle_per_host(STORM_MAX_CONNECTIONS)
+        .build()
+        .expect("a client");
+    let prober = reqwest::Client::new();
+    let mut open = Vec::new();
+    for node in live_nodes(&submitted) {
+        for _ in 0..STORM_MAX_CONNECTIONS {
+            let watch = watcher
+                .get(format!("{node}/orders/{watched}/events"))
+                .timeout(Duration::from_secs(120))
+                .send();
+            match tokio::time::timeout(Duration::from_secs(3), watch).await {
+                Ok(Ok(response)) if response.status() == 200 => {
+                    counts.watches_open.fetch_add(1, Ordering::Relaxed);
+                    open.push(response);
+                }
+                Ok(Ok(response)) if response.status() == 503 => {
+                    counts.watches_refused.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                _ => break,
+            }
+        }
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        for node in live_nodes(&submitted) {
+            let asked = prober
+                .get(format!("{node}/healthz"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            let Ok(response) = asked else { continue };
+            counts.health_answered.fetch_add(1, Ordering::Relaxed);
+            if response.status() == 503 {
+                let body = response.text().await.unwrap_or_default();
+                if body.contains("too_many_connections") {
+                    counts.health_crowded_out.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    drop(open);
+}
+
+/// Publishes `count` index entries of orders that do not exist, and a few messages that are no
+/// entries at all, as any client of an open server can.
+async fn spam_index(client: &async_nats::Client, count: usize) -> usize {
+    let mut sent = 0;
+    for n in 0..count {
+        let id = Uuid::now_v7();
+        let entry = if n % 100 == 0 {
+            "not an entry".to_owned()
+        } else {
+            json!({
+                "order_id": id,
+                "state": "Failed",
+                "current_step": "Failed",
+                "start_time": Utc::now(),
+                "complete_time": Utc::now(),
+                "base": 3,
+            })
+            .to_string()
+        };
+        if client
+            .publish(format!("orders.index.{id}.Failed"), entry.into())
+            .await
+            .is_ok()
+        {
+            sent += 1;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
+    sent
+}
+
+/// Publishes `payload` on `subject` with `headers`; the stream sequence it was stored at, if it
+/// was (the cluster may be in the middle of another fault).
+async fn publish_with(
+    js: &jetstream::Context,
+    subject: String,
+    headers: &[(&str, &str)],
+) -> Option<u64> {
+    let mut map = async_nats::HeaderMap::new();
+    for (name, value) in headers {
+        map.insert(*name, *value);
+    }
+    let published = async {
+        js.publish_with_headers(subject, map, "{}".into())
+            .await
+            .ok()?
+            .await
+            .ok()
+    };
+    let ack = tokio::time::timeout(Duration::from_secs(5), published)
+        .await
+        .ok()??;
+    (!ack.duplicate).then_some(ack.sequence)
 }
