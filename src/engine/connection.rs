@@ -21,6 +21,14 @@ struct ConnectionInner {
     changed: tokio::sync::Notify,
 }
 
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("losses", &self.losses())
+            .finish()
+    }
+}
+
 impl Connection {
     /// The connection was lost: every lease taken before now ends now.
     pub fn lost(&self) {
