@@ -3,8 +3,9 @@
 //! Rust twin) answering the steps. What a user would see: orders run through the handler in step
 //! order, its failures roll back through it, orders wait while it is down and go on when it is back,
 //! a takeover calls a step again with a higher fence while the old caller is refused, and a handler
-//! that does not answer in time fails the step. No reply is lost to a hostile client, and a reply
-//! lost with the connection is asked for again.
+//! that does not answer in time fails the step. What lasts: no reply is lost to a hostile client, a
+//! reply lost with the connection is asked for again, and a rollback that comes while a slow run still
+//! works leaves no effect standing.
 
 mod common;
 
@@ -435,29 +436,69 @@ async fn a_takeover_calls_the_step_again_with_a_higher_fence_and_the_old_caller_
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_handler_slower_than_the_step_timeout_fails_the_step_saying_so() {
+async fn a_handler_slower_than_the_step_timeout_fails_the_step_saying_so_and_its_late_run_leaves_no_effect(
+) {
     let server = NatsServer::start().await;
-    let _shop = Handler::python(
-        &server.url,
-        &[("SHOP_DELAY", "5"), ("SHOP_SLOW_AT", "processing")],
-    )
-    .await;
     let node = nats_node(&server)
         .env("ORDERLY_STEP_TIMEOUT", "1s")
         .start()
         .await;
     let http = reqwest::Client::new();
-    let id = submit(&http, &node, json!({ "sku": "E-1" })).await;
     let kv = server.orders().await;
-    let doc = wait_all_terminal(&kv, &[id], Duration::from_secs(30))
-        .await
-        .remove(0);
-    assert_eq!(doc["state"], "Failed", "{doc}");
-    assert_eq!(doc["failed_step"], "Processing");
-    assert_eq!(
-        doc["failure_reason"],
-        "Processing timed out: no answer within 1s (the step timeout)"
-    );
+    let client = server.client().await;
+    let slow = [("SHOP_DELAY", "4"), ("SHOP_SLOW_AT", "processing")];
+    // Both example shops, one after the other.
+    for (n, shop) in ["python", "rust"].into_iter().enumerate() {
+        let _shop = match shop {
+            "python" => Handler::python(&server.url, &slow).await,
+            _ => Handler::rust(&server.url, &slow).await,
+        };
+        let id = submit(&http, &node, json!({ "sku": format!("E-{n}") })).await;
+        let doc = wait_all_terminal(&kv, &[id], Duration::from_secs(30))
+            .await
+            .remove(0);
+        assert_eq!(doc["state"], "Failed", "{shop}: {doc}");
+        assert_eq!(doc["failed_step"], "Processing");
+        assert_eq!(
+            doc["failure_reason"],
+            "Processing timed out: no answer within 1s (the step timeout)"
+        );
+        // The node rolled Processing back while the shop still worked on it; the run, once done,
+        // found the tombstone and made nothing: no order is left packed.
+        let records = wait_until(
+            "the slow run of Processing has ended",
+            Duration::from_secs(20),
+            || async {
+                let records = shop_records(&client, id).await;
+                let ended =
+                    !records["dropped"].is_null() || effects(&records).contains(&"pack".into());
+                ended.then_some(records)
+            },
+        )
+        .await;
+        assert_eq!(
+            calls(&records),
+            [
+                "run Scheduling",
+                "run Pre-Processing",
+                "run Processing",
+                "rollback Processing",
+                "rollback Pre-Processing",
+                "rollback Scheduling",
+            ],
+            "{shop}"
+        );
+        assert_eq!(
+            effects(&records),
+            ["reserve", "charge", "refund", "release"],
+            "{shop}: every effect undone, none made after its rollback: {records}"
+        );
+        assert_eq!(
+            records["dropped"][0]["step"], "Processing",
+            "{shop}: {records}"
+        );
+        assert_eq!(records["dropped"][0]["action"], "pack", "{shop}: {records}");
+    }
     let scrape = node.metrics().await;
     assert_eq!(
         metric_with(
@@ -465,7 +506,7 @@ async fn a_handler_slower_than_the_step_timeout_fails_the_step_saying_so() {
             "orderly_step_timeouts_total",
             r#"step="Processing""#
         ),
-        1.0
+        2.0
     );
 }
 
