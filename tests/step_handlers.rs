@@ -511,6 +511,68 @@ async fn a_handler_slower_than_the_step_timeout_fails_the_step_saying_so_and_its
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_during_a_slow_charge_ends_cancelled_with_the_charge_refunded() {
+    let server = NatsServer::start().await;
+    let _shop = Handler::python(
+        &server.url,
+        &[("SHOP_DELAY", "2"), ("SHOP_SLOW_AT", "pre-processing")],
+    )
+    .await;
+    let node = nats_node(&server).start().await;
+    let http = reqwest::Client::new();
+    let id = submit(&http, &node, json!({ "sku": "H-1" })).await;
+    let client = server.client().await;
+    wait_until(
+        "the shop works on the charge",
+        Duration::from_secs(20),
+        || async {
+            let records = shop_records(&client, id).await;
+            // No records until the shop sees the order.
+            (!records.is_null() && calls(&records).contains(&"run Pre-Processing".to_owned()))
+                .then_some(())
+        },
+    )
+    .await;
+    let answer = http
+        .post(format!("{}/orders/{id}/cancel", node.http))
+        .send()
+        .await
+        .expect("the cancel is answered");
+    assert_eq!(answer.status(), 202);
+    let kv = server.orders().await;
+    let doc = wait_all_terminal(&kv, &[id], Duration::from_secs(30))
+        .await
+        .remove(0);
+    assert_eq!(doc["state"], "Cancelled", "{doc}");
+    let records = wait_until(
+        "the slow charge has ended",
+        Duration::from_secs(20),
+        || async {
+            let records = shop_records(&client, id).await;
+            let ended =
+                !records["dropped"].is_null() || effects(&records).contains(&"charge".into());
+            ended.then_some(records)
+        },
+    )
+    .await;
+    // The node waited for the charge before it sent its rollback: charged, then refunded.
+    assert_eq!(
+        calls(&records),
+        [
+            "run Scheduling",
+            "run Pre-Processing",
+            "rollback Pre-Processing",
+            "rollback Scheduling",
+        ]
+    );
+    assert_eq!(
+        effects(&records),
+        ["reserve", "charge", "refund", "release"],
+        "{records}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn malformed_requests_on_orders_create_lose_no_step_handler_reply() {
     let server = NatsServer::start().await;
     // Each call takes a moment, so that replies are on their way all through the attack.

@@ -112,6 +112,12 @@ impl Steps for NatsSteps {
     fn timeout(&self) -> Option<Duration> {
         Some(self.timeout)
     }
+
+    /// A handler goes on with a run the node stopped waiting for: its rollback is sent once it has
+    /// answered (or its timeout passed), not while it still works.
+    fn awaits_interrupted_runs(&self) -> bool {
+        true
+    }
 }
 
 /// `orders.steps.<step>.<verb>`, the step in lower case (`pre-processing`).
