@@ -5,6 +5,13 @@
 //! (`409 stale fence`, checked when the call arrives and again just before its effect), and makes
 //! each effect at most once per (order, attempt, step). Its records are answered on `shop.records`.
 //!
+//! A rollback may arrive while a run of its step still works, or before a late run starts: it leaves
+//! a tombstone (`rolled_back`), and a run that finds one, when it arrives or just before its effect,
+//! makes no effect and answers `410` (listed in `dropped` if it had started). The last checks and
+//! the effect of a run, like the tombstone and the undo of a rollback, happen under one lock, so for
+//! each (order, step) either the effect comes first and the rollback undoes it, or the tombstone
+//! comes first and the effect is never made.
+//!
 //! Settings (environment): NATS_URL (default nats://127.0.0.1:4222); SHOP_DELAY, seconds each call
 //! takes; SHOP_SLOW_AT, a step: then only its run takes SHOP_DELAY; SHOP_FAIL_AT, a step whose run
 //! always fails. A payload with `"card": "declined"` fails at
@@ -38,7 +45,14 @@ struct Shop {
 type Refusal = (usize, String);
 
 impl Shop {
-    fn check_fence(&self, order_id: &str, fence: u64) -> Result<(), Refusal> {
+    /// Runs `f` on the order's record, under the lock of all records, once the call's fence is found
+    /// not stale: nothing else happens to the order between the check and `f`.
+    fn fenced<T>(
+        &self,
+        order_id: &str,
+        fence: u64,
+        f: impl FnOnce(&mut Value) -> Result<T, Refusal>,
+    ) -> Result<T, Refusal> {
         let mut orders = self.orders.lock().map_err(|_| (500, "poisoned".into()))?;
         let record = orders
             .entry(order_id.to_owned())
@@ -51,7 +65,7 @@ impl Shop {
             ));
         }
         record["fence"] = json!(fence);
-        Ok(())
+        f(record)
     }
 
     async fn call(
@@ -81,24 +95,37 @@ impl Shop {
             number("Orderly-Run")?,
         );
         let (slug, name, action, undo) = STEPS[step];
-        self.check_fence(&order_id, fence)?;
-        self.with_record(&order_id, |record| {
+        let tombstone = json!({ "attempt": attempt, "step": name });
+        self.fenced(&order_id, fence, |record| {
             push(record, "calls", json!({ "call": verb, "step": name, "attempt": attempt, "run": run, "fence": fence }));
+            if verb == "run" && listed(record, "rolled_back", &tombstone) {
+                return Err((410, format!("{name} was rolled back: {action} not made")));
+            }
+            Ok(())
         })?;
         if self.slow_at.is_empty() || (self.slow_at.as_str(), verb) == (slug, "run") {
             tokio::time::sleep(self.delay).await;
         }
-        // Checked again where it matters: just before the effect.
-        self.check_fence(&order_id, fence)?;
         let document: Value = serde_json::from_slice(&request.message.payload).unwrap_or_default();
-        if verb == "run" && self.fail_at == slug {
-            return Err((422, format!("{action} refused (SHOP_FAIL_AT)")));
-        }
-        if verb == "run" && action == "charge" && document["payload"]["card"] == "declined" {
-            return Err((422, "charge refused: card declined".into()));
-        }
         let kind = if verb == "run" { action } else { undo };
-        self.with_record(&order_id, |record| {
+        // The fence checked again where it matters, just before the effect, and the effect (or the
+        // undo) under the same lock: no rollback of the order comes between them.
+        self.fenced(&order_id, fence, |record| {
+            if verb == "run" && listed(record, "rolled_back", &tombstone) {
+                // The rollback came while this run worked: it found nothing to undo, so make nothing.
+                push(record, "dropped", json!({ "attempt": attempt, "step": name, "action": action, "run": run, "fence": fence }));
+                return Err((410, format!("{name} was rolled back while it ran: {action} not made")));
+            }
+            if verb == "run" && self.fail_at == slug {
+                return Err((422, format!("{action} refused (SHOP_FAIL_AT)")));
+            }
+            if verb == "run" && action == "charge" && document["payload"]["card"] == "declined" {
+                return Err((422, "charge refused: card declined".into()));
+            }
+            if verb == "rollback" && !listed(record, "rolled_back", &tombstone) {
+                // Whatever run of this step comes or ends from now on makes no effect.
+                push(record, "rolled_back", tombstone.clone());
+            }
             let made = |what: &str| {
                 record["effects"].as_array().into_iter().flatten().find(|e| {
                     e["attempt"] == attempt && e["step"] == name && e["action"] == what
@@ -106,33 +133,34 @@ impl Shop {
             };
             if let Some(mut effect) = made(kind) {
                 effect["again"] = json!(true);
-                return effect;
+                return Ok(effect);
             }
             if verb == "rollback" && made(action).is_none() {
-                // The step failed (or was interrupted) before it did anything: nothing to undo.
-                return json!({ "attempt": attempt, "step": name, "action": kind, "nothing_to_undo": true });
+                // The step failed, or has not made its effect (yet: the tombstone stops it), or never ran.
+                return Ok(json!({ "attempt": attempt, "step": name, "action": kind, "nothing_to_undo": true }));
             }
             let effect = json!({ "attempt": attempt, "step": name, "action": kind, "run": run, "fence": fence });
             push(record, "effects", effect.clone());
-            effect
+            Ok(effect)
         })
-    }
-
-    fn with_record<T>(
-        &self,
-        order_id: &str,
-        f: impl FnOnce(&mut Value) -> T,
-    ) -> Result<T, Refusal> {
-        let mut orders = self.orders.lock().map_err(|_| (500, "poisoned".into()))?;
-        let record = orders.get_mut(order_id).ok_or((500, "no record".into()))?;
-        Ok(f(record))
     }
 }
 
+/// Appends `item` to the record's list `list`, which is made on first use.
 fn push(record: &mut Value, list: &str, item: Value) {
+    if record[list].is_null() {
+        record[list] = json!([]);
+    }
     if let Some(items) = record[list].as_array_mut() {
         items.push(item);
     }
+}
+
+/// Whether the record's list `list` holds `item`.
+fn listed(record: &Value, list: &str, item: &Value) -> bool {
+    record[list]
+        .as_array()
+        .is_some_and(|items| items.contains(item))
 }
 
 #[tokio::main]

@@ -113,7 +113,7 @@ pub async fn run_with(
 }
 
 /// What does the work of the steps: given before the node connects, or step handlers reached over
-/// NATS on the node's public connection once it has one.
+/// NATS on the node's steps connection once it has one.
 enum StepsChoice {
     Given(Arc<dyn Steps>),
     Nats(Duration),
@@ -186,8 +186,9 @@ async fn run_connected<F: Future<Output = ()>>(
 ) -> anyhow::Result<()> {
     let nats = Access::new(url, &nats_credentials(config)).context("NATS_URL")?;
     let drain = CancellationToken::new();
+    let steps_over_nats = matches!(steps, StepsChoice::Nats(_));
     let connections = tokio::select! {
-        connected = Connections::open(&nats, &node_id, &drain) => connected?,
+        connected = Connections::open(&nats, &node_id, steps_over_nats, &drain) => connected?,
         _ = shutdown.as_mut() => None,
     };
     let Some(connections) = connections else {
@@ -207,8 +208,15 @@ async fn run_connected<F: Future<Output = ()>>(
     let http_addr = listener.local_addr()?.to_string();
     let steps: Arc<dyn Steps> = match steps {
         StepsChoice::Given(steps) => steps,
-        // Replies come to an inbox: the public connection subscribes, the work connection does not.
-        StepsChoice::Nats(timeout) => Arc::new(NatsSteps::new(connections.public.clone(), timeout)),
+        // On a connection of their own: a client that drops the public connection (a header block
+        // the NATS client cannot parse, sent to `orders.create`) cannot take a step's reply with it.
+        StepsChoice::Nats(timeout) => {
+            let (client, connection) = connections
+                .steps
+                .clone()
+                .context("the steps connection is opened when the steps run over NATS")?;
+            Arc::new(NatsSteps::new(client, timeout).with_connection(connection))
+        }
     };
     let parts = Parts {
         config,
@@ -274,11 +282,14 @@ async fn set_up<F: Future<Output = ()>>(
     }
 }
 
-/// The node's three connections to NATS (see [`Role`]).
+/// The node's connections to NATS (see [`Role`]): three, and a fourth for the step handlers when
+/// the steps run over NATS.
 struct Connections {
     work: async_nats::Client,
     fetch: async_nats::Client,
     public: async_nats::Client,
+    /// The steps connection, and its losses as step calls see them.
+    steps: Option<(async_nats::Client, Connection)>,
     /// The work connection as leases see it.
     leases: Connection,
     /// The fetch connection as the sweep sees it: a bad header block drops it.
@@ -286,11 +297,12 @@ struct Connections {
 }
 
 impl Connections {
-    /// Connects all three, retrying until they are up; `None` if `cancel` fires first, an error if
-    /// the server refuses the node.
+    /// Connects all of them (the steps connection only if `steps`), retrying until they are up;
+    /// `None` if `cancel` fires first, an error if the server refuses the node.
     async fn open(
         access: &Access,
         node_id: &str,
+        steps: bool,
         cancel: &CancellationToken,
     ) -> Result<Option<Connections>, connect::Refused> {
         let leases = Connection::default();
@@ -306,15 +318,27 @@ impl Connections {
         let Some(public) = connect(Role::Public, &Connection::default()).await? else {
             return Ok(None);
         };
+        let steps = if steps {
+            let calls = Connection::default();
+            let connecting = connect::connect(access, node_id, Role::Steps, &calls, cancel);
+            let Some(client) = connecting.await? else {
+                return Ok(None);
+            };
+            Some((client, calls))
+        } else {
+            None
+        };
         Ok(Some(Connections {
             work,
             fetch,
             public,
+            steps,
             leases,
             fetching,
         }))
     }
 
+    /// The connections readiness depends on: work, fetch and public.
     fn clients(&self) -> [async_nats::Client; 3] {
         [self.work.clone(), self.fetch.clone(), self.public.clone()]
     }
@@ -322,7 +346,8 @@ impl Connections {
     /// Flushes what is still buffered; bounded, since with NATS unreachable a flush would wait for
     /// the connection to come back.
     async fn flush(&self) {
-        for client in self.clients() {
+        let steps = self.steps.iter().map(|(client, _)| client.clone());
+        for client in self.clients().into_iter().chain(steps) {
             match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "cannot flush the NATS connection"),

@@ -3,11 +3,15 @@
 //! Rust twin) answering the steps. What a user would see: orders run through the handler in step
 //! order, its failures roll back through it, orders wait while it is down and go on when it is back,
 //! a takeover calls a step again with a higher fence while the old caller is refused, and a handler
-//! that does not answer in time fails the step.
+//! that does not answer in time fails the step. What lasts: no reply is lost to a hostile client, a
+//! reply lost with the connection is asked for again, and a rollback that comes while a slow run still
+//! works leaves no effect standing.
 
 mod common;
 
+use common::hostile::{Barrage, MALFORMED, NO_COLON};
 use common::*;
+use futures::StreamExt;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -432,29 +436,69 @@ async fn a_takeover_calls_the_step_again_with_a_higher_fence_and_the_old_caller_
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_handler_slower_than_the_step_timeout_fails_the_step_saying_so() {
+async fn a_handler_slower_than_the_step_timeout_fails_the_step_saying_so_and_its_late_run_leaves_no_effect(
+) {
     let server = NatsServer::start().await;
-    let _shop = Handler::python(
-        &server.url,
-        &[("SHOP_DELAY", "5"), ("SHOP_SLOW_AT", "processing")],
-    )
-    .await;
     let node = nats_node(&server)
         .env("ORDERLY_STEP_TIMEOUT", "1s")
         .start()
         .await;
     let http = reqwest::Client::new();
-    let id = submit(&http, &node, json!({ "sku": "E-1" })).await;
     let kv = server.orders().await;
-    let doc = wait_all_terminal(&kv, &[id], Duration::from_secs(30))
-        .await
-        .remove(0);
-    assert_eq!(doc["state"], "Failed", "{doc}");
-    assert_eq!(doc["failed_step"], "Processing");
-    assert_eq!(
-        doc["failure_reason"],
-        "Processing timed out: no answer within 1s (the step timeout)"
-    );
+    let client = server.client().await;
+    let slow = [("SHOP_DELAY", "4"), ("SHOP_SLOW_AT", "processing")];
+    // Both example shops, one after the other.
+    for (n, shop) in ["python", "rust"].into_iter().enumerate() {
+        let _shop = match shop {
+            "python" => Handler::python(&server.url, &slow).await,
+            _ => Handler::rust(&server.url, &slow).await,
+        };
+        let id = submit(&http, &node, json!({ "sku": format!("E-{n}") })).await;
+        let doc = wait_all_terminal(&kv, &[id], Duration::from_secs(30))
+            .await
+            .remove(0);
+        assert_eq!(doc["state"], "Failed", "{shop}: {doc}");
+        assert_eq!(doc["failed_step"], "Processing");
+        assert_eq!(
+            doc["failure_reason"],
+            "Processing timed out: no answer within 1s (the step timeout)"
+        );
+        // The node rolled Processing back while the shop still worked on it; the run, once done,
+        // found the tombstone and made nothing: no order is left packed.
+        let records = wait_until(
+            "the slow run of Processing has ended",
+            Duration::from_secs(20),
+            || async {
+                let records = shop_records(&client, id).await;
+                let ended =
+                    !records["dropped"].is_null() || effects(&records).contains(&"pack".into());
+                ended.then_some(records)
+            },
+        )
+        .await;
+        assert_eq!(
+            calls(&records),
+            [
+                "run Scheduling",
+                "run Pre-Processing",
+                "run Processing",
+                "rollback Processing",
+                "rollback Pre-Processing",
+                "rollback Scheduling",
+            ],
+            "{shop}"
+        );
+        assert_eq!(
+            effects(&records),
+            ["reserve", "charge", "refund", "release"],
+            "{shop}: every effect undone, none made after its rollback: {records}"
+        );
+        assert_eq!(
+            records["dropped"][0]["step"], "Processing",
+            "{shop}: {records}"
+        );
+        assert_eq!(records["dropped"][0]["action"], "pack", "{shop}: {records}");
+    }
     let scrape = node.metrics().await;
     assert_eq!(
         metric_with(
@@ -462,8 +506,208 @@ async fn a_handler_slower_than_the_step_timeout_fails_the_step_saying_so() {
             "orderly_step_timeouts_total",
             r#"step="Processing""#
         ),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_during_a_slow_charge_ends_cancelled_with_the_charge_refunded() {
+    let server = NatsServer::start().await;
+    let _shop = Handler::python(
+        &server.url,
+        &[("SHOP_DELAY", "2"), ("SHOP_SLOW_AT", "pre-processing")],
+    )
+    .await;
+    let node = nats_node(&server).start().await;
+    let http = reqwest::Client::new();
+    let id = submit(&http, &node, json!({ "sku": "H-1" })).await;
+    let client = server.client().await;
+    wait_until(
+        "the shop works on the charge",
+        Duration::from_secs(20),
+        || async {
+            let records = shop_records(&client, id).await;
+            // No records until the shop sees the order.
+            (!records.is_null() && calls(&records).contains(&"run Pre-Processing".to_owned()))
+                .then_some(())
+        },
+    )
+    .await;
+    let answer = http
+        .post(format!("{}/orders/{id}/cancel", node.http))
+        .send()
+        .await
+        .expect("the cancel is answered");
+    assert_eq!(answer.status(), 202);
+    let kv = server.orders().await;
+    let doc = wait_all_terminal(&kv, &[id], Duration::from_secs(30))
+        .await
+        .remove(0);
+    assert_eq!(doc["state"], "Cancelled", "{doc}");
+    let records = wait_until(
+        "the slow charge has ended",
+        Duration::from_secs(20),
+        || async {
+            let records = shop_records(&client, id).await;
+            let ended =
+                !records["dropped"].is_null() || effects(&records).contains(&"charge".into());
+            ended.then_some(records)
+        },
+    )
+    .await;
+    // The node waited for the charge before it sent its rollback: charged, then refunded.
+    assert_eq!(
+        calls(&records),
+        [
+            "run Scheduling",
+            "run Pre-Processing",
+            "rollback Pre-Processing",
+            "rollback Scheduling",
+        ]
+    );
+    assert_eq!(
+        effects(&records),
+        ["reserve", "charge", "refund", "release"],
+        "{records}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_requests_on_orders_create_lose_no_step_handler_reply() {
+    let server = NatsServer::start().await;
+    // Each call takes a moment, so that replies are on their way all through the attack.
+    let _shop = Handler::python(&server.url, &[("SHOP_DELAY", "0.05")]).await;
+    // Long enough that no healthy call comes near it, short enough for a reply lost to a dropped
+    // connection to fail its step within the test.
+    let node = nats_node(&server)
+        .env("ORDERLY_STEP_TIMEOUT", "20s")
+        .start()
+        .await;
+    let barrage = Barrage::start(
+        &server.url,
+        Duration::from_millis(50),
+        &["orders.create"],
+        &MALFORMED,
+        b"{}",
+    );
+    let js = server.js().await;
+    let mut ids = Vec::new();
+    let mut pace = tokio::time::interval(Duration::from_millis(150));
+    for _ in 0..40 {
+        pace.tick().await;
+        let id = Uuid::now_v7();
+        publish_order(&js, id).await;
+        ids.push(id);
+    }
+    let kv = server.orders().await;
+    let docs = wait_all_terminal(&kv, &ids, Duration::from_secs(60)).await;
+    let shots = barrage.stop().await;
+    let scrape = node.metrics().await;
+    let reconnects = |connection: &str| {
+        metric_with(
+            &scrape,
+            "orderly_nats_reconnects_total",
+            &format!(r#"connection="{connection}""#),
+        )
+    };
+    println!(
+        "{} hostile requests, {} reconnects of the public connection, {} of the steps connection",
+        shots.taken,
+        reconnects("public"),
+        reconnects("steps")
+    );
+    let failed: Vec<String> = docs
+        .iter()
+        .filter(|doc| doc["state"] != "Completed")
+        .map(|doc| {
+            format!(
+                "{} {} ({})",
+                doc["order_id"], doc["state"], doc["failure_reason"]
+            )
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} orders did not complete: {}",
+        failed.len(),
+        docs.len(),
+        failed.join("; ")
+    );
+    assert!(
+        reconnects("public") > 0.0,
+        "the attack dropped the public connection"
+    );
+    assert_eq!(
+        reconnects("steps"),
+        0.0,
+        "the steps connection serves no one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_lost_with_the_steps_connection_is_asked_for_again_not_waited_out() {
+    let server = NatsServer::start().await;
+    // The step timeout is left at its default, 5 minutes: waiting it out would fail the test.
+    let node = nats_node(&server).start().await;
+    // A handler whose first reply has a header block the node's NATS client cannot read: the client
+    // drops the connection it came in on, and the reply with it.
+    let client = server.client().await;
+    let mut requests = client
+        .subscribe("orders.steps.>")
+        .await
+        .expect("the handler subscribes");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handler = tokio::spawn({
+        let (seen, url, client) = (seen.clone(), server.url.clone(), client.clone());
+        async move {
+            while let Some(request) = requests.next().await {
+                let reply = request.reply.clone().expect("a reply subject");
+                let first = {
+                    let mut seen = seen.lock().expect("the calls");
+                    seen.push(request.subject.to_string());
+                    seen.len() == 1
+                };
+                if first {
+                    hostile::hpub(&url, &reply, NO_COLON, b"{}")
+                        .await
+                        .expect("the bad reply is sent");
+                } else {
+                    client
+                        .publish(reply, "{}".into())
+                        .await
+                        .expect("the reply is sent");
+                }
+            }
+        }
+    });
+    let http = reqwest::Client::new();
+    let id = submit(&http, &node, json!({ "sku": "I-1" })).await;
+    let kv = server.orders().await;
+    let doc = wait_all_terminal(&kv, &[id], Duration::from_secs(30))
+        .await
+        .remove(0);
+    handler.abort();
+    assert_eq!(doc["state"], "Completed", "{doc}");
+    assert_eq!(
+        doc["steps"][0]["runs"], 1,
+        "called again, not run again: {doc}"
+    );
+    let seen = seen.lock().expect("the calls").clone();
+    assert_eq!(
+        seen[..2],
+        ["orders.steps.scheduling.run", "orders.steps.scheduling.run"],
+        "{seen:?}"
+    );
+    let scrape = node.metrics().await;
+    assert_eq!(
+        metric_with(
+            &scrape,
+            "orderly_nats_reconnects_total",
+            r#"connection="steps""#
+        ),
         1.0
     );
+    assert_eq!(metric_sum(&scrape, "orderly_step_timeouts_total"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -68,6 +68,14 @@ impl Losses {
     }
 }
 
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("losses", &self.losses())
+            .finish()
+    }
+}
+
 impl Connection {
     fn with<T>(&self, f: impl FnOnce(&mut Losses) -> T) -> T {
         f(&mut self.inner.losses.lock().unwrap_or_else(|e| e.into_inner()))

@@ -2,10 +2,12 @@
 //! a request on `orders.steps.<step>.run` or `orders.steps.<step>.rollback`, carrying the order's
 //! document and who is calling (order, step, attempt, run, fence) in headers. Any JSON object in
 //! reply completes the step; a service-API error fails it with the error as the reason; no
-//! responders means no handler is running, and the pipeline waits and calls again. The protocol is
-//! described in docs/step-handlers.md.
+//! responders means no handler is running, and the pipeline waits and calls again, as it does when
+//! the connection is lost while a call waits for its reply (the reply is lost with it). The protocol
+//! is described in docs/step-handlers.md.
 
 use crate::domain::order::{Step, StepOutput};
+use crate::engine::connection::Connection;
 use crate::engine::steps::{StepCall, StepOutcome, Steps};
 use async_nats::{HeaderMap, RequestErrorKind};
 use futures::future::BoxFuture;
@@ -26,6 +28,8 @@ const ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
 #[derive(Debug, Clone)]
 pub struct NatsSteps {
     client: async_nats::Client,
+    /// The losses of `client`'s connection: a reply does not survive one.
+    connection: Connection,
     timeout: Duration,
 }
 
@@ -33,7 +37,20 @@ impl NatsSteps {
     /// Calls handlers on `client` (a connection that may subscribe: replies come to its inbox), each
     /// call failing its step when no answer came within `timeout`.
     pub fn new(client: async_nats::Client, timeout: Duration) -> NatsSteps {
-        NatsSteps { client, timeout }
+        NatsSteps {
+            client,
+            connection: Connection::default(),
+            timeout,
+        }
+    }
+
+    /// Sees `client`'s connection losses through `connection` (which its event callback tells of
+    /// each `Disconnected`): a call that waits for its reply when the connection is lost is answered
+    /// "not now" at once, and made again, instead of waiting out the timeout for a reply that was
+    /// lost with the connection.
+    pub fn with_connection(mut self, connection: Connection) -> NatsSteps {
+        self.connection = connection;
+        self
     }
 
     async fn call(&self, call: StepCall<'_>, verb: &str) -> StepOutcome {
@@ -51,7 +68,19 @@ impl NatsSteps {
             .payload(body.into())
             // The pipeline stops waiting at the step timeout; this only bounds a forgotten request.
             .timeout(Some(self.timeout + Duration::from_secs(5)));
-        match self.client.send_request(subject.clone(), request).await {
+        // Taken before the request goes out: a loss from here on may take the reply with it.
+        let epoch = self.connection.current();
+        let replied = tokio::select! {
+            replied = self.client.send_request(subject.clone(), request) => replied,
+            _ = epoch.wait_ended() => {
+                return StepOutcome::NotNow {
+                    reason: format!(
+                        "the connection to the step handlers was lost while waiting for the answer on {subject}"
+                    ),
+                }
+            }
+        };
+        match replied {
             Ok(reply) => answer(&reply),
             Err(e) => match e.kind() {
                 RequestErrorKind::NoResponders => StepOutcome::NotNow {
@@ -82,6 +111,12 @@ impl Steps for NatsSteps {
 
     fn timeout(&self) -> Option<Duration> {
         Some(self.timeout)
+    }
+
+    /// A handler goes on with a run the node stopped waiting for: its rollback is sent once it has
+    /// answered (or its timeout passed), not while it still works.
+    fn awaits_interrupted_runs(&self) -> bool {
+        true
     }
 }
 

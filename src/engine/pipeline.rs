@@ -345,7 +345,8 @@ impl Pipeline {
 
     /// Waits for one call of the steps, unless the lease is lost, the node aborts, the call is
     /// interrupted or its timeout passes first (the step fails then); the call's token fires in each
-    /// of those cases.
+    /// of those cases. An interrupted run is still waited for, up to its timeout, when the steps ask
+    /// for it ([`Steps::awaits_interrupted_runs`]), so that its rollback comes after it.
     async fn call(
         &self,
         order: &Order,
@@ -375,12 +376,24 @@ impl Pipeline {
             Call::Run(_) => self.steps.run(details),
             Call::RollBack(_) => self.steps.roll_back(details),
         };
+        let timed_out = sleep_or_never(timeout);
+        tokio::pin!(running, timed_out);
         tokio::select! {
-            outcome = running => Ok(outcome),
+            outcome = &mut running => Ok(outcome),
             _ = lease.lost() => Err(Halt::Fenced),
             _ = stop.abort.cancelled() => Err(Halt::Interrupted),
-            _ = interrupted.cancelled() => Err(Halt::Redirected),
-            _ = sleep_or_never(timeout) => {
+            _ = interrupted.cancelled() => {
+                if matches!(call, Call::Run(_)) && self.steps.awaits_interrupted_runs() {
+                    tokio::select! {
+                        _ = &mut running => {}
+                        _ = &mut timed_out => {}
+                        _ = lease.lost() => return Err(Halt::Fenced),
+                        _ = stop.abort.cancelled() => return Err(Halt::Interrupted),
+                    }
+                }
+                Err(Halt::Redirected)
+            }
+            _ = &mut timed_out => {
                 metrics::counter!(m::STEP_TIMEOUTS, "step" => step.as_str()).increment(1);
                 let waited = humantime::format_duration(timeout.unwrap_or_default());
                 Ok(StepOutcome::Failed {

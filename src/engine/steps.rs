@@ -72,6 +72,16 @@ pub trait Steps: Send + Sync + 'static {
     fn timeout(&self) -> Option<Duration> {
         None
     }
+
+    /// Whether a run interrupted by a cancel is still waited for, up to [`Steps::timeout`], before
+    /// its rollback is called; its answer is not used then. For steps whose work goes on elsewhere
+    /// once the node stops waiting (step handlers over NATS), so that the rollback does not arrive
+    /// while the run still works. A rollback must be safe during or before a run all the same: a
+    /// node that dies mid-run, or a run past its timeout, leaves its rollback to arrive while the run
+    /// may still be working.
+    fn awaits_interrupted_runs(&self) -> bool {
+        false
+    }
 }
 
 /// Today's steps: each waits its duration and fails with the configured probability.

@@ -232,11 +232,11 @@ fn describe_node() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(
         NATS_CONNECTED,
-        "1 while connected to NATS, by connection (work: leases and writes; fetch: work messages; public: the NATS service)."
+        "1 while connected to NATS, by connection (work: leases and writes; fetch: work messages; public: the NATS service; steps: calls of step handlers, with ORDERLY_STEPS=nats)."
     );
     describe_counter!(
         NATS_RECONNECTS,
-        "Reconnections to NATS after a disconnect, by connection (work, fetch, public)."
+        "Reconnections to NATS after a disconnect, by connection (work, fetch, public, and steps when the steps run over NATS)."
     );
     describe_counter!(
         NATS_AUTH_REFUSED,

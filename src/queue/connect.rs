@@ -65,7 +65,8 @@ fn is_refusal(error: &str) -> bool {
 /// a message whose header block it cannot read, and any client can send one: to the node's service
 /// subjects, or into the work stream, from where it is delivered to a node. So what a node receives
 /// from others comes in on connections of its own, and the connection its leases live on receives
-/// nothing but replies to its own requests.
+/// nothing but replies to its own requests. So do the calls of step handlers (`ORDERLY_STEPS=nats`): a
+/// reply lost with a dropped connection would leave its step waiting until the step timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// Holds leases: in-progress acks, acks, naks, terms, and every write to the orders bucket.
@@ -74,6 +75,9 @@ pub enum Role {
     Fetch,
     /// Serves the `orders` NATS service (`orders.create`, `orders.get`, `$SRV.*`) and intake.
     Public,
+    /// Calls step handlers and receives their replies, and nothing else; opened only when the steps
+    /// run over NATS.
+    Steps,
 }
 
 impl Role {
@@ -82,6 +86,7 @@ impl Role {
             Role::Work => "work",
             Role::Fetch => "fetch",
             Role::Public => "public",
+            Role::Steps => "steps",
         }
     }
 }
