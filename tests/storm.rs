@@ -983,6 +983,105 @@ async fn storm() {
         report.failed,
         report.handovers.len()
     );
+    storm.check_edges(seed, &kv).await;
+}
+
+impl Storm {
+    /// The side orders end, stay within their size and never had two holders at once; watches never
+    /// crowded out a health check; a listing answers despite the index spam.
+    async fn check_edges(&mut self, seed: u64, kv: &jetstream::kv::Store) {
+        let counts = self.edges.counts.clone();
+        let http = reqwest::Client::new();
+        let side = self.edges.side.lock().expect("lock").clone();
+        let node = self.node(0).http.clone();
+        for id in &side {
+            // A cancel ends the side orders still running; one that ended already refuses it.
+            wait_until(
+                "a final cancel of a side order",
+                Duration::from_secs(60),
+                || {
+                    let http = http.clone();
+                    let node = node.clone();
+                    async move {
+                        let status = act(&http, &node, *id, "cancel", Value::Null).await?;
+                        matches!(status, 200 | 202 | 409).then_some(())
+                    }
+                },
+            )
+            .await;
+        }
+        let docs = terminal_within(kv, &side, Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|e| panic!("seed {seed}: side orders: {e}"));
+        let mut largest = 0;
+        let mut retries = 0;
+        for id in &side {
+            let raw = kv
+                .get(id.to_string())
+                .await
+                .expect("get")
+                .expect("a side order");
+            largest = largest.max(raw.len());
+            assert!(
+                raw.len() <= 576 * 1024,
+                "seed {seed}: side order {id} is {} bytes",
+                raw.len()
+            );
+        }
+        for doc in &docs {
+            retries += doc["retries"].as_u64().unwrap_or(0);
+            assert!(doc["history"].as_array().map_or(0, Vec::len) <= 20);
+        }
+        let leases =
+            common::audit::check_leases(kv, &side, &self.audits.lines(), &self.outside).await;
+        println!(
+            "[storm] seed {seed}: {} side orders, {retries} retries in all ({} cycles; {} cancels and {} retries answered 503, {} replaced), the largest document {largest} bytes, {} lease intervals, none overlapping",
+            side.len(),
+            counts.cycles.load(Ordering::Relaxed),
+            counts.cancel_refused_503.load(Ordering::Relaxed),
+            counts.retry_refused_503.load(Ordering::Relaxed),
+            counts.replaced.load(Ordering::Relaxed),
+            leases.intervals
+        );
+        println!(
+            "[storm] seed {seed}: watches {} opened, {} refused; /healthz answered {} times, {} of them crowded out",
+            counts.watches_open.load(Ordering::Relaxed),
+            counts.watches_refused.load(Ordering::Relaxed),
+            counts.health_answered.load(Ordering::Relaxed),
+            counts.health_crowded_out.load(Ordering::Relaxed)
+        );
+        assert_eq!(
+            counts.health_crowded_out.load(Ordering::Relaxed),
+            0,
+            "seed {seed}: watches crowded /healthz out"
+        );
+        let listed = wait_until("a listing after the storm", Duration::from_secs(60), || {
+            let http = http.clone();
+            let node = node.clone();
+            async move {
+                let response = http
+                    .get(format!("{node}/orders?limit=10"))
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await
+                    .ok()?;
+                (response.status() == 200).then_some(())?;
+                let page: Value = response.json().await.ok()?;
+                page["orders"].as_array().map(Vec::len)
+            }
+        })
+        .await;
+        println!(
+            "[storm] seed {seed}: {} fake index entries published, listings during the storm answered {:?}; after it, a listing of {listed} orders",
+            counts.index_entries.load(Ordering::Relaxed),
+            counts.listings.lock().expect("lock")
+        );
+        println!(
+            "[storm] seed {seed}: {} message ids taken first, {} forged retries published",
+            counts.taken_ids.load(Ordering::Relaxed),
+            counts.forged_retries.load(Ordering::Relaxed)
+        );
+    }
 }
 
 /// What the attacks at the edges of retry, watches and the index saw.

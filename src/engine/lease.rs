@@ -232,6 +232,14 @@ impl Lease {
             .unconfirmed(holder.order_id, holder.delivery, change, sent);
     }
 
+    /// A write under this lease sent at `sent` was refused: the document had changed.
+    pub fn refused(&self, change: &str, sent: Stamp) {
+        let holder = &self.inner.holder;
+        holder
+            .audit
+            .refused(holder.order_id, holder.delivery, change, sent);
+    }
+
     /// The message was acked, nakked or terminated (`outcome`).
     pub fn settled(&self, outcome: &str) {
         let holder = &self.inner.holder;

@@ -174,7 +174,9 @@ impl Writer {
                 return Err(Halt::Fenced);
             }
             Ok(Err(e)) => {
-                if !e.is_conflict() {
+                if e.is_conflict() {
+                    lease.refused(what, sent);
+                } else {
                     lease.unconfirmed(what, sent);
                 }
                 return Err(e.into());

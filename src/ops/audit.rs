@@ -97,6 +97,12 @@ enum Event<'a> {
         change: &'a str,
         sent: Stamp,
     },
+    /// A write the store refused because the document had changed: it was certainly not applied.
+    Refused {
+        delivery: u32,
+        change: &'a str,
+        sent: Stamp,
+    },
     LeaseEnd {
         delivery: u32,
         end: Stamp,
@@ -237,6 +243,17 @@ impl Audit {
         self.write(
             order_id,
             Event::Unconfirmed {
+                delivery,
+                change,
+                sent,
+            },
+        );
+    }
+
+    pub fn refused(&self, order_id: Uuid, delivery: u32, change: &str, sent: Stamp) {
+        self.write(
+            order_id,
+            Event::Refused {
                 delivery,
                 change,
                 sent,

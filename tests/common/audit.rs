@@ -215,8 +215,17 @@ async fn check_order(
     // A node killed while its first write under a delivery (its claim) was in flight recorded no
     // claim, only the sending: if that write was applied, the node held the order from the sending
     // until it died.
+    let refused: HashSet<(Option<&str>, Option<&str>)> = lines
+        .iter()
+        .filter(|l| l["event"] == "refused")
+        .map(|l| (l["node"].as_str(), l["sent"].as_str()))
+        .collect();
     for sending in lines.iter().filter(|l| l["event"] == "sending") {
         let node = sending["node"].as_str().expect("node");
+        if refused.contains(&(Some(node), sending["sent"].as_str())) {
+            // The store refused it: the document had changed, nothing was written.
+            continue;
+        }
         let delivery = sending["delivery"].as_u64().expect("delivery");
         let sent = stamp(sending, "sent");
         let covered = intervals
