@@ -447,7 +447,7 @@ fn answered(answer: Answer) -> Response {
             body = crate::api::watch::SentEvent, content_type = "text/event-stream"),
         (status = 400, description = "The id is not an order id, or Last-Event-ID is not a revision", body = ErrorBody),
         (status = 404, description = "No such order", body = ErrorBody),
-        (status = 503, description = "NATS did not answer", body = ErrorBody),
+        (status = 503, description = "NATS did not answer (`unavailable`), or the node carries as many watches as it allows, half its connection cap (`too_many_watches`)", body = ErrorBody),
     )
 )]
 async fn watch_order(
