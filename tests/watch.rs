@@ -452,3 +452,34 @@ async fn a_draining_node_ends_its_watches() {
     node.steps.release(1);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_last_event_id_of_another_order_shows_nothing_of_that_order() {
+    use futures::StreamExt;
+    let server = NatsServer::start().await;
+    let node = Node::builder(&server.url).start().await;
+    let http = reqwest::Client::new();
+    let other = submit(&http, &node, json!({ "customer": "bob" })).await;
+    let watched = submit(&http, &node, json!({ "customer": "ada" })).await;
+    let kv = server.orders().await;
+    wait_all_terminal(&kv, &[other, watched], Duration::from_secs(30)).await;
+    // The other order's first revision, older than the watched order's last.
+    let mut history = kv.history(other.to_string()).await.expect("the history");
+    let revision = history
+        .next()
+        .await
+        .expect("a first revision")
+        .expect("readable")
+        .revision;
+
+    let mut watcher = Watcher::open(&node.http, watched, Some(revision)).await;
+    let first = watcher.next().await.expect("an event");
+    assert_eq!(first.event, "snapshot");
+    assert_eq!(first.data["order_id"], watched.to_string());
+    assert!(watcher.next().await.is_none(), "the watched order is done");
+    let logs = node.logs();
+    assert!(
+        !logs.contains(&format!("$KV.orders.{other}")) && !logs.contains("subject mismatch"),
+        "the other order's key is shown: {logs}"
+    );
+}

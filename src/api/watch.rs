@@ -73,16 +73,8 @@ pub async fn open(
     // Revisions start at 1: a client that saw revision 0 saw nothing, and gets a snapshot.
     let replay_from = match last_seen {
         Some(seen) if seen > 0 && seen < entry.revision => {
-            let read = async {
-                bucket
-                    .entry_for_revision(&key, seen)
-                    .await
-                    .map_err(unavailable)
-            };
-            bounded_read(client, read)
+            bounded_read(client, revision_of(bucket, &key, seen))
                 .await?
-                .filter(|old| old.operation == kv::Operation::Put)
-                .and_then(|old| decode(&old).ok())
                 .filter(|old| !old.is_terminal())
         }
         _ => None,
@@ -117,6 +109,37 @@ pub async fn open(
         Some((Ok(event), next))
     });
     Ok(futures::stream::iter(first.map(Ok)).chain(rest))
+}
+
+/// The document of `key` at `revision`, if that revision is a write of this key that the bucket
+/// still keeps. A revision of another key (a `Last-Event-ID` naming another order's revision) is
+/// none: nothing of that order is read, printed or sent.
+async fn revision_of(
+    bucket: &kv::Store,
+    key: &str,
+    revision: u64,
+) -> Result<Option<Order>, IntakeError> {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
+    let subject = format!("{}{key}", bucket.prefix);
+    // The first message on this key's subject from `revision` on: the revision itself only if it is
+    // this key's.
+    let message = match bucket
+        .stream
+        .direct_get_next_for_subject(subject, Some(revision))
+        .await
+    {
+        Ok(message) => message,
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(unavailable(e)),
+    };
+    let put = message
+        .headers
+        .get("KV-Operation")
+        .is_none_or(|operation| operation.as_str() == "PUT");
+    if message.sequence != revision || !put {
+        return Ok(None);
+    }
+    Ok(serde_json::from_slice(&message.payload).ok())
 }
 
 /// The changes as an SSE response, with keep-alive comments.
