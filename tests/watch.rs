@@ -483,3 +483,64 @@ async fn a_last_event_id_of_another_order_shows_nothing_of_that_order() {
         "the other order's key is shown: {logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watch_whose_kv_consumer_is_deleted_goes_on_to_the_end() {
+    use futures::TryStreamExt;
+    let server = NatsServer::start().await;
+    let node = Node::builder(&server.url)
+        .env("ORDERLY_STEP_DURATION", "2s")
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let id = submit(&http, &node, json!({ "customer": "ada" })).await;
+    let mut watcher = Watcher::open(&node.http, id, None).await;
+    let first = watcher.next().await.expect("the snapshot");
+    assert_eq!(first.event, "snapshot");
+
+    // An operator deletes the consumers on the bucket's stream, the watch's among them.
+    let js = server.js().await;
+    let stream = js
+        .get_stream("KV_orders")
+        .await
+        .expect("the bucket's stream");
+    let names: Vec<String> = stream
+        .consumer_names()
+        .try_collect()
+        .await
+        .expect("the consumers");
+    assert!(!names.is_empty(), "the watch has a consumer");
+    for name in &names {
+        stream
+            .delete_consumer(name)
+            .await
+            .expect("the consumer is deleted");
+    }
+
+    let events = watcher.until(|e| e.event == "completed").await;
+    check_consistent(&events);
+    assert!(
+        watcher.next().await.is_none(),
+        "the stream ends after the order"
+    );
+    // Every revision after the snapshot, once each: nothing missed across the reopening.
+    let kv = server.orders().await;
+    let stored: Vec<u64> = kv
+        .history(id.to_string())
+        .await
+        .expect("the history")
+        .map_ok(|entry| entry.revision)
+        .try_collect::<Vec<u64>>()
+        .await
+        .expect("the history reads")
+        .into_iter()
+        .filter(|revision| *revision > first.id)
+        .collect();
+    let sent: Vec<u64> = events.iter().map(|e| e.id).collect();
+    assert_eq!(sent, stored);
+    let logs = node.logs();
+    assert!(
+        logs.contains("the KV watcher ended; reopened it"),
+        "the log says the watcher was reopened: {logs}"
+    );
+}
