@@ -4,7 +4,8 @@
 //! the newest are at its end. The store writes an entry before the document write that reaches the
 //! state and, once that write succeeded, purges the order's older entries; a listing walks the stream
 //! backwards from its end in windows, with the server filtering by subject. The document stays the
-//! authority: a listing checks each entry against it (see `OrderStore::list`).
+//! authority: a listing checks each entry against it, and removes entries with no order behind them
+//! and messages that are not entries (see `OrderStore::list`).
 
 use crate::domain::order::{CurrentStep, Order, State};
 use crate::error::{with_cause, BoxError};
@@ -68,11 +69,24 @@ pub struct Entry {
     pub base: u64,
 }
 
-/// An entry found in the stream, with its sequence.
+/// A message found in the stream, with its sequence and the time the server stored it. `entry` is
+/// `None` for a message that is not an entry: a body that does not parse as one, or a subject that is
+/// not the one its order and state give (anyone who may publish on `orders.index.>` can put such a
+/// message there).
 #[derive(Debug, Clone)]
 pub struct Found {
     pub seq: u64,
-    pub entry: Entry,
+    pub stored: Option<DateTime<Utc>>,
+    pub entry: Option<Entry>,
+}
+
+impl Found {
+    /// Whether the server stored this message more than `age` ago by this node's clock; `false` when
+    /// its time is unknown.
+    pub fn older_than(&self, age: Duration, now: DateTime<Utc>) -> bool {
+        let age = chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
+        self.stored.is_some_and(|stored| stored + age < now)
+    }
 }
 
 /// The index, as one store writes and reads it.
@@ -146,27 +160,37 @@ impl OrderIndex {
     /// background: an entry left behind is dropped, and removed, by the next listing that meets it.
     pub(crate) fn settle(&self, order_id: Uuid, seq: u64) {
         if let Some(request) = purge_below(order_id, seq) {
-            self.background(format!("STREAM.PURGE.{STREAM}"), request, order_id);
+            self.background(format!("STREAM.PURGE.{STREAM}"), request, Some(order_id));
         }
     }
 
     /// Removes entry `seq`, written for a write that was refused or found stale by a listing.
     pub(crate) fn withdraw(&self, order_id: Uuid, seq: u64) {
         let request = serde_json::json!({ "seq": seq, "no_erase": true });
-        self.background(format!("STREAM.MSG.DELETE.{STREAM}"), request, order_id);
+        self.background(
+            format!("STREAM.MSG.DELETE.{STREAM}"),
+            request,
+            Some(order_id),
+        );
     }
 
-    fn background(&self, api: String, request: serde_json::Value, order_id: Uuid) {
+    /// Removes message `seq`, which a listing found is not an entry at all.
+    pub(crate) fn discard(&self, seq: u64) {
+        let request = serde_json::json!({ "seq": seq, "no_erase": true });
+        self.background(format!("STREAM.MSG.DELETE.{STREAM}"), request, None);
+    }
+
+    fn background(&self, api: String, request: serde_json::Value, order_id: Option<Uuid>) {
         let js = self.js.clone();
         tokio::spawn(async move {
             let answer: Result<serde_json::Value, _> = js.request(api, &request).await;
             match answer {
                 Ok(reply) if reply.get("error").is_none() => {}
                 Ok(reply) => {
-                    tracing::debug!(order.id = %order_id, reply = %reply, "index entry not removed")
+                    tracing::debug!(order.id = ?order_id, reply = %reply, "index entry not removed")
                 }
                 Err(e) => {
-                    tracing::debug!(order.id = %order_id, error = %e, "index entry not removed")
+                    tracing::debug!(order.id = ?order_id, error = %e, "index entry not removed")
                 }
             }
         });
@@ -345,17 +369,20 @@ impl Walk {
     }
 }
 
-/// An entry from a direct get's reply; `None` for a message that is not one (an operator's).
+/// A message from a direct get's reply, with its entry if it is one; `None` for a reply without a
+/// sequence.
 fn parse(reply: &async_nats::Message) -> Option<Found> {
-    let seq = reply
-        .headers
-        .as_ref()?
-        .get("Nats-Sequence")?
-        .as_str()
-        .parse()
-        .ok()?;
-    let entry = serde_json::from_slice(&reply.payload).ok()?;
-    Some(Found { seq, entry })
+    let headers = reply.headers.as_ref()?;
+    let seq = headers.get("Nats-Sequence")?.as_str().parse().ok()?;
+    let stored = headers
+        .get("Nats-Time-Stamp")
+        .and_then(|time| DateTime::parse_from_rfc3339(time.as_str()).ok())
+        .map(|time| time.with_timezone(&Utc));
+    let on = headers.get("Nats-Subject").map(|s| s.as_str());
+    let entry = serde_json::from_slice::<Entry>(&reply.payload)
+        .ok()
+        .filter(|entry| on == Some(subject(entry.order_id, entry.state).as_str()));
+    Some(Found { seq, stored, entry })
 }
 
 #[cfg(test)]

@@ -10,10 +10,11 @@
 use crate::domain::limits::DOCUMENT_LIMIT;
 use crate::domain::order::{Order, State};
 use crate::error::{with_cause, BoxError};
-use crate::index::{Found, IndexError, OrderIndex, Walk};
+use crate::index::{Entry, Found, IndexError, OrderIndex, Walk};
 use crate::ops::audit::Audit;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use std::collections::HashSet;
 use uuid::Uuid;
@@ -101,15 +102,30 @@ pub struct Listed {
     pub order: Order,
 }
 
-/// One page of a listing, newest first; `more` when older orders follow.
+/// One page of a listing, newest first; `next` is the index sequence the next page continues below,
+/// when older entries remain to be looked at.
 #[derive(Debug, Clone)]
 pub struct Page {
     pub orders: Vec<Listed>,
-    pub more: bool,
+    pub next: Option<u64>,
 }
 
 /// How many documents a listing reads at once to check index entries.
 const CHECKS_AT_ONCE: usize = 32;
+
+/// The most index entries one page looks at. Past this, the page is answered with the orders found so
+/// far (possibly none) and a cursor to continue below the last entry looked at, so that entries with
+/// no order behind them cannot make a listing slow, however many there are.
+pub const EXAMINED_PER_PAGE: usize = 1_000;
+
+/// How long an index entry whose document is absent is left alone: the entry is written just before
+/// the document's create, so a young one may be a create in flight. Three times the JetStream request
+/// timeout (5 s) of that create. Older, the order is gone (expired, deleted) or never existed, and the
+/// listing that meets the entry removes it.
+pub const ENTRY_GRACE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The most entries a listing checks in one round: rounds grow while they find nothing to list.
+const MOST_IN_A_ROUND: usize = 256;
 
 #[derive(Clone)]
 pub struct OrderStore {
@@ -302,7 +318,10 @@ impl OrderStore {
     /// the index entries below sequence `below` (from the newest when `None`), at most `limit`.
     ///
     /// Each entry is checked against the order's document: an order is listed only under the state
-    /// its document shows, and once. An entry the document has moved past is removed.
+    /// its document shows, and once. An entry the document has moved past is removed, and so are
+    /// messages that are not entries and entries whose document is absent past [`ENTRY_GRACE`]. At
+    /// most [`EXAMINED_PER_PAGE`] entries are looked at: past that, the page holds what was found and
+    /// `next` continues below the last entry looked at.
     pub async fn list(
         &self,
         states: &[State],
@@ -325,17 +344,35 @@ impl OrderStore {
             .collect();
         let mut listed: Vec<Listed> = Vec::new();
         let mut seen = HashSet::new();
-        while listed.len() < want {
-            let candidates = Walk::merged(&mut walks, &self.index, want - listed.len()).await?;
-            if candidates.is_empty() {
+        let mut examined = 0;
+        let mut lowest = None;
+        let mut round = want;
+        while listed.len() < want && examined < EXAMINED_PER_PAGE {
+            let count = round
+                .max(want - listed.len())
+                .min(EXAMINED_PER_PAGE - examined);
+            let candidates = Walk::merged(&mut walks, &self.index, count).await?;
+            let Some(last) = candidates.last() else {
+                lowest = None;
                 break;
+            };
+            examined += candidates.len();
+            lowest = Some(last.seq);
+            let before = listed.len();
+            let now = crate::clock::now();
+            let mut entries = Vec::with_capacity(candidates.len());
+            for found in candidates {
+                match found.entry.clone() {
+                    Some(entry) => entries.push((found, entry)),
+                    None => self.index.discard(found.seq),
+                }
             }
-            let subjects: Vec<String> = candidates
+            let subjects: Vec<String> = entries
                 .iter()
-                .map(|f| crate::index::subject(f.entry.order_id, f.entry.state))
+                .map(|(_, entry)| crate::index::subject(entry.order_id, entry.state))
                 .collect();
-            let checks = futures::stream::iter(candidates)
-                .map(|found| self.check(found))
+            let checks = futures::stream::iter(entries)
+                .map(|(found, entry)| self.check(found, entry, now))
                 .buffered(CHECKS_AT_ONCE)
                 .collect::<Vec<_>>();
             let (newest, checked) = tokio::join!(self.index.newest_on(&subjects), checks);
@@ -349,31 +386,51 @@ impl OrderStore {
                     listed.push(found);
                 }
             }
+            if listed.len() == before {
+                round = (round * 2).min(MOST_IN_A_ROUND);
+            }
         }
-        let more = listed.len() > limit;
-        listed.truncate(limit);
+        let next = if listed.len() > limit {
+            listed.truncate(limit);
+            listed.last().map(|last| last.seq)
+        } else if examined >= EXAMINED_PER_PAGE {
+            // Out of budget: the next page goes on below the last entry looked at.
+            lowest.filter(|seq| *seq > 1)
+        } else {
+            None
+        };
         Ok(Page {
             orders: listed,
-            more,
+            next,
         })
     }
 
     /// The order an index entry names, if its document shows the entry's state; an entry whose
-    /// order has moved on since the write it was made for is removed.
-    async fn check(&self, found: Found) -> Result<Option<Listed>, StoreError> {
-        let Some(current) = self.get(found.entry.order_id).await? else {
-            return Ok(None); // not written yet, or removed
+    /// order has moved on since the write it was made for is removed, and so is one whose order has
+    /// no document past [`ENTRY_GRACE`].
+    async fn check(
+        &self,
+        found: Found,
+        entry: Entry,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Listed>, StoreError> {
+        let Some(current) = self.get(entry.order_id).await? else {
+            // Not written yet (a create in flight), or gone: expired, deleted, never written.
+            if found.older_than(ENTRY_GRACE, now) {
+                self.index.withdraw(entry.order_id, found.seq);
+            }
+            return Ok(None);
         };
-        if current.order.state == found.entry.state {
+        if current.order.state == entry.state {
             return Ok(Some(Listed {
                 seq: found.seq,
                 order: current.order,
             }));
         }
-        if current.revision > found.entry.base {
+        if current.revision > entry.base {
             // The write this entry was made for was refused or has been followed by another
             // state: no write still in flight can make it right.
-            self.index.withdraw(found.entry.order_id, found.seq);
+            self.index.withdraw(entry.order_id, found.seq);
         }
         Ok(None)
     }

@@ -289,3 +289,26 @@ async fn a_bad_token_setting_stops_the_node_naming_the_line() {
     assert!(!status.success());
     assert!(node.logs().contains("ORDERLY_API_TOKEN"), "{}", node.logs());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tokens_file_saved_with_a_byte_order_mark_keeps_its_first_token() {
+    let server = NatsServer::start().await;
+    let dir = temp_dir("tokens");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "\u{feff}first-5a1c operator\nreader-2b7e reader\n")
+        .expect("write the tokens file");
+    let node = Node::builder(&server.url)
+        .env("ORDERLY_API_TOKENS_FILE", tokens.display())
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    for token in ["first-5a1c", "reader-2b7e"] {
+        let response = http
+            .get(format!("{}/orders", node.http))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET /orders answers");
+        assert_eq!(response.status(), 200, "the token of the file's line works");
+    }
+}

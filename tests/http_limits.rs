@@ -226,36 +226,24 @@ async fn a_connection_over_a_cap_of_busy_ones_gets_503_json() {
     let cap = 2;
     let node = Node::builder(&nats.url)
         .env("ORDERLY_HTTP_MAX_CONNECTIONS", cap)
+        .env("ORDERLY_HTTP_REQUEST_TIMEOUT", "10m")
         .env("ORDERLY_STEP_DURATION", "10m")
         .start()
         .await;
     let http = reqwest::Client::new();
     let id = common::submit(&http, &node, serde_json::json!({ "customer": "ada" })).await;
-    // Watches of an order in progress: connections with a request that does not end.
-    let mut busy = Vec::new();
-    for _ in 0..cap {
-        let mut stream = connect(&node).await;
-        let request = format!("GET /orders/{id}/events HTTP/1.1\r\nHost: node\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .expect("the watch is asked for");
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut byte = [0u8; 1];
-            let read = tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut byte));
-            read.await
-                .expect("the watch answers")
-                .expect("the watch is readable");
-            head.push(byte[0]);
-        }
-        assert!(
-            head.starts_with(b"HTTP/1.1 200"),
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
-        busy.push(stream);
-    }
+    // Connections with a request that does not end: the watch of an order in progress (watches may
+    // take half the cap), and a submission whose body never arrives (the `100 Continue` says the
+    // node is reading it).
+    let mut busy = vec![open_watch(&node, id).await];
+    let mut stalled = connect(&node).await;
+    stalled
+        .write_all(b"POST /orders HTTP/1.1\r\nHost: node\r\nContent-Type: application/json\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .expect("the head is sent");
+    let continued = read_head(&mut stalled).await;
+    assert!(continued.starts_with("HTTP/1.1 100"), "{continued}");
+    busy.push(stalled);
     let answer = exchange(
         &node,
         b"GET /healthz HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n",
@@ -266,15 +254,180 @@ async fn a_connection_over_a_cap_of_busy_ones_gets_503_json() {
         (status, body["code"].as_str()),
         (503, Some("too_many_connections"))
     );
-    // Once a watch ends, the node answers again.
+    // Once they end, the node answers again.
     drop(busy);
     let health = format!("{}/healthz", node.http);
     wait_until(
-        "/healthz once the watches closed",
+        "/healthz once the busy connections closed",
         Duration::from_secs(10),
         || async {
             let response = http.get(&health).send().await.ok()?;
             (response.status() == 200).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Asks for the watch of order `id` on a new keep-alive connection and reads the response head.
+async fn open_watch(node: &Node, id: uuid::Uuid) -> TcpStream {
+    let mut stream = connect(node).await;
+    let request = format!("GET /orders/{id}/events HTTP/1.1\r\nHost: node\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("the watch is asked for");
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/event-stream"), "{head}");
+    stream
+}
+
+/// Reads a response head, byte by byte, so that nothing after it is consumed.
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut byte));
+        read.await
+            .expect("the node answers")
+            .expect("the answer is readable");
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Reads a chunked event stream up to its last chunk: the stream has ended and the connection is
+/// kept alive.
+async fn read_stream_end(stream: &mut TcpStream) -> String {
+    let mut seen = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = [0u8; 4096];
+        while !seen.ends_with(b"\r\n0\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    })
+    .await;
+    let seen = String::from_utf8_lossy(&seen).into_owned();
+    assert_eq!(ended, Ok(true), "the stream did not end: {seen}");
+    seen
+}
+
+#[tokio::test]
+async fn a_connection_whose_watch_ended_is_an_ordinary_idle_connection_again() {
+    let nats = NatsServer::start().await;
+    let cap = 4;
+    let node = Node::builder(&nats.url)
+        .env("ORDERLY_HTTP_MAX_CONNECTIONS", cap)
+        .env("ORDERLY_HTTP_IDLE_TIMEOUT", "2s")
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let id = common::submit(&http, &node, serde_json::json!({ "customer": "ada" })).await;
+    common::wait_completed(&http, &node, &[id], "the order").await;
+
+    // The watch of a completed order: its snapshot, and the stream ends; the connection stays open
+    // for another request, and is closed once it has sat idle for the idle timeout.
+    let mut watched = open_watch(&node, id).await;
+    let events = read_stream_end(&mut watched).await;
+    assert!(events.contains("\"Completed\""), "{events}");
+    let said = read_until_closed(&mut watched, Duration::from_secs(20)).await;
+    assert_eq!(said, "", "an idle connection is closed without an answer");
+}
+
+#[tokio::test]
+async fn connections_whose_watches_ended_make_room_at_the_cap() {
+    let nats = NatsServer::start().await;
+    let cap = 4;
+    let node = Node::builder(&nats.url)
+        .env("ORDERLY_HTTP_MAX_CONNECTIONS", cap)
+        .env("ORDERLY_HTTP_IDLE_TIMEOUT", "10m")
+        .env("ORDERLY_HTTP_HEADER_TIMEOUT", "10m")
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let id = common::submit(&http, &node, serde_json::json!({ "customer": "ada" })).await;
+    common::wait_completed(&http, &node, &[id], "the order").await;
+    // As many keep-alive connections as the cap, each of which carried a watch that has ended.
+    let mut held = Vec::new();
+    for _ in 0..cap {
+        let mut watched = open_watch(&node, id).await;
+        read_stream_end(&mut watched).await;
+        held.push(watched);
+    }
+    // As many health checks, each on a connection kept open: each takes the place of one of them.
+    let mut checks = Vec::new();
+    for _ in 0..cap {
+        let mut check = connect(&node).await;
+        check
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\n\r\n")
+            .await
+            .expect("the health check is sent");
+        let head = read_head(&mut check).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        checks.push(check);
+    }
+    for mut watched in held {
+        read_until_closed(&mut watched, Duration::from_secs(10)).await;
+    }
+    let scrape = node.metrics().await;
+    assert!(
+        common::metric_sum(&scrape, "orderly_http_connections_evicted_total") >= cap as f64,
+        "the connections of ended watches were closed to make room"
+    );
+}
+
+#[tokio::test]
+async fn watches_beyond_half_the_cap_are_refused_and_health_checks_still_answer() {
+    let nats = NatsServer::start().await;
+    let cap = 4;
+    let node = Node::builder(&nats.url)
+        .env("ORDERLY_HTTP_MAX_CONNECTIONS", cap)
+        .env("ORDERLY_STEP_DURATION", "10m")
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let id = common::submit(&http, &node, serde_json::json!({ "customer": "ada" })).await;
+    let mut watches = Vec::new();
+    for _ in 0..cap / 2 {
+        watches.push(open_watch(&node, id).await);
+    }
+    let request =
+        format!("GET /orders/{id}/events HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n");
+    let answer = exchange(&node, request.as_bytes()).await;
+    let (status, body) = parse_response(&answer);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("too_many_watches")),
+        "{body}"
+    );
+    let health = format!("{}/healthz", node.http);
+    for _ in 0..cap {
+        let response = http
+            .get(&health)
+            .header("Connection", "close")
+            .send()
+            .await
+            .expect("/healthz answers");
+        assert_eq!(response.status(), 200);
+    }
+    let scrape = node.metrics().await;
+    assert!(common::metric_sum(&scrape, "orderly_http_watches_refused_total") >= 1.0);
+    // A watch that ends gives its place to the next.
+    drop(watches.pop());
+    wait_until(
+        "a watch once another closed",
+        Duration::from_secs(10),
+        || async {
+            let mut stream = connect(&node).await;
+            stream.write_all(request.as_bytes()).await.ok()?;
+            read_head(&mut stream)
+                .await
+                .starts_with("HTTP/1.1 200")
+                .then_some(())
         },
     )
     .await;

@@ -475,3 +475,125 @@ async fn a_page_of_fifty_with_100_000_orders_stored() {
         );
     }
 }
+
+/// A page of `GET /orders` at `cursor` (the first without one), with the time it took.
+async fn page_at(
+    http: &reqwest::Client,
+    node: &Node,
+    limit: usize,
+    cursor: Option<&str>,
+) -> (Value, Duration) {
+    let mut query = format!("limit={limit}");
+    if let Some(cursor) = cursor {
+        query.push_str(&format!("&cursor={cursor}"));
+    }
+    let began = std::time::Instant::now();
+    let (status, page) = list(http, node, &query).await;
+    let took = began.elapsed();
+    assert_eq!(status, 200, "{page}");
+    (page, took)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn index_entries_without_an_order_are_removed_and_never_stall_a_listing() {
+    use futures::StreamExt;
+    let server = NatsServer::start().await;
+    let node = Node::builder(&server.url).start().await;
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(submit(&http, &node, json!({ "n": n })).await);
+    }
+    let js = server.js().await;
+    let kv = orders_bucket(&js).await;
+    wait_all_terminal(&kv, &ids, Duration::from_secs(30)).await;
+    wait_until(
+        "one index entry per order",
+        Duration::from_secs(10),
+        || async { (index_messages(&js).await == ids.len() as u64).then_some(()) },
+    )
+    .await;
+    // Two documents are removed (as an age limit on the bucket or an operator would).
+    for gone in &ids[..2] {
+        kv.delete(gone.to_string())
+            .await
+            .expect("the document is deleted");
+    }
+    let kept: HashSet<Uuid> = ids[2..].iter().copied().collect();
+    // Entries anyone may publish on an open server, newer than every order: 19 000 that look like
+    // entries of orders that do not exist, and 1 000 that are not entries at all.
+    let fakes = 20_000;
+    let published = futures::stream::iter(0..fakes)
+        .map(|n| {
+            let js = js.clone();
+            async move {
+                let id = Uuid::now_v7();
+                let body = if n % 20 == 0 {
+                    "not an entry".to_owned()
+                } else {
+                    json!({
+                        "order_id": id,
+                        "state": "Completed",
+                        "current_step": "Completed",
+                        "start_time": "2026-01-01T00:00:00Z",
+                        "complete_time": "2026-01-01T00:00:01Z",
+                        "base": 1,
+                    })
+                    .to_string()
+                };
+                js.publish(format!("orders.index.{id}.Completed"), body.into())
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("the index stores the entry");
+            }
+        })
+        .buffer_unordered(256)
+        .count()
+        .await;
+    assert_eq!(published, fakes);
+    assert_eq!(index_messages(&js).await, (ids.len() + fakes) as u64);
+
+    // Within the grace an entry with no document may be a create in flight, and is left alone;
+    // past it, the listings that meet such entries remove them.
+    tokio::time::sleep(orderly::store::ENTRY_GRACE).await;
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    let mut slowest = Duration::ZERO;
+    let began = std::time::Instant::now();
+    loop {
+        let (page, took) = page_at(&http, &node, 10, cursor.as_deref()).await;
+        pages += 1;
+        slowest = slowest.max(took);
+        listed.extend(ids_of(page["orders"].as_array().expect("orders[]")));
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+        assert!(pages <= 100, "the listing goes on and on");
+    }
+    println!(
+        "{fakes} entries without an order: {pages} pages of limit=10 in {:.2?}, the slowest {slowest:.2?}",
+        began.elapsed()
+    );
+    assert_eq!(listed.iter().copied().collect::<HashSet<_>>(), kept);
+    assert_eq!(listed.len(), kept.len(), "each once: {listed:?}");
+    let most = fakes / orderly::store::EXAMINED_PER_PAGE + 2;
+    assert!(pages <= most, "{pages} pages, at most {most}");
+
+    // The entries with no order behind them are gone from the stream, and a page holds the orders.
+    wait_until(
+        "the entries without an order to be removed",
+        Duration::from_secs(30),
+        || async { (index_messages(&js).await == kept.len() as u64).then_some(()) },
+    )
+    .await;
+    let (page, took) = page_at(&http, &node, 10, None).await;
+    println!("then one page of limit=10 in {took:.2?}");
+    let first: HashSet<Uuid> = ids_of(page["orders"].as_array().expect("orders[]"))
+        .into_iter()
+        .collect();
+    assert_eq!(first, kept);
+    assert_eq!(page["next_cursor"], Value::Null);
+}

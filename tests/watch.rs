@@ -452,3 +452,95 @@ async fn a_draining_node_ends_its_watches() {
     node.steps.release(1);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_last_event_id_of_another_order_shows_nothing_of_that_order() {
+    use futures::StreamExt;
+    let server = NatsServer::start().await;
+    let node = Node::builder(&server.url).start().await;
+    let http = reqwest::Client::new();
+    let other = submit(&http, &node, json!({ "customer": "bob" })).await;
+    let watched = submit(&http, &node, json!({ "customer": "ada" })).await;
+    let kv = server.orders().await;
+    wait_all_terminal(&kv, &[other, watched], Duration::from_secs(30)).await;
+    // The other order's first revision, older than the watched order's last.
+    let mut history = kv.history(other.to_string()).await.expect("the history");
+    let revision = history
+        .next()
+        .await
+        .expect("a first revision")
+        .expect("readable")
+        .revision;
+
+    let mut watcher = Watcher::open(&node.http, watched, Some(revision)).await;
+    let first = watcher.next().await.expect("an event");
+    assert_eq!(first.event, "snapshot");
+    assert_eq!(first.data["order_id"], watched.to_string());
+    assert!(watcher.next().await.is_none(), "the watched order is done");
+    let logs = node.logs();
+    assert!(
+        !logs.contains(&format!("$KV.orders.{other}")) && !logs.contains("subject mismatch"),
+        "the other order's key is shown: {logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watch_whose_kv_consumer_is_deleted_goes_on_to_the_end() {
+    use futures::TryStreamExt;
+    let server = NatsServer::start().await;
+    let node = Node::builder(&server.url)
+        .env("ORDERLY_STEP_DURATION", "2s")
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let id = submit(&http, &node, json!({ "customer": "ada" })).await;
+    let mut watcher = Watcher::open(&node.http, id, None).await;
+    let first = watcher.next().await.expect("the snapshot");
+    assert_eq!(first.event, "snapshot");
+
+    // An operator deletes the consumers on the bucket's stream, the watch's among them.
+    let js = server.js().await;
+    let stream = js
+        .get_stream("KV_orders")
+        .await
+        .expect("the bucket's stream");
+    let names: Vec<String> = stream
+        .consumer_names()
+        .try_collect()
+        .await
+        .expect("the consumers");
+    assert!(!names.is_empty(), "the watch has a consumer");
+    for name in &names {
+        stream
+            .delete_consumer(name)
+            .await
+            .expect("the consumer is deleted");
+    }
+
+    let events = watcher.until(|e| e.event == "completed").await;
+    check_consistent(&events);
+    assert!(
+        watcher.next().await.is_none(),
+        "the stream ends after the order"
+    );
+    // Every revision after the snapshot, once each: nothing missed across the reopening.
+    let kv = server.orders().await;
+    let stored: Vec<u64> = kv
+        .history(id.to_string())
+        .await
+        .expect("the history")
+        .map_ok(|entry| entry.revision)
+        .try_collect::<Vec<u64>>()
+        .await
+        .expect("the history reads")
+        .into_iter()
+        .filter(|revision| *revision > first.id)
+        .collect();
+    let sent: Vec<u64> = events.iter().map(|e| e.id).collect();
+    assert_eq!(sent, stored);
+    let logs = node.logs();
+    assert!(
+        logs.contains("the KV watcher ended; reopened it"),
+        "the log says the watcher was reopened: {logs}"
+    );
+}

@@ -235,9 +235,11 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
-/// The `token role` lines of a tokens file; `#` starts a comment, blank lines are skipped. An error
+/// The `token role` lines of a tokens file; `#` starts a comment, blank lines are skipped, and a
+/// leading byte order mark (as some editors save UTF-8) is not part of the first token. An error
 /// names the line (from 1) and what is wrong with it, never the token.
 fn parse(text: &str) -> Result<Vec<(String, Role)>, (usize, String)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut tokens: Vec<(String, Role)> = Vec::new();
     for (index, line) in text.lines().enumerate() {
         let number = index + 1;

@@ -9,7 +9,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -50,8 +50,11 @@ struct ConnState {
     head_since: Option<Instant>,
     /// Requests handed to the application and not yet answered.
     in_flight: usize,
-    /// An event stream was answered: the connection is a long-lived stream.
-    streaming: bool,
+    /// Event streams whose body is being sent: the connection is busy while one is.
+    streams: usize,
+    /// The task that last waited for the socket to be readable: woken when a stream ends, so that
+    /// the idle timeout starts to run at once.
+    reader: Option<Waker>,
 }
 
 /// What a connection waits for while no request is in progress.
@@ -69,7 +72,8 @@ impl Conn {
                 last_io: Instant::now(),
                 head_since: None,
                 in_flight: 0,
-                streaming: false,
+                streams: 0,
+                reader: None,
             }),
             evict: CancellationToken::new(),
         }
@@ -82,9 +86,16 @@ impl Conn {
     fn read(&self, bytes: usize) {
         self.with(|s| {
             s.last_io = Instant::now();
-            if bytes > 0 && s.in_flight == 0 && s.head_since.is_none() && !s.streaming {
+            if bytes > 0 && s.in_flight == 0 && s.head_since.is_none() && s.streams == 0 {
                 s.head_since = Some(s.last_io);
             }
+        });
+    }
+
+    fn waits_to_read(&self, waker: &Waker) {
+        self.with(|s| match &mut s.reader {
+            Some(reader) => reader.clone_from(waker),
+            None => s.reader = Some(waker.clone()),
         });
     }
 
@@ -99,19 +110,26 @@ impl Conn {
         });
     }
 
-    pub(super) fn end(&self, streaming: bool) {
+    pub(super) fn end(&self) {
         self.with(|s| {
             s.in_flight = s.in_flight.saturating_sub(1);
-            s.streaming |= streaming;
             s.last_io = Instant::now();
         });
     }
 
+    /// An event stream's body starts to be sent; the connection is busy until the returned guard is
+    /// dropped (the body ended, or was dropped with the connection), and then an ordinary connection
+    /// again, idle from that moment.
+    pub(super) fn stream(self: &Arc<Self>) -> Streaming {
+        self.with(|s| s.streams += 1);
+        Streaming { conn: self.clone() }
+    }
+
     /// What the connection waits for, if no request is in progress on it.
     fn waiting(&self) -> Option<Waiting> {
-        self.with(|s| match (s.in_flight, s.streaming, s.head_since) {
-            (0, false, Some(since)) => Some(Waiting::Head(since)),
-            (0, false, None) => Some(Waiting::Idle(s.last_io)),
+        self.with(|s| match (s.in_flight, s.streams, s.head_since) {
+            (0, 0, Some(since)) => Some(Waiting::Head(since)),
+            (0, 0, None) => Some(Waiting::Idle(s.last_io)),
             _ => None,
         })
     }
@@ -120,6 +138,24 @@ impl Conn {
         self.waiting().map(|w| match w {
             Waiting::Head(since) | Waiting::Idle(since) => since,
         })
+    }
+}
+
+/// An event stream in progress on a connection, for as long as its body lives.
+pub(super) struct Streaming {
+    conn: Arc<Conn>,
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        let reader = self.conn.with(|s| {
+            s.streams = s.streams.saturating_sub(1);
+            s.last_io = Instant::now();
+            s.reader.take()
+        });
+        if let Some(reader) = reader {
+            reader.wake();
+        }
     }
 }
 
@@ -184,7 +220,10 @@ impl AsyncRead for Watched {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             // The end of the stream, as hyper sees it: the connection closes.
             Poll::Pending if self.expired(cx) => Poll::Ready(Ok(())),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                self.conn.waits_to_read(cx.waker());
+                Poll::Pending
+            }
         }
     }
 }

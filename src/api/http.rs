@@ -447,7 +447,7 @@ fn answered(answer: Answer) -> Response {
             body = crate::api::watch::SentEvent, content_type = "text/event-stream"),
         (status = 400, description = "The id is not an order id, or Last-Event-ID is not a revision", body = ErrorBody),
         (status = 404, description = "No such order", body = ErrorBody),
-        (status = 503, description = "NATS did not answer", body = ErrorBody),
+        (status = 503, description = "NATS did not answer (`unavailable`), or the node carries as many watches as it allows, half its connection cap (`too_many_watches`)", body = ErrorBody),
     )
 )]
 async fn watch_order(
@@ -490,7 +490,8 @@ async fn drain(State(state): State<AppState>) -> Response {
     operation_id = "list_orders",
     summary = "List orders",
     description = "Orders by their latest state change, newest first, a page at a time: pass the \
-        page's `next_cursor` as `cursor` for the next one, until it is `null`.",
+        page's `next_cursor` as `cursor` for the next one, until it is `null`. A page looks at 1 000 \
+        index entries at most, so a page with a `next_cursor` may hold fewer orders than `limit`.",
     params(
         ("state" = Option<Vec<StateNames>>, Query, style = Form, explode = true, nullable = false,
             description = "Only orders in these states (repeat it, or separate names with commas); every state without it"),

@@ -1,6 +1,9 @@
 //! The HTTP server's limits: how long a client may take to send a request's head, how long a
 //! connection may sit idle between requests, how long a request may take (the watch of an order is
-//! exempt: it is a stream), and how many connections are open at once. Each ends with the documented
+//! exempt: it is a stream, and its connection is busy while the stream's body is being sent, an
+//! ordinary connection again once it ends), how many watches are open at once (half the connection
+//! cap, so that watches alone cannot fill it: beyond, `503` `too_many_watches`), and how many
+//! connections are open at once. Each ends with the documented
 //! JSON error `{"error", "code"}`, and so do the answers hyper writes itself (400, 414, 431) and every
 //! other error response without a JSON body. Connections over the cap do not wait: the connection that
 //! has gone longest without a request in progress (idle, or still sending its head) is closed to make
@@ -13,6 +16,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use futures::StreamExt;
 use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::io;
@@ -126,7 +130,11 @@ pub async fn serve(
     limits: Limits,
     stop: CancellationToken,
 ) -> io::Result<()> {
-    let app = app.layer(middleware::from_fn_with_state(limits, guard));
+    let guarded = Guard {
+        limits,
+        watches: Arc::new(Semaphore::new(max_watches(limits.max_connections))),
+    };
+    let app = app.layer(middleware::from_fn_with_state(guarded, guard));
     let table = Arc::new(Table::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(REFUSING));
     let mut connections = JoinSet::new();
@@ -264,11 +272,8 @@ impl Served {
             async move {
                 conn.begin();
                 let response = app.oneshot(request.map(Body::new)).await;
-                let streaming = response.as_ref().is_ok_and(|r| {
-                    r.headers().get(header::CONTENT_TYPE)
-                        == Some(&HeaderValue::from_static("text/event-stream"))
-                });
-                conn.end(streaming);
+                let response = response.map(|response| streamed(response, &conn));
+                conn.end();
                 response
             }
         });
@@ -289,15 +294,63 @@ impl Served {
     }
 }
 
+/// An event stream keeps its connection busy while its body is being sent, and no longer: once the
+/// body ends (or is dropped with the connection), the connection is idle again, and the idle timeout,
+/// the header timeout and eviction apply to it as to any other.
+fn streamed(response: Response, conn: &Arc<Conn>) -> Response {
+    let event_stream = response.headers().get(header::CONTENT_TYPE)
+        == Some(&HeaderValue::from_static("text/event-stream"));
+    if !event_stream {
+        return response;
+    }
+    let streaming = conn.stream();
+    response.map(|body| holding(body, streaming))
+}
+
+/// `body`, keeping `held` alive until the body ends or is dropped.
+fn holding<T: Send + 'static>(body: Body, held: T) -> Body {
+    Body::from_stream(body.into_data_stream().map(move |chunk| {
+        let _held = &held;
+        chunk
+    }))
+}
+
+/// What the middleware of every request needs: the limits, and the watches the node may carry at once.
+#[derive(Clone)]
+struct Guard {
+    limits: Limits,
+    watches: Arc<Semaphore>,
+}
+
+/// The most watches of an order in progress at once: half the connection cap, so that watches alone
+/// cannot fill it (at least one).
+fn max_watches(max_connections: usize) -> usize {
+    (max_connections / 2).max(1)
+}
+
 /// The request timeout (but for the watch of an order), and a JSON body on every error response that
 /// has none (such as axum's rejection of a path that is not UTF-8).
-async fn guard(State(limits): State<Limits>, request: Request, next: Next) -> Response {
+async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    let limits = guard.limits;
     let watch = request
         .extensions()
         .get::<MatchedPath>()
         .is_some_and(|path| path.as_str() == WATCH_ROUTE);
     let response = if watch {
-        next.run(request).await
+        let Ok(permit) = guard.watches.clone().try_acquire_owned() else {
+            metrics::counter!(crate::ops::metrics::HTTP_WATCHES_REFUSED).increment(1);
+            let message = format!(
+                "the node carries as many watches as it allows ({}); try again later or on another node",
+                guard.watches_allowed()
+            );
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &message,
+                "too_many_watches",
+            );
+        };
+        // The watch keeps its place until its stream ends.
+        next.run(request).await.map(|body| holding(body, permit))
     } else {
         match tokio::time::timeout(limits.request_timeout, next.run(request)).await {
             Ok(response) => response,
@@ -312,6 +365,12 @@ async fn guard(State(limits): State<Limits>, request: Request, next: Next) -> Re
         }
     };
     with_json_body(response).await
+}
+
+impl Guard {
+    fn watches_allowed(&self) -> usize {
+        max_watches(self.limits.max_connections)
+    }
 }
 
 fn json_error(status: StatusCode, message: &str, code: &str) -> Response {

@@ -170,10 +170,7 @@ pub struct Listing {
 
 impl From<Page> for Listing {
     fn from(page: Page) -> Listing {
-        let next_cursor = match (page.more, page.orders.last()) {
-            (true, Some(last)) => Some(encode_cursor(last.seq)),
-            _ => None,
-        };
+        let next_cursor = page.next.map(encode_cursor);
         let orders = page
             .orders
             .into_iter()

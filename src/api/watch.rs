@@ -6,7 +6,9 @@
 //! stream ends after a terminal state. A client that reconnects with `Last-Event-ID: r` gets every
 //! revision after r, one event each, from the revisions the bucket keeps (the last 32 of each order);
 //! if r is older than those, it gets the current document as a snapshot instead, which carries the
-//! order's whole history (every step's and rollback's times).
+//! order's whole history (every step's and rollback's times). A KV watcher that ends or fails (its
+//! consumer deleted, NATS lost) is reopened after the last revision sent, and the log says so; if it
+//! cannot be, the stream ends with an `error` event.
 
 use crate::api::intake::{bounded_read, IntakeError};
 use crate::domain::order::{parse_order_id, Order};
@@ -73,16 +75,8 @@ pub async fn open(
     // Revisions start at 1: a client that saw revision 0 saw nothing, and gets a snapshot.
     let replay_from = match last_seen {
         Some(seen) if seen > 0 && seen < entry.revision => {
-            let read = async {
-                bucket
-                    .entry_for_revision(&key, seen)
-                    .await
-                    .map_err(unavailable)
-            };
-            bounded_read(client, read)
+            bounded_read(client, revision_of(bucket, &key, seen))
                 .await?
-                .filter(|old| old.operation == kv::Operation::Put)
-                .and_then(|old| decode(&old).ok())
                 .filter(|old| !old.is_terminal())
         }
         _ => None,
@@ -107,7 +101,11 @@ pub async fn open(
         };
         let watcher = bounded_read(client, watch).await?;
         Some(Following {
+            bucket: bucket.clone(),
+            key,
             watcher,
+            seen: from - 1,
+            reopened: 0,
             previous,
             stop,
         })
@@ -117,6 +115,37 @@ pub async fn open(
         Some((Ok(event), next))
     });
     Ok(futures::stream::iter(first.map(Ok)).chain(rest))
+}
+
+/// The document of `key` at `revision`, if that revision is a write of this key that the bucket
+/// still keeps. A revision of another key (a `Last-Event-ID` naming another order's revision) is
+/// none: nothing of that order is read, printed or sent.
+async fn revision_of(
+    bucket: &kv::Store,
+    key: &str,
+    revision: u64,
+) -> Result<Option<Order>, IntakeError> {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
+    let subject = format!("{}{key}", bucket.prefix);
+    // The first message on this key's subject from `revision` on: the revision itself only if it is
+    // this key's.
+    let message = match bucket
+        .stream
+        .direct_get_next_for_subject(subject, Some(revision))
+        .await
+    {
+        Ok(message) => message,
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(unavailable(e)),
+    };
+    let put = message
+        .headers
+        .get("KV-Operation")
+        .is_none_or(|operation| operation.as_str() == "PUT");
+    if message.sequence != revision || !put {
+        return Ok(None);
+    }
+    Ok(serde_json::from_slice(&message.payload).ok())
 }
 
 /// The changes as an SSE response, with keep-alive comments.
@@ -130,42 +159,101 @@ pub fn respond(
 
 /// A watch on one order's key, after the revision last sent.
 struct Following {
+    bucket: kv::Store,
+    key: String,
     watcher: kv::Watch,
+    /// The last revision sent, or the one the client had seen.
+    seen: u64,
+    /// Times the KV watcher was reopened since the last change it gave.
+    reopened: u32,
     previous: Order,
     stop: CancellationToken,
 }
 
+/// Times in a row a watch reopens its KV watcher before it gives up.
+const REOPENS: u32 = 3;
+
+/// How long the reopening of a KV watcher may take.
+const REOPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Following {
     /// The next change, and what follows it: `None` after a terminal state. `None` when the watch
-    /// ends: the node drains, the key is deleted, or NATS fails (the client reconnects and resumes).
+    /// ends: the node drains, or the key is deleted. A KV watcher that ends or fails (its consumer
+    /// deleted by an operator, NATS lost) is reopened after the last revision sent; when that fails
+    /// [`REOPENS`] times in a row, the stream ends with an `error` event (the client reconnects with
+    /// `Last-Event-ID` and resumes).
     async fn next(mut self) -> Option<(sse::Event, Option<Following>)> {
-        let entry = tokio::select! {
-            _ = self.stop.cancelled() => return None,
-            entry = self.watcher.next() => entry?,
-        };
-        let entry = match entry {
-            Ok(entry) if entry.operation == kv::Operation::Put => entry,
-            Ok(_) => return None,
-            Err(e) => {
-                tracing::warn!(error = %e, "order watch ended");
+        loop {
+            let next = tokio::select! {
+                _ = self.stop.cancelled() => return None,
+                next = self.watcher.next() => next,
+            };
+            let entry = match next {
+                Some(Ok(entry)) => entry,
+                Some(Err(e)) => match self.reopen(&e.to_string()).await {
+                    Ok(()) => continue,
+                    Err(event) => return Some((event, None)),
+                },
+                None => match self.reopen("the KV watcher ended").await {
+                    Ok(()) => continue,
+                    Err(event) => return Some((event, None)),
+                },
+            };
+            if entry.operation != kv::Operation::Put {
                 return None;
             }
-        };
-        let order = match decode(&entry) {
-            Ok(order) => order,
-            Err(e) => {
-                tracing::warn!(error = %e, "order watch ended");
-                return None;
+            self.reopened = 0;
+            self.seen = entry.revision;
+            let order = match decode(&entry) {
+                Ok(order) => order,
+                Err(e) => {
+                    tracing::warn!(error = %e, "order watch ended");
+                    return None;
+                }
+            };
+            let node = holder(Some(&self.previous), &order);
+            let event = Event::transition(&self.previous, &order, node);
+            let sent = to_sse(event, &entry);
+            if order.is_terminal() {
+                return Some((sent, None));
             }
-        };
-        let node = holder(Some(&self.previous), &order);
-        let event = Event::transition(&self.previous, &order, node);
-        let sent = to_sse(event, &entry);
-        if order.is_terminal() {
-            return Some((sent, None));
+            self.previous = order;
+            return Some((sent, Some(self)));
         }
-        self.previous = order;
-        Some((sent, Some(self)))
+    }
+
+    /// Opens the KV watcher again after the last revision sent, or says why the stream ends.
+    async fn reopen(&mut self, why: &str) -> Result<(), sse::Event> {
+        let from = self.seen + 1;
+        while self.reopened < REOPENS && !self.stop.is_cancelled() {
+            self.reopened += 1;
+            let watch = self.bucket.watch_from_revision(&self.key, from);
+            match tokio::time::timeout(REOPEN_TIMEOUT, watch).await {
+                Ok(Ok(watcher)) => {
+                    tracing::warn!(
+                        order.id = %self.key, reason = why, from_revision = from,
+                        "order watch: the KV watcher ended; reopened it"
+                    );
+                    self.watcher = watcher;
+                    return Ok(());
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(order.id = %self.key, reason = why, error = %e, "order watch: cannot reopen the KV watcher")
+                }
+                Err(_) => {
+                    tracing::warn!(order.id = %self.key, reason = why, "order watch: cannot reopen the KV watcher in time")
+                }
+            }
+        }
+        tracing::warn!(
+            order.id = %self.key, reason = why, last_revision = self.seen,
+            "order watch ended with an error event: the KV watcher ended and could not be reopened"
+        );
+        let body = serde_json::json!({
+            "error": format!("the watch of the order was interrupted ({why}): reconnect with Last-Event-ID to resume"),
+            "code": "watch_interrupted",
+        });
+        Err(sse::Event::default().event("error").data(body.to_string()))
     }
 }
 

@@ -35,6 +35,7 @@ pub const HTTP_REQUESTS: &str = "orderly_http_requests_total";
 pub const HTTP_DURATION: &str = "orderly_http_request_duration_seconds";
 pub const HTTP_CONNECTIONS_REFUSED: &str = "orderly_http_connections_refused_total";
 pub const HTTP_CONNECTIONS_EVICTED: &str = "orderly_http_connections_evicted_total";
+pub const HTTP_WATCHES_REFUSED: &str = "orderly_http_watches_refused_total";
 pub const HTTP_HEADER_TIMEOUTS: &str = "orderly_http_header_timeouts_total";
 pub const HTTP_REQUEST_TIMEOUTS: &str = "orderly_http_request_timeouts_total";
 pub const INFO: &str = "orderly_node_info";
@@ -270,6 +271,10 @@ fn describe_node() {
     describe_counter!(
         HTTP_CONNECTIONS_EVICTED,
         "HTTP connections without a request in progress closed to make room for a new one."
+    );
+    describe_counter!(
+        HTTP_WATCHES_REFUSED,
+        "Watches of an order answered 503 because the node carried as many as it allows."
     );
     describe_counter!(
         HTTP_HEADER_TIMEOUTS,
