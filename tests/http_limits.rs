@@ -472,3 +472,32 @@ async fn a_watch_outlives_the_request_and_idle_timeouts() {
         String::from_utf8_lossy(&seen)
     );
 }
+
+#[tokio::test]
+async fn a_client_that_sends_a_whole_oversized_head_before_reading_gets_the_431() {
+    let nats = NatsServer::start().await;
+    let node = Node::builder(&nats.url).start().await;
+    for size in [1, 4, 8] {
+        let mut huge = b"GET /healthz HTTP/1.1\r\nHost: node\r\nX-Big: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', size * 1024 * 1024));
+        huge.extend_from_slice(b"\r\n\r\n");
+        let mut stream = connect(&node).await;
+        let sent = stream.write_all(&huge).await;
+        assert!(
+            sent.is_ok(),
+            "{size} MiB: the request could not be sent: {sent:?}"
+        );
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut received))
+            .await
+            .expect("the node closes the connection");
+        assert!(read.is_ok(), "{size} MiB: {read:?}");
+        let answer = String::from_utf8_lossy(&received).into_owned();
+        let (status, body) = parse_response(&answer);
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (431, Some("headers_too_large")),
+            "{size} MiB"
+        );
+    }
+}

@@ -10,8 +10,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
@@ -163,20 +165,75 @@ impl Drop for Streaming {
 /// a request head (with a `408`) or sits idle too long, and gives hyper's own error answers a JSON
 /// body.
 pub(super) struct Watched {
-    stream: TcpStream,
+    /// Taken out only when the connection is dropped.
+    stream: Option<TcpStream>,
     conn: Arc<Conn>,
     limits: Limits,
     timer: Pin<Box<Sleep>>,
+    /// An error answer of hyper's own went out: hyper closes the connection now, perhaps before the
+    /// client has sent all of its request.
+    linger: bool,
+}
+
+/// Sockets that read what their client still sends after an error answer, at most: beyond that a
+/// connection closes at once.
+const LINGERING: usize = 64;
+/// How long, and how much, a lingering socket reads before it closes.
+const LINGER_FOR: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
+
+static LINGERING_NOW: Semaphore = Semaphore::const_new(LINGERING);
+
+/// Sends what is left to send, then reads and discards what the client still sends until it stops,
+/// [`LINGER_FOR`] passes or [`LINGER_BYTES`] arrived. A client that sent a whole request before
+/// reading (one hyper refused part way: headers too large) would otherwise have its answer destroyed
+/// by the reset that closing a socket with unread data sends, and see a broken pipe instead.
+async fn linger(mut stream: TcpStream, _permit: tokio::sync::SemaphorePermit<'static>) {
+    let drain = async {
+        stream.shutdown().await.ok()?;
+        let mut scratch = vec![0u8; 64 * 1024];
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+        Some(())
+    };
+    let _ = tokio::time::timeout(LINGER_FOR, drain).await;
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let Some(stream) = self.stream.take().filter(|_| self.linger) else {
+            return;
+        };
+        let (Ok(runtime), Ok(permit)) = (
+            tokio::runtime::Handle::try_current(),
+            LINGERING_NOW.try_acquire(),
+        ) else {
+            return;
+        };
+        runtime.spawn(linger(stream, permit));
+    }
 }
 
 impl Watched {
     pub(super) fn new(stream: TcpStream, conn: Arc<Conn>, limits: Limits) -> Watched {
         Watched {
-            stream,
+            stream: Some(stream),
             conn,
             limits,
             timer: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+            linger: false,
         }
+    }
+
+    fn io(&mut self) -> &mut TcpStream {
+        self.stream
+            .as_mut()
+            .expect("the socket is taken out only when the connection is dropped")
     }
 
     /// Whether the wait for a request has run out; on a head that took too long, a `408` is sent.
@@ -198,7 +255,7 @@ impl Watched {
             );
             let body = error_body(&message, "request_timeout");
             let _ = self
-                .stream
+                .io()
                 .try_write(&raw_response(StatusCode::REQUEST_TIMEOUT, &body));
         }
         true
@@ -212,7 +269,7 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+        match Pin::new(self.io()).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 self.conn.read(buf.filled().len() - before);
                 Poll::Ready(Ok(()))
@@ -235,12 +292,13 @@ impl AsyncWrite for Watched {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         if let Some(replacement) = own_error_with_json(buf) {
-            if self.stream.try_write(&replacement).ok() == Some(replacement.len()) {
+            self.linger = true;
+            if self.io().try_write(&replacement).ok() == Some(replacement.len()) {
                 self.conn.wrote();
                 return Poll::Ready(Ok(buf.len()));
             }
         }
-        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        let written = Pin::new(self.io()).poll_write(cx, buf);
         if matches!(written, Poll::Ready(Ok(_))) {
             self.conn.wrote();
         }
@@ -248,11 +306,11 @@ impl AsyncWrite for Watched {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        Pin::new(self.io()).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        Pin::new(self.io()).poll_shutdown(cx)
     }
 }
 
