@@ -1,9 +1,15 @@
 //! The storm: three nodes on a three-server cluster (replicas 3) under steady load, while a seeded
 //! schedule injects several faults at once: node kill -9, SIGSTOP, SIGTERM and silent network cuts,
 //! server and stream-leader kills, live edits of the redelivery windows, malformed headers and forged
-//! advisories. Then everything is healed, and every accepted order must end exactly once with no
-//! overlapping leases, no write outside its interval, no completed step re-run, nothing lost and
-//! nothing stranded (see `common::audit`).
+//! advisories; and attacks at the edges of what a client can do: message ids taken before Orderly
+//! uses them, work messages that claim to be retries, orders cancelled and retried over and over,
+//! watches opened until refused, index entries of orders that do not exist, and step handler replies
+//! that drop the connection they arrive on (the last node calls its steps over NATS). Then everything
+//! is healed, and every accepted order must end exactly once with no overlapping leases, no write
+//! outside its interval, no completed step re-run, nothing lost and nothing stranded (see
+//! `common::audit`); the retried orders must end within their size with no overlapping leases, no
+//! health check may have been crowded out, no order may have failed waiting for a lost reply, and a
+//! listing must answer.
 //!
 //! `ORDERLY_STORM_SEED` picks the schedule (the same seed, the same schedule), `ORDERLY_STORM_SECS` its
 //! length (default 120).
@@ -105,6 +111,9 @@ enum Fault {
     Watches,
     /// Index entries for orders that do not exist, published into `ORDERS_INDEX`; then a listing.
     IndexSpam,
+    /// One reply in three of the step handler (which runs the steps of the node that calls its steps
+    /// over NATS) is sent with a header block the node's NATS client cannot parse.
+    HostileReplies,
 }
 
 impl Fault {
@@ -125,6 +134,7 @@ impl Fault {
             Fault::Retries => "cancel-retry cycles",
             Fault::Watches => "watch abuse",
             Fault::IndexSpam => "index spam",
+            Fault::HostileReplies => "hostile step handler replies",
         }
     }
 
@@ -176,7 +186,7 @@ fn plan(seed: u64, run: Duration) -> Vec<Planned> {
     while start + Duration::from_secs(5) < run {
         let length = rng.between(3.0, 12.0);
         for _ in 0..10 {
-            let fault = match rng.below(15) {
+            let fault = match rng.below(16) {
                 0 => Fault::Kill(rng.below(3)),
                 1 => Fault::Stop(rng.below(3)),
                 2 => Fault::Term(rng.below(3)),
@@ -191,7 +201,8 @@ fn plan(seed: u64, run: Duration) -> Vec<Planned> {
                 11 => Fault::TakenIds,
                 12 => Fault::Retries,
                 13 => Fault::Watches,
-                _ => Fault::IndexSpam,
+                14 => Fault::IndexSpam,
+                _ => Fault::HostileReplies,
             };
             let length = match fault {
                 Fault::Poison | Fault::Forged | Fault::TakenIds | Fault::IndexSpam => {
@@ -216,7 +227,7 @@ fn plan(seed: u64, run: Duration) -> Vec<Planned> {
                     }
                 }
                 f if f.on_servers() => !during(Duration::from_secs(5)).any(Fault::on_servers),
-                Fault::Malformed | Fault::Retries | Fault::Watches => {
+                Fault::Malformed | Fault::Retries | Fault::Watches | Fault::HostileReplies => {
                     !during(Duration::ZERO).any(|f| f == fault)
                 }
                 // The server refuses consumer edits while the store is full: edits (with their
@@ -337,12 +348,21 @@ impl Storm {
 
     fn builder(&self, i: usize) -> NodeBuilder {
         let urls: Vec<&str> = self.proxies[i].iter().map(|p| p.url.as_str()).collect();
-        self.audits
+        let builder = self
+            .audits
             .node(&urls.join(","), NODES[i])
             .env("ORDERLY_REPLICAS", 3)
             .env("ORDERLY_SEED", NODE_SEED)
             .env("ORDERLY_ACK_WAIT", format!("{}s", self.window().as_secs()))
-            .env("ORDERLY_HTTP_MAX_CONNECTIONS", STORM_MAX_CONNECTIONS)
+            .env("ORDERLY_HTTP_MAX_CONNECTIONS", STORM_MAX_CONNECTIONS);
+        if i == NATS_STEPS_NODE {
+            builder.env("ORDERLY_STEPS", "nats").env(
+                "ORDERLY_STEP_TIMEOUT",
+                format!("{}s", STEP_TIMEOUT.as_secs()),
+            )
+        } else {
+            builder
+        }
     }
 
     fn start_node(&mut self, i: usize) {
@@ -477,14 +497,12 @@ impl Storm {
                 ));
                 self.edges.running = Some((stop, task));
             }
+            Fault::HostileReplies => {
+                self.say(&format!("begin {}", fault.kind()));
+                self.edges.hostile_replies.store(true, Ordering::Relaxed);
+            }
             Fault::Watches => {
-                let watched = *self
-                    .edges
-                    .side
-                    .lock()
-                    .expect("lock")
-                    .last()
-                    .expect("a side order");
+                let watched = self.edges.watched;
                 self.say(&format!("begin {}: watches of {watched}", fault.kind()));
                 let stop = tokio_util::sync::CancellationToken::new();
                 let task = tokio::spawn(abuse_watches(
@@ -677,6 +695,15 @@ impl Storm {
                     fault.kind(),
                     self.edges.counts.watches_open.load(Ordering::Relaxed),
                     self.edges.counts.watches_refused.load(Ordering::Relaxed)
+                ));
+            }
+            Fault::HostileReplies => {
+                self.edges.hostile_replies.store(false, Ordering::Relaxed);
+                self.say(&format!(
+                    "end {}: {} of {} replies sent hostile so far",
+                    fault.kind(),
+                    self.edges.counts.hostile_replies.load(Ordering::Relaxed),
+                    self.edges.counts.replies.load(Ordering::Relaxed)
                 ));
             }
             Fault::Poison | Fault::Forged | Fault::TakenIds | Fault::IndexSpam => {}
@@ -872,13 +899,22 @@ async fn storm() {
             side: Arc::default(),
             running: None,
             watching: None,
+            watched: Uuid::now_v7(),
+            hostile_replies: Arc::default(),
         },
     };
+    let handler = tokio::spawn(step_handler(
+        storm.cluster.client().await,
+        storm.cluster.urls.clone(),
+        storm.edges.hostile_replies.clone(),
+        storm.edges.counts.clone(),
+    ));
     for i in 0..NODES.len() {
         storm.start_node(i);
         let node = storm.nodes[i].as_mut().expect("started");
         node.wait_ready().await;
     }
+    put_unrun_order(&orders_bucket(&js).await, storm.edges.watched).await;
     let http = reqwest::Client::new();
     for _ in 0..SIDE_ORDERS {
         let side = submit_side_order(&http, &storm.node(0).http)
@@ -983,14 +1019,32 @@ async fn storm() {
         report.failed,
         report.handovers.len()
     );
-    storm.check_edges(seed, &kv).await;
+    storm.check_edges(seed, &kv, &ids).await;
+    handler.abort();
 }
 
 impl Storm {
     /// The side orders end, stay within their size and never had two holders at once; watches never
     /// crowded out a health check; a listing answers despite the index spam.
-    async fn check_edges(&mut self, seed: u64, kv: &jetstream::kv::Store) {
+    async fn check_edges(&mut self, seed: u64, kv: &jetstream::kv::Store, ids: &[Uuid]) {
         let counts = self.edges.counts.clone();
+        // No step handler reply was lost for good: a lost one fails its step at the step timeout.
+        let mut timed_out = Vec::new();
+        for id in ids {
+            if let Some(doc) = document(kv, *id).await {
+                let reason = doc["failure_reason"].as_str().unwrap_or_default();
+                if reason.contains("timed out") || reason.contains("did not answer") {
+                    timed_out.push(format!("{id}: {reason}"));
+                }
+            }
+        }
+        println!(
+            "[storm] seed {seed}: the step handler answered {} calls, {} of them with a malformed header block; {} orders failed waiting for a reply",
+            counts.replies.load(Ordering::Relaxed),
+            counts.hostile_replies.load(Ordering::Relaxed),
+            timed_out.len()
+        );
+        assert!(timed_out.is_empty(), "seed {seed}: {timed_out:?}");
         let http = reqwest::Client::new();
         let side = self.edges.side.lock().expect("lock").clone();
         let node = self.node(0).http.clone();
@@ -1100,6 +1154,8 @@ struct EdgeCounts {
     listings: Mutex<BTreeMap<u16, usize>>,
     taken_ids: AtomicUsize,
     forged_retries: AtomicUsize,
+    replies: AtomicUsize,
+    hostile_replies: AtomicUsize,
 }
 
 /// The attacks at the edges, and the orders cancelled and retried over and over ("side orders").
@@ -1107,18 +1163,29 @@ struct Edges {
     counts: Arc<EdgeCounts>,
     /// Every side order there was; the last `SIDE_ORDERS` are the ones cycled.
     side: Arc<Mutex<Vec<Uuid>>>,
-    running: Option<(
-        tokio_util::sync::CancellationToken,
-        tokio::task::JoinHandle<()>,
-    )>,
-    watching: Option<(
-        tokio_util::sync::CancellationToken,
-        tokio::task::JoinHandle<()>,
-    )>,
+    running: Option<Task>,
+    watching: Option<Task>,
+    /// An order whose document nobody changes (it has no work message): its watches stay open.
+    watched: Uuid,
+    /// While set, the step handler sends some replies with a malformed header block.
+    hostile_replies: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// A task of the storm's, with what stops it.
+type Task = (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+);
+
+/// The node whose steps are done by the storm's step handler over NATS.
+const NATS_STEPS_NODE: usize = 2;
+/// Its step timeout: a reply lost and waited out shows as an order failed after this long.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Side orders cycled at once.
 const SIDE_ORDERS: usize = 3;
+/// Cancel-retry cycles of one side order before the next.
+const TURNS_PER_ORDER: usize = 10;
 /// The longest reason a cancel may carry.
 const LONGEST_REASON: usize = 1000;
 /// Each node's connection cap in the storm, so that watches can reach it.
@@ -1177,7 +1244,9 @@ async fn cycle_side_orders(
             continue;
         }
         let node = &nodes[turn % nodes.len()];
-        let id = active[turn % active.len()];
+        // The same order a few turns in a row: its next cancel follows its retry at once, before
+        // the new attempt can run to its end.
+        let id = active[(turn / TURNS_PER_ORDER) % active.len()];
         match act(&http, node, id, "cancel", json!({ "reason": reason })).await {
             Some(200 | 202) => {}
             Some(409) => {
@@ -1348,4 +1417,67 @@ async fn publish_with(
         .await
         .ok()??;
     (!ack.duplicate).then_some(ack.sequence)
+}
+
+/// The storm's step handler: answers every step call of the node that calls its steps over NATS after
+/// the storm's step time, and, while `hostile` is set, one reply in three with a header block the
+/// node's NATS client cannot parse (sent raw to the reply subject), which drops the connection it
+/// arrives on.
+async fn step_handler(
+    client: async_nats::Client,
+    urls: String,
+    hostile: Arc<std::sync::atomic::AtomicBool>,
+    counts: Arc<EdgeCounts>,
+) {
+    use futures::StreamExt;
+    let Ok(mut calls) = client
+        .queue_subscribe("orders.steps.>", "storm-steps".into())
+        .await
+    else {
+        return;
+    };
+    while let Some(call) = calls.next().await {
+        let Some(reply) = call.reply.clone() else {
+            continue;
+        };
+        let n = counts.replies.fetch_add(1, Ordering::Relaxed);
+        let bad = hostile.load(Ordering::Relaxed) && n.is_multiple_of(3);
+        let (client, urls, counts) = (client.clone(), urls.clone(), counts.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if bad {
+                let header = MALFORMED[n % MALFORMED.len()];
+                if let Ok(mut raw) = RawClient::connect(&urls).await {
+                    if raw.hpub(&reply, header, b"{}").await.is_ok() {
+                        counts.hostile_replies.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            } else {
+                let _ = client.publish(reply, "{}".into()).await;
+            }
+        });
+    }
+}
+
+/// Writes the document of a queued order that has no work message: nobody changes it, so a watch of
+/// it stays open until the client goes.
+async fn put_unrun_order(kv: &jetstream::kv::Store, id: Uuid) {
+    let now = Utc::now();
+    let doc = json!({
+        "order_id": id,
+        "state": "Queued",
+        "current_step": "Scheduling",
+        "start_time": now,
+        "complete_time": null,
+        "steps": [],
+        "attempt": 0,
+        "owner": null,
+        "message_seq": null,
+        "submitted_via": "http",
+        "updated_at": now,
+        "payload": { "watched": true },
+    });
+    kv.create(id.to_string(), doc.to_string().into())
+        .await
+        .expect("the watched order is written");
 }
