@@ -132,6 +132,11 @@ async fn node(mut config: Config) -> std::process::ExitCode {
     }
     match orderly::node::run(config, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // A setting that cannot work: one message, the same exit code as a bad flag.
+        Err(e) if e.is::<orderly::config::BadSetting>() => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        }
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "node failed");
             eprintln!("error: {e:#}");
