@@ -9,7 +9,7 @@ use tokio::process::{Child, Command};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
-    #[error("no nats-server binary at {path:?} (ORDERLY_NATS_SERVER), nor on PATH, nor in ./.tools/bin. Run `bash scripts/install-nats-server` (it fetches nats-server 2.12.2 into .tools/bin) and start from the project's directory, set ORDERLY_NATS_SERVER to the path of a nats-server, or point NATS_URL at a running server")]
+    #[error("no nats-server binary at {path:?} (ORDERLY_NATS_SERVER), nor on PATH, nor in ./.tools/bin. Run the node with `bash scripts/run`, or run `bash scripts/install-nats-server` (both fetch nats-server 2.12.2 into .tools/bin) and start the node from the project's directory; or set ORDERLY_NATS_SERVER to the path of a nats-server, or point NATS_URL at a running server")]
     NotInstalled { path: PathBuf },
     #[error("cannot start nats-server: {0}")]
     Spawn(#[source] std::io::Error),
