@@ -42,11 +42,12 @@ pub struct Config {
     #[arg(long, env = "ORDERLY_NATS_SERVER", default_value = "nats-server")]
     pub nats_server: PathBuf,
 
-    /// Address of the embedded nats-server.
+    /// Address of the embedded nats-server, IP:port.
     #[arg(
         long,
         env = "ORDERLY_EMBEDDED_NATS_ADDR",
-        default_value = "127.0.0.1:4222"
+        default_value = "127.0.0.1:4222",
+        value_parser = parse_socket_addr
     )]
     pub embedded_nats_addr: SocketAddr,
 
@@ -54,8 +55,8 @@ pub struct Config {
     #[arg(long, env = "ORDERLY_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
-    /// HTTP API address.
-    #[arg(long, env = "ORDERLY_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    /// HTTP API address, IP:port.
+    #[arg(long, env = "ORDERLY_HTTP_ADDR", default_value = "127.0.0.1:8080", value_parser = parse_socket_addr)]
     pub http_addr: SocketAddr,
 
     /// How long a client may take to send a request's head (line and headers): then 408, closed.
@@ -173,6 +174,38 @@ impl Config {
     }
 }
 
+/// A setting that cannot work, found as the node starts (a file it names, the form of a URL, what the
+/// NATS server can do): the node stops at once with this one message, which names the setting and the
+/// fix, and exits with code 2 as for a bad flag.
+#[derive(Debug, thiserror::Error)]
+#[error("{problem}")]
+pub struct BadSetting {
+    problem: String,
+}
+
+impl BadSetting {
+    /// `error` and its causes, each once, as the message.
+    pub fn from_error(error: &(dyn std::error::Error + 'static)) -> BadSetting {
+        let mut problem = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !problem.contains(&text) {
+                problem.push_str(": ");
+                problem.push_str(&text);
+            }
+            source = cause.source();
+        }
+        BadSetting { problem }
+    }
+
+    pub fn new(problem: impl Into<String>) -> BadSetting {
+        BadSetting {
+            problem: problem.into(),
+        }
+    }
+}
+
 /// A setting that must not be printed: its `Debug` shows only that it is set.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -208,6 +241,27 @@ pub enum StepRunner {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// An `IP:port` to listen on; a host name is refused with the address to write instead.
+fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let suggestion = match s.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => {
+            let ip = if host.eq_ignore_ascii_case("localhost") || host.is_empty() {
+                "127.0.0.1"
+            } else {
+                "0.0.0.0"
+            };
+            format!("{ip}:{port}")
+        }
+        _ => "127.0.0.1:8080".to_owned(),
+    };
+    Err(format!(
+        "it must be IP:port, not a host name; write {suggestion} (127.0.0.1 for this machine only, 0.0.0.0 for every interface)"
+    ))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -298,6 +352,8 @@ mod tests {
         assert!(!format!("{:?}", url.unwrap()).contains("s3cret"));
         let half = Config::try_parse_from(["orderly", "--nats-tls-cert", "c.pem"]).unwrap_err();
         assert!(half.to_string().contains("--nats-tls-key"), "{half}");
+        let err = Config::try_parse_from(["orderly", "--http-addr", "localhost:8080"]).unwrap_err();
+        assert!(err.to_string().contains("write 127.0.0.1:8080"), "{err}");
         let err = Config::try_parse_from(["orderly", "--ack-wait", "100ms"]).unwrap_err();
         assert!(err.to_string().contains("--ack-wait"), "{err}");
     }

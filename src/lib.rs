@@ -20,11 +20,14 @@
 //! - [`ops`]: metrics, the lease audit, order events, the cluster view.
 //! - [`domain`]: the order, its payload and its intents: pure.
 //! - [`bench`]: `orderly bench`, which measures nodes against the floor of their NATS operations.
+//! - [`cli`]: the terminal client (`orderly submit | get | list | cancel | retry | watch`), over the
+//!   HTTP API.
 //!
 //! A library user runs a node with steps of their own through [`run_with`].
 
 mod api;
 pub mod bench;
+pub mod cli;
 mod clock;
 pub mod config;
 pub mod domain;

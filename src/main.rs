@@ -1,5 +1,6 @@
 //! The `orderly` binary: parse the configuration, start logging, run a node until SIGINT or SIGTERM;
-//! or, with `orderly bench`, measure Orderly on a NATS deployment.
+//! or, with `orderly bench`, measure Orderly on a NATS deployment; or, with `orderly submit | get |
+//! list | cancel | retry | watch`, talk to a node's HTTP API from a terminal.
 
 use clap::{Parser, Subcommand};
 use orderly::config::{Config, LogFormat};
@@ -22,17 +23,60 @@ enum Command {
     /// Measure Orderly on a NATS server (a private one unless NATS_URL is set): throughput against
     /// the floor of its own NATS operations, scaling with nodes, overhead per order, reads, memory.
     Bench(orderly::bench::Args),
+    #[command(flatten)]
+    Client(orderly::cli::Command),
+    /// Print a shell completion script for orderly (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+}
+
+impl Command {
+    fn is_named(arg: &std::ffi::OsStr) -> bool {
+        <Command as clap::Subcommand>::has_subcommand(&arg.to_string_lossy())
+    }
+}
+
+/// A subcommand alone, without the node's settings: a command does not read the node's environment
+/// variables, so a node's env file cannot break the client, and the client's cannot break a node.
+#[derive(Debug, Parser)]
+#[command(name = "orderly", version)]
+struct Subcommands {
+    #[command(subcommand)]
+    command: Command,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => exit_on_bad_config(e),
+    let named = std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| Command::is_named(&arg));
+    let command = if named {
+        match Subcommands::try_parse() {
+            Ok(parsed) => Some(parsed.command),
+            Err(e) => e.exit(), // exit code 2 for usage errors, 0 for --help
+        }
+    } else {
+        match Cli::try_parse() {
+            Ok(Cli {
+                command: None,
+                config,
+            }) => return node(config).await,
+            Ok(cli) => cli.command,
+            Err(e) => exit_on_bad_config(e),
+        }
     };
-    match cli.command {
+    match command {
         Some(Command::Bench(args)) => bench(args).await,
-        None => node(cli.config).await,
+        Some(Command::Client(command)) => orderly::cli::run(command).await.into(),
+        Some(Command::Completions { shell }) => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "orderly", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), &script) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(_) => std::process::ExitCode::FAILURE, // a closed pipe: nobody to tell
+            }
+        }
+        None => std::process::ExitCode::SUCCESS,
     }
 }
 
@@ -88,6 +132,11 @@ async fn node(mut config: Config) -> std::process::ExitCode {
     }
     match orderly::node::run(config, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // A setting that cannot work: one message, the same exit code as a bad flag.
+        Err(e) if e.is::<orderly::config::BadSetting>() => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        }
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "node failed");
             eprintln!("error: {e:#}");

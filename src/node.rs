@@ -7,7 +7,7 @@ use crate::api::control::Control;
 use crate::api::http::{AppState, HttpServer};
 use crate::api::intake::Intake;
 use crate::api::service::Service;
-use crate::config::{Config, Secret, StepRunner};
+use crate::config::{BadSetting, Config, Secret, StepRunner};
 use crate::engine::connection::Connection;
 use crate::engine::interrupt::Interrupts;
 use crate::engine::nats_steps::NatsSteps;
@@ -184,17 +184,23 @@ async fn run_connected<F: Future<Output = ()>>(
     access: HttpAccess,
     shutdown: &mut Shutdown<'_, F>,
 ) -> anyhow::Result<()> {
-    let nats = Access::new(url, &nats_credentials(config)).context("NATS_URL")?;
+    let nats =
+        Access::new(url, &nats_credentials(config)).map_err(|e| BadSetting::from_error(&e))?;
     let drain = CancellationToken::new();
     let steps_over_nats = matches!(steps, StepsChoice::Nats(_));
     let connections = tokio::select! {
-        connected = Connections::open(&nats, &node_id, steps_over_nats, &drain) => connected?,
+        // A server that refuses the node (its user, password, token, credentials or TLS) is a setting
+        // that cannot work: retrying would not help.
+        connected = Connections::open(&nats, &node_id, steps_over_nats, &drain) => {
+            connected.map_err(|e| BadSetting::from_error(&e))?
+        }
         _ = shutdown.as_mut() => None,
     };
     let Some(connections) = connections else {
         tracing::info!("stopped before connecting to NATS");
         return Ok(());
     };
+    check_server(&connections.work, config.replicas, nats.shown()).await?;
     let layout = Layout {
         replicas: config.replicas,
         ack_wait: config.ack_wait,
@@ -245,6 +251,41 @@ async fn run_connected<F: Future<Output = ()>>(
     connections.flush().await;
     tracing::info!("node stopped");
     failure.map_or(Ok(()), Err)
+}
+
+/// What the NATS server must be able to do for these settings, checked once connected: JetStream, for
+/// the account the node connects as, and a cluster for more than one replica. Each would otherwise
+/// look like a server not ready yet, retried for a minute.
+async fn check_server(
+    client: &async_nats::Client,
+    replicas: u8,
+    shown: &str,
+) -> Result<(), BadSetting> {
+    let info = client.server_info();
+    let server = format!("the NATS server at {shown}");
+    if !info.jetstream {
+        return Err(BadSetting::new(format!(
+            "{server} (NATS_URL) does not run JetStream; start it with -js, or with a `jetstream {{ store_dir: ... }}` block in its configuration"
+        )));
+    }
+    if replicas > 1 && info.cluster.is_none() {
+        return Err(BadSetting::new(format!(
+            "--replicas (ORDERLY_REPLICAS) is {replicas}, but {server} is a single server, not a cluster: set ORDERLY_REPLICAS=1, or run a cluster of at least {replicas} servers (see deploy/cluster/)"
+        )));
+    }
+    let js = async_nats::jetstream::new(client.clone());
+    if let Err(e) = js.query_account().await {
+        if let async_nats::jetstream::context::AccountErrorKind::JetStream(error) = e.kind() {
+            if error.error_code()
+                == async_nats::jetstream::ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+            {
+                return Err(BadSetting::new(format!(
+                    "{server} has JetStream, but not for the account the node connects as (NATS_URL, ORDERLY_NATS_CREDS or ORDERLY_NATS_NKEY): connect as a user of an account with `jetstream: enabled` (see nats/accounts.conf)"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How the node authenticates to NATS, besides the credentials in `NATS_URL`.
@@ -382,7 +423,8 @@ impl HttpAccess {
         let tokens = Tokens::load(
             config.api_tokens_file.as_deref(),
             config.api_token.as_ref().map(Secret::expose),
-        )?;
+        )
+        .map_err(|e| BadSetting::from_error(&e))?;
         if tokens.is_empty() {
             tracing::warn!("no API token configured (ORDERLY_API_TOKENS_FILE, ORDERLY_API_TOKEN): the HTTP API is open to anyone who can reach it");
         }

@@ -16,9 +16,9 @@ const HIDDEN: &str = "***";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
-    #[error("no NATS URL given")]
+    #[error("NATS_URL names no server; write it like nats://127.0.0.1:4222, or unset it to start an embedded nats-server")]
     NoUrl,
-    #[error("invalid NATS URL {url}: {reason}")]
+    #[error("NATS_URL {url:?} is not a NATS URL: {reason}; write it like nats://127.0.0.1:4222 (several servers comma-separated, a user as nats://user:password@host:4222)")]
     Url { url: String, reason: String },
     #[error("the servers in NATS_URL carry different credentials; give the same user and password (or token) to each, or to none")]
     Mixed,
@@ -26,14 +26,17 @@ pub enum CredentialsError {
     Conflict,
     #[error("ORDERLY_NATS_TLS_CERT and ORDERLY_NATS_TLS_KEY go together: set both or neither")]
     HalfClientCertificate,
-    #[error("cannot read {what} {path}")]
+    #[error("cannot read {what} {path} ({setting})")]
     Read {
         what: &'static str,
+        setting: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a NATS credentials file (a user JWT and an nkey seed)")]
+    #[error(
+        "{path} (ORDERLY_NATS_CREDS) is not a NATS credentials file (a user JWT and an nkey seed)"
+    )]
     NotCreds {
         path: PathBuf,
         #[source]
@@ -95,12 +98,10 @@ impl Access {
         let mut in_url: Option<Identity> = None;
         for url in urls.split(',').map(str::trim).filter(|url| !url.is_empty()) {
             let (bare, userinfo) = split_userinfo(url);
-            let server =
-                bare.parse::<async_nats::ServerAddr>()
-                    .map_err(|e| CredentialsError::Url {
-                        url: redact(url),
-                        reason: e.to_string(),
-                    })?;
+            let server = parse_server(&bare).map_err(|reason| CredentialsError::Url {
+                url: redact(url),
+                reason,
+            })?;
             let identity = userinfo.map_or(Identity::Anonymous, identity_of);
             match &in_url {
                 Some(seen) if *seen != identity => return Err(CredentialsError::Mixed),
@@ -112,9 +113,11 @@ impl Access {
         let identity = match (in_url, &settings.creds, &settings.nkey) {
             (identity, None, None) => identity,
             (Identity::Anonymous, Some(path), None) => Identity::Creds(read_creds(path)?),
-            (Identity::Anonymous, None, Some(path)) => {
-                Identity::Nkey(read("the nkey seed file", path)?.trim().to_owned())
-            }
+            (Identity::Anonymous, None, Some(path)) => Identity::Nkey(
+                read("the nkey seed file", "ORDERLY_NATS_NKEY", path)?
+                    .trim()
+                    .to_owned(),
+            ),
             _ => return Err(CredentialsError::Conflict),
         };
         let client_certificate = match (&settings.tls_cert, &settings.tls_key) {
@@ -167,6 +170,36 @@ impl Access {
             None => options,
         }
     }
+}
+
+/// One server of `NATS_URL` (without its user information), checked for the form of a NATS URL before
+/// anything connects: a scheme the client speaks, a host, a port, and nothing after them. A typo such as
+/// `htp:/oops` would otherwise be taken for a host name and looked up for ever.
+fn parse_server(bare: &str) -> Result<async_nats::ServerAddr, String> {
+    const SCHEMES: [&str; 4] = ["nats", "tls", "ws", "wss"];
+    match bare.split_once("://") {
+        Some((scheme, _)) if !SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) => {
+            return Err(format!(
+                "unknown scheme {scheme:?} (use nats://, tls://, ws:// or wss://)"
+            ));
+        }
+        Some(_) => {}
+        None if bare.contains('/') => {
+            return Err("a URL starts with nats:// (or tls://, ws://, wss://)".into());
+        }
+        None => {}
+    }
+    let server = bare
+        .parse::<async_nats::ServerAddr>()
+        .map_err(|e| e.to_string())?;
+    let url = server.clone().into_inner();
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("it names no host".into());
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        return Err("nothing may follow the host and port".into());
+    }
+    Ok(server)
 }
 
 /// `urls` (one URL or several, comma-separated) with the password or token of each hidden; the user
@@ -242,9 +275,14 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn read(what: &'static str, path: &Path) -> Result<String, CredentialsError> {
+fn read(
+    what: &'static str,
+    setting: &'static str,
+    path: &Path,
+) -> Result<String, CredentialsError> {
     std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
         what,
+        setting,
         path: path.to_owned(),
         source,
     })
@@ -252,7 +290,7 @@ fn read(what: &'static str, path: &Path) -> Result<String, CredentialsError> {
 
 /// The contents of a `.creds` file, checked to hold a JWT and a seed.
 fn read_creds(path: &Path) -> Result<String, CredentialsError> {
-    let creds = read("the credentials file", path)?;
+    let creds = read("the credentials file", "ORDERLY_NATS_CREDS", path)?;
     async_nats::ConnectOptions::new()
         .credentials(&creds)
         .map_err(|source| CredentialsError::NotCreds {
@@ -265,6 +303,32 @@ fn read_creds(path: &Path) -> Result<String, CredentialsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_malformed_url_is_refused_before_connecting() {
+        for bad in [
+            "htp:/oops",
+            "htp://host:4222",
+            "nats://",
+            "nats://host:4222/path",
+            "nats://host:port",
+        ] {
+            let err = Access::new(bad, &Settings::default()).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.starts_with("NATS_URL") && text.contains("nats://127.0.0.1:4222"),
+                "{bad}: {text}"
+            );
+        }
+        for good in [
+            "nats://127.0.0.1:4222",
+            "localhost:4222",
+            "tls://a:4222,nats://b",
+            "ws://a:8080",
+        ] {
+            assert!(Access::new(good, &Settings::default()).is_ok(), "{good}");
+        }
+    }
 
     #[test]
     fn secrets_in_urls_are_hidden_wherever_a_url_is_shown() {

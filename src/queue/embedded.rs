@@ -9,7 +9,7 @@ use tokio::process::{Child, Command};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
-    #[error("no nats-server binary at {path:?}. Run the node with `bash scripts/run` (it fetches nats-server 2.12.2 into .tools/bin), set ORDERLY_NATS_SERVER to the path of a nats-server, or point NATS_URL at a running server")]
+    #[error("no nats-server binary at {path:?} (ORDERLY_NATS_SERVER), nor on PATH, nor in ./.tools/bin. Run the node with `bash scripts/run`, or run `bash scripts/install-nats-server` (both fetch nats-server 2.12.2 into .tools/bin) and start the node from the project's directory; or set ORDERLY_NATS_SERVER to the path of a nats-server, or point NATS_URL at a running server")]
     NotInstalled { path: PathBuf },
     #[error("cannot start nats-server: {0}")]
     Spawn(#[source] std::io::Error),
@@ -44,6 +44,7 @@ impl EmbeddedServer {
         }
         std::fs::create_dir_all(data_dir).map_err(EmbeddedError::Spawn)?;
         let log = data_dir.join("nats-server.log");
+        let binary = &resolve(binary);
         let mut command = Command::new(binary);
         command
             .arg("-a")
@@ -127,4 +128,28 @@ pub fn die_with_parent(command: &mut std::process::Command) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = command;
+}
+
+/// Where scripts/install-nats-server puts the pinned server, relative to the project's directory.
+pub const TOOLS_NATS_SERVER: &str = ".tools/bin/nats-server";
+
+/// The nats-server to run: `binary` as given, unless it is the bare default name and nothing of that
+/// name is on `PATH`; then `.tools/bin/nats-server` in the current directory, where
+/// `scripts/install-nats-server` (and so `scripts/run` and `.ci/run`) put it, if it is there.
+pub fn resolve(binary: &Path) -> PathBuf {
+    let bare = binary.components().count() == 1 && !binary.is_absolute();
+    if !bare || on_path(binary) {
+        return binary.to_owned();
+    }
+    let tools = Path::new(".").join(TOOLS_NATS_SERVER);
+    if binary == Path::new("nats-server") && tools.is_file() {
+        tools
+    } else {
+        binary.to_owned()
+    }
+}
+
+fn on_path(name: &Path) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
 }
