@@ -735,6 +735,19 @@ impl Storm {
         }
     }
 
+    /// Publishes a new order whose message takes the message id `taken` first.
+    async fn take_id(&self, taken: &str) {
+        let other = Uuid::now_v7();
+        let subject = format!("orders.submit.{other}");
+        if publish_with(&self.js, subject, &[("Nats-Msg-Id", taken)])
+            .await
+            .is_some()
+        {
+            self.submitted.accepted.lock().expect("lock").push(other);
+            self.edges.counts.taken_ids.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Takes the ids Orderly gives its own messages, and forges retries of accepted orders.
     async fn take_ids(&mut self, fault: Fault) {
         let targets: Vec<Uuid> = {
@@ -744,19 +757,7 @@ impl Storm {
         let counts = self.edges.counts.clone();
         for id in &targets {
             // The id a retry's message used to have, on another order's message...
-            let other = Uuid::now_v7();
-            let taken = format!("{id}.retry.1");
-            if publish_with(
-                &self.js,
-                format!("orders.submit.{other}"),
-                &[("Nats-Msg-Id", &taken)],
-            )
-            .await
-            .is_some()
-            {
-                self.submitted.accepted.lock().expect("lock").push(other);
-                counts.taken_ids.fetch_add(1, Ordering::Relaxed);
-            }
+            self.take_id(&format!("{id}.retry.1")).await;
             // ... and a work message that claims to be the order's retry.
             let forged = format!("{id}.retry.1.{}", Uuid::new_v4().simple());
             if publish_with(
@@ -776,19 +777,7 @@ impl Storm {
             stream.info().await.ok().map(|i| i.state.last_sequence)
         };
         if let Ok(Some(last)) = tokio::time::timeout(Duration::from_secs(5), last).await {
-            let other = Uuid::now_v7();
-            let taken = format!("orderly-requeue-{}", last + 2);
-            if publish_with(
-                &self.js,
-                format!("orders.submit.{other}"),
-                &[("Nats-Msg-Id", &taken)],
-            )
-            .await
-            .is_some()
-            {
-                self.submitted.accepted.lock().expect("lock").push(other);
-                counts.taken_ids.fetch_add(1, Ordering::Relaxed);
-            }
+            self.take_id(&format!("orderly-requeue-{}", last + 2)).await;
         }
         self.say(&format!(
             "{}: {} orders' retry ids taken, forged retries published",

@@ -912,8 +912,10 @@ mod tests {
         RawValue::from_string(r#"{"customer":"ada"}"#.to_owned()).unwrap()
     }
 
-    fn new_order() -> Order {
-        let mut order = Order::queued(Uuid::now_v7(), payload(), Interface::Http, t(0));
+    /// A claimed order whose payload is `json`.
+    fn with_payload(json: &str) -> Order {
+        let payload = RawValue::from_string(json.to_owned()).unwrap();
+        let mut order = Order::queued(Uuid::now_v7(), payload, Interface::Http, t(0));
         order
             .claim(Owner {
                 node: "n1".into(),
@@ -923,6 +925,10 @@ mod tests {
             })
             .unwrap();
         order
+    }
+
+    fn new_order() -> Order {
+        with_payload(payload().get())
     }
 
     /// Drives an order the way the pipeline does; `fail_at` makes that step fail.
@@ -1192,20 +1198,6 @@ mod tests {
         let mut moved = mine.clone();
         moved.attempt += 1;
         assert!(!mine.only_intent_added(&moved));
-    }
-
-    fn with_payload(json: &str) -> Order {
-        let payload = RawValue::from_string(json.to_owned()).unwrap();
-        let mut order = Order::queued(Uuid::now_v7(), payload, Interface::Http, t(0));
-        order
-            .claim(Owner {
-                node: "n1".into(),
-                delivery: 1,
-                stream_seq: 1,
-                claimed_at: t(1),
-            })
-            .unwrap();
-        order
     }
 
     #[test]
