@@ -247,6 +247,26 @@ impl OrderStore {
         written.map_err(Refused::into_error)
     }
 
+    /// Replaces the order's document, like [`OrderStore::update`], with one whose state is `was`,
+    /// the state of the document at `expected` (a request recorded in an ended order): the index
+    /// entry of that state stands, and the order does not move up the listing.
+    pub async fn update_in_state(
+        &self,
+        order: &Order,
+        expected: u64,
+        was: State,
+    ) -> Result<Versioned, StoreError> {
+        if order.state != was {
+            return self.update(order, expected).await;
+        }
+        let written = self.compare_and_set(order, expected).await;
+        if let Ok(written) = &written {
+            self.index
+                .saw(order.order_id, written.revision, order.state);
+        }
+        written.map_err(Refused::into_error)
+    }
+
     async fn compare_and_set(&self, order: &Order, expected: u64) -> Result<Versioned, Refused> {
         let value = fitting(order).map_err(Refused::Other)?;
         let key = order.order_id.to_string();

@@ -130,7 +130,10 @@ pub async fn request_retry(
                 fresh: false,
             });
         }
-        match store.update(&next, current.revision).await {
+        match store
+            .update_in_state(&next, current.revision, current.order.state)
+            .await
+        {
             Ok(written) => {
                 return Ok(RetryAsked::Asked {
                     current: Box::new(written),
