@@ -483,7 +483,24 @@ impl Storm {
                 self.poison(fault).await;
             }
             Fault::TakenIds => {
-                self.take_ids(fault).await;
+                // In the background: on a cluster in the middle of other faults each publish can
+                // take seconds, and the schedule must not wait for them.
+                let targets: Vec<Uuid> = {
+                    let accepted = self.submitted.accepted.lock().expect("lock");
+                    accepted.iter().rev().step_by(7).take(3).copied().collect()
+                };
+                self.say(&format!(
+                    "{}: the retry ids of {} orders, forged retries, the id of the next sweep copy",
+                    fault.kind(),
+                    targets.len()
+                ));
+                tokio::spawn(take_ids(
+                    self.js.clone(),
+                    self.cluster.urls.clone(),
+                    self.submitted.clone(),
+                    self.edges.counts.clone(),
+                    targets,
+                ));
             }
             Fault::Retries => {
                 self.say(&format!("begin {}", fault.kind()));
@@ -491,7 +508,7 @@ impl Storm {
                 let task = tokio::spawn(cycle_side_orders(
                     self.edges.side.clone(),
                     self.submitted.clone(),
-                    orders_bucket(&self.js).await,
+                    self.js.clone(),
                     self.edges.counts.clone(),
                     stop.clone(),
                 ));
@@ -514,32 +531,13 @@ impl Storm {
                 self.edges.watching = Some((stop, task));
             }
             Fault::IndexSpam => {
-                let sent = spam_index(&self.js.client(), 2_000).await;
-                self.edges
-                    .counts
-                    .index_entries
-                    .fetch_add(sent, Ordering::Relaxed);
+                self.say(fault.kind());
                 let nodes = live_nodes(&self.submitted);
-                let status = match nodes.get(index % nodes.len().max(1)) {
-                    Some(node) => reqwest::Client::new()
-                        .get(format!("{node}/orders?state=Failed&limit=10"))
-                        .timeout(Duration::from_secs(10))
-                        .send()
-                        .await
-                        .map_or(0, |r| r.status().as_u16()),
-                    None => 0,
-                };
-                *self
-                    .edges
-                    .counts
-                    .listings
-                    .lock()
-                    .expect("lock")
-                    .entry(status)
-                    .or_default() += 1;
-                self.say(&format!(
-                    "{}: {sent} entries of orders that do not exist; a listing answered {status}",
-                    fault.kind()
+                let node = nodes.get(index % nodes.len().max(1)).cloned();
+                tokio::spawn(spam_index_and_list(
+                    self.js.client(),
+                    node,
+                    self.edges.counts.clone(),
                 ));
             }
             Fault::Forged => {
@@ -712,79 +710,16 @@ impl Storm {
 
     /// Publishes one work message with a malformed header block straight into the stream.
     async fn poison(&mut self, fault: Fault) {
-        let id = Uuid::now_v7();
         let header = MALFORMED[self.poisoned.len() % MALFORMED.len()];
-        let sent = async {
-            let mut client = RawClient::connect(&self.cluster.urls).await.ok()?;
-            let subject = format!("orders.submit.{id}");
-            let ack = client
-                .request(&subject, header, br#"{"customer":"mallory"}"#)
-                .await
-                .ok()?;
-            stored_in(&ack, "ORDERS")
-        };
-        let stored = tokio::time::timeout(Duration::from_secs(5), sent).await;
-        let stored = matches!(stored, Ok(Some(_)));
+        let stored = poison_message(&self.cluster.urls, header).await;
         self.say(&format!(
-            "{}: orders.submit.{id} ({})",
+            "{}: {}",
             fault.kind(),
-            if stored { "stored" } else { "not stored" }
+            stored.map_or("not stored".to_owned(), |id| format!(
+                "orders.submit.{id} stored"
+            ))
         ));
-        if stored {
-            self.poisoned.push(id);
-        }
-    }
-
-    /// Publishes a new order whose message takes the message id `taken` first.
-    async fn take_id(&self, taken: &str) {
-        let other = Uuid::now_v7();
-        let subject = format!("orders.submit.{other}");
-        if publish_with(&self.js, subject, &[("Nats-Msg-Id", taken)])
-            .await
-            .is_some()
-        {
-            self.submitted.accepted.lock().expect("lock").push(other);
-            self.edges.counts.taken_ids.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Takes the ids Orderly gives its own messages, and forges retries of accepted orders.
-    async fn take_ids(&mut self, fault: Fault) {
-        let targets: Vec<Uuid> = {
-            let accepted = self.submitted.accepted.lock().expect("lock");
-            accepted.iter().rev().step_by(7).take(3).copied().collect()
-        };
-        let counts = self.edges.counts.clone();
-        for id in &targets {
-            // The id a retry's message used to have, on another order's message...
-            self.take_id(&format!("{id}.retry.1")).await;
-            // ... and a work message that claims to be the order's retry.
-            let forged = format!("{id}.retry.1.{}", Uuid::new_v4().simple());
-            if publish_with(
-                &self.js,
-                format!("orders.submit.{id}"),
-                &[("Nats-Msg-Id", &forged), ("Orderly-Retry", "1")],
-            )
-            .await
-            .is_some()
-            {
-                counts.forged_retries.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        // The id of the sweep's copy of the next message, then a message the sweep must copy.
-        let last = async {
-            let mut stream = self.js.get_stream("ORDERS").await.ok()?;
-            stream.info().await.ok().map(|i| i.state.last_sequence)
-        };
-        if let Ok(Some(last)) = tokio::time::timeout(Duration::from_secs(5), last).await {
-            self.take_id(&format!("orderly-requeue-{}", last + 2)).await;
-        }
-        self.say(&format!(
-            "{}: {} orders' retry ids taken, forged retries published",
-            fault.kind(),
-            targets.len()
-        ));
-        self.poison(fault).await;
+        self.poisoned.extend(stored);
     }
 
     /// The windows the consumer has now.
@@ -1120,9 +1055,10 @@ impl Storm {
             counts.listings.lock().expect("lock")
         );
         println!(
-            "[storm] seed {seed}: {} message ids taken first, {} forged retries published",
+            "[storm] seed {seed}: {} message ids taken first, {} forged retries published, {} malformed-header work messages sent after a taken sweep id",
             counts.taken_ids.load(Ordering::Relaxed),
-            counts.forged_retries.load(Ordering::Relaxed)
+            counts.forged_retries.load(Ordering::Relaxed),
+            counts.taken_poisoned.load(Ordering::Relaxed)
         );
     }
 }
@@ -1145,6 +1081,7 @@ struct EdgeCounts {
     forged_retries: AtomicUsize,
     replies: AtomicUsize,
     hostile_replies: AtomicUsize,
+    taken_poisoned: AtomicUsize,
 }
 
 /// The attacks at the edges, and the orders cancelled and retried over and over ("side orders").
@@ -1214,10 +1151,22 @@ async fn state_of(kv: &jetstream::kv::Store, id: Uuid) -> Option<String> {
 async fn cycle_side_orders(
     side: Arc<Mutex<Vec<Uuid>>>,
     submitted: Arc<Submitted>,
-    kv: jetstream::kv::Store,
+    js: jetstream::Context,
     counts: Arc<EdgeCounts>,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    // The bucket, asked for here: the cluster may be in the middle of another fault.
+    let kv = loop {
+        if let Ok(Ok(kv)) =
+            tokio::time::timeout(Duration::from_secs(5), js.get_key_value("orders")).await
+        {
+            break kv;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    };
     let http = reqwest::Client::new();
     let reason = "\u{1}".repeat(LONGEST_REASON);
     let mut turn = 0usize;
@@ -1469,4 +1418,94 @@ async fn put_unrun_order(kv: &jetstream::kv::Store, id: Uuid) {
     kv.create(id.to_string(), doc.to_string().into())
         .await
         .expect("the watched order is written");
+}
+
+/// Takes the ids Orderly gives its own messages and forges retries: for each of `targets`, a new
+/// order whose message takes the id a retry of the target used to have, and a work message that
+/// claims to be the target's retry; then a new order whose message takes the id of the sweep's copy
+/// of the next sequence, and a work message with a malformed header block at that sequence.
+async fn take_ids(
+    js: jetstream::Context,
+    urls: String,
+    submitted: Arc<Submitted>,
+    counts: Arc<EdgeCounts>,
+    targets: Vec<Uuid>,
+) {
+    let take_id = |taken: String| {
+        let (js, submitted, counts) = (js.clone(), submitted.clone(), counts.clone());
+        async move {
+            let other = Uuid::now_v7();
+            let subject = format!("orders.submit.{other}");
+            if publish_with(&js, subject, &[("Nats-Msg-Id", &taken)])
+                .await
+                .is_some()
+            {
+                submitted.accepted.lock().expect("lock").push(other);
+                counts.taken_ids.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    };
+    for id in &targets {
+        take_id(format!("{id}.retry.1")).await;
+        let forged = format!("{id}.retry.1.{}", Uuid::new_v4().simple());
+        let subject = format!("orders.submit.{id}");
+        let headers = [("Nats-Msg-Id", forged.as_str()), ("Orderly-Retry", "1")];
+        if publish_with(&js, subject, &headers).await.is_some() {
+            counts.forged_retries.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let last = async {
+        let mut stream = js.get_stream("ORDERS").await.ok()?;
+        stream.info().await.ok().map(|i| i.state.last_sequence)
+    };
+    if let Ok(Some(last)) = tokio::time::timeout(Duration::from_secs(5), last).await {
+        take_id(format!("orderly-requeue-{}", last + 2)).await;
+        if let Some(poisoned) = poison_message(&urls, MALFORMED[0]).await {
+            submitted.accepted.lock().expect("lock").push(poisoned);
+            counts.taken_poisoned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Publishes a work message with the malformed header block `header` straight into the stream; its
+/// order's id, if the stream stored it.
+async fn poison_message(urls: &str, header: &[u8]) -> Option<Uuid> {
+    let id = Uuid::now_v7();
+    let sent = async {
+        let mut client = RawClient::connect(urls).await.ok()?;
+        let subject = format!("orders.submit.{id}");
+        let ack = client
+            .request(&subject, header, br#"{"customer":"mallory"}"#)
+            .await
+            .ok()?;
+        stored_in(&ack, "ORDERS")
+    };
+    let stored = tokio::time::timeout(Duration::from_secs(5), sent).await;
+    matches!(stored, Ok(Some(_))).then_some(id)
+}
+
+/// Publishes 2 000 index entries of orders that do not exist, then asks `node` for a page of failed
+/// orders, counting its answer.
+async fn spam_index_and_list(
+    client: async_nats::Client,
+    node: Option<String>,
+    counts: Arc<EdgeCounts>,
+) {
+    let sent = spam_index(&client, 2_000).await;
+    counts.index_entries.fetch_add(sent, Ordering::Relaxed);
+    let status = match node {
+        Some(node) => reqwest::Client::new()
+            .get(format!("{node}/orders?state=Failed&limit=10"))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16()),
+        None => 0,
+    };
+    *counts
+        .listings
+        .lock()
+        .expect("lock")
+        .entry(status)
+        .or_default() += 1;
 }

@@ -177,9 +177,13 @@ impl Lease {
         };
         let why = if held { why } else { LeaseEnd::Fenced };
         let holder = &self.inner.holder;
-        holder
-            .audit
-            .lease_ended(holder.order_id, holder.delivery, end, why);
+        holder.audit.lease_ended(
+            holder.order_id,
+            holder.delivery,
+            holder.stream_seq,
+            end,
+            why,
+        );
     }
 
     /// A write under this lease was confirmed as `revision`.

@@ -105,6 +105,7 @@ enum Event<'a> {
     },
     LeaseEnd {
         delivery: u32,
+        stream_seq: u64,
         end: Stamp,
         why: LeaseEnd,
     },
@@ -261,8 +262,23 @@ impl Audit {
         );
     }
 
-    pub fn lease_ended(&self, order_id: Uuid, delivery: u32, end: Stamp, why: LeaseEnd) {
-        self.write(order_id, Event::LeaseEnd { delivery, end, why });
+    pub fn lease_ended(
+        &self,
+        order_id: Uuid,
+        delivery: u32,
+        stream_seq: u64,
+        end: Stamp,
+        why: LeaseEnd,
+    ) {
+        self.write(
+            order_id,
+            Event::LeaseEnd {
+                delivery,
+                stream_seq,
+                end,
+                why,
+            },
+        );
     }
 
     pub fn settled(&self, order_id: Uuid, delivery: u32, outcome: &str) {
@@ -310,7 +326,7 @@ mod tests {
             12,
             (start, Stamp::now()),
         );
-        audit.lease_ended(id, 2, Stamp::now(), LeaseEnd::Released);
+        audit.lease_ended(id, 2, 7, Stamp::now(), LeaseEnd::Released);
         let text = std::fs::read_to_string(&path).expect("audit readable");
         let lines: Vec<serde_json::Value> = text
             .lines()

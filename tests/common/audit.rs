@@ -83,6 +83,8 @@ pub struct Report {
     /// Revisions that recorded a cancel request (written without a lease, by the node that took
     /// the request).
     pub cancels_recorded: usize,
+    /// Claims whose answer never came and which the server's history shows were not applied.
+    pub claims_never_applied: usize,
 }
 
 impl Report {
@@ -137,9 +139,9 @@ pub async fn check(orders: &kv::Store, ids: &[Uuid], lines: &[Value], outside: &
 }
 
 /// Checks the leases of orders that were cancelled and retried many times: no two intervals of an
-/// order overlap, every write and settlement falls in its writer's interval. Their histories (each
-/// attempt terminal once, no step run again) are not checked: the bucket keeps 32 revisions of an
-/// order, fewer than such an order has.
+/// order overlap. Their writes and settlements are not held to intervals (each retry's message is
+/// delivery 1 again, and those lines do not name their message), nor their histories (the bucket
+/// keeps 32 revisions of an order, fewer than such an order has).
 pub async fn check_leases(
     orders: &kv::Store,
     ids: &[Uuid],
@@ -178,8 +180,32 @@ async fn check_order(
     report: &mut Report,
     attempts: Attempts,
 ) {
-    // Intervals, from claims and their ends.
+    let revisions = history(orders, id).await;
+    // The holders the server's history shows, and from when it shows every revision (the bucket
+    // keeps the last 32 of an order).
+    let holders: HashSet<(String, u64, u64)> = revisions
+        .iter()
+        .filter_map(|r| serde_json::from_slice::<Value>(&r.value).ok())
+        .filter_map(|doc| {
+            let owner = &doc["owner"];
+            Some((
+                owner["node"].as_str()?.to_owned(),
+                owner["delivery"].as_u64()?,
+                owner["stream_seq"].as_u64()?,
+            ))
+        })
+        .collect();
+    let complete_since = revisions.first().map(|r| {
+        if r.revision == 1 {
+            DateTime::<Utc>::MIN_UTC
+        } else {
+            r.written
+        }
+    });
+
+    // Intervals, from claims and their ends; those of claims that were never applied apart.
     let mut intervals: Vec<Interval> = Vec::new();
+    let mut never_held: Vec<Interval> = Vec::new();
     for (at, claim) in lines
         .iter()
         .enumerate()
@@ -187,11 +213,24 @@ async fn check_order(
     {
         let node = claim["node"].as_str().expect("node").to_owned();
         let delivery = claim["delivery"].as_u64().expect("delivery");
+        let stream_seq = claim["stream_seq"].as_u64();
+        // A claim whose answer never came is recorded with revision 0: it may have been applied.
+        // When the history holds every revision since the claim was sent and none shows it, it
+        // was not, and the node never held the order under it.
+        let never_applied = claim["revision"].as_u64() == Some(0)
+            && complete_since.is_some_and(|since| since <= stamp(claim, "start"))
+            && stream_seq.is_some_and(|seq| !holders.contains(&(node.clone(), delivery, seq)));
+        let not_held = never_applied;
         let start = stamp(claim, "start");
         // The node's own lines are in the order it wrote them: its claim's end is the next end it
         // wrote for that delivery (a server that lost a delivery can hand out the same number again).
+        // Two messages of one order can both be at delivery 1 on one node: the end names the
+        // message too.
         let end = lines[at + 1..].iter().find(|l| {
-            l["event"] == "lease_end" && l["node"] == claim["node"] && l["delivery"] == delivery
+            l["event"] == "lease_end"
+                && l["node"] == claim["node"]
+                && l["delivery"] == delivery
+                && (l["stream_seq"].is_null() || l["stream_seq"].as_u64() == stream_seq)
         });
         let (end, why) = match (end, outside.death_after(&node, start)) {
             (Some(end), _) => (stamp(end, "end"), end["why"].as_str().expect("why").to_owned()),
@@ -204,13 +243,20 @@ async fn check_order(
             end >= start,
             "order {id}: interval of {node} ends before it starts"
         );
-        intervals.push(Interval {
+        let interval = Interval {
             node,
             delivery,
             start,
             end,
             why,
-        });
+        };
+        if not_held {
+            // Its acks and naks still fall in it; it overlaps nobody, as it held nothing.
+            report.claims_never_applied += 1;
+            never_held.push(interval);
+        } else {
+            intervals.push(interval);
+        }
     }
     // A node killed while its first write under a delivery (its claim) was in flight recorded no
     // claim, only the sending: if that write was applied, the node held the order from the sending
@@ -230,6 +276,7 @@ async fn check_order(
         let sent = stamp(sending, "sent");
         let covered = intervals
             .iter()
+            .chain(&never_held)
             .any(|i| i.node == node && i.delivery == delivery && i.start <= sent);
         if covered {
             continue;
@@ -259,13 +306,20 @@ async fn check_order(
         });
     }
     report.intervals += intervals.len();
+    if attempts == Attempts::Many {
+        // Each retry's message is delivery 1 again, and only claims and lease ends name their
+        // message: the writes and settlements of a retried order cannot be told apart by message.
+        return;
+    }
     let interval_of = |line: &Value| -> &Interval {
         // The latest interval of the line's node and delivery that began before the line was written.
         let at = stamp(line, "at");
         intervals
             .iter()
+            .chain(&never_held)
             .filter(|i| line["node"] == i.node.as_str() && line["delivery"] == i.delivery)
-            .rfind(|i| i.start <= at)
+            .filter(|i| i.start <= at)
+            .max_by_key(|i| i.start)
             .unwrap_or_else(|| panic!("order {id}: a write outside any claim of its node: {line}"))
     };
 
@@ -312,10 +366,6 @@ async fn check_order(
         );
     }
 
-    if attempts == Attempts::Many {
-        return;
-    }
-
     // No step recorded complete was started again, by the nodes' own account.
     let mut commits: Vec<&&Value> = lines.iter().filter(|l| l["event"] == "commit").collect();
     commits.sort_by_key(|l| l["revision"].as_u64());
@@ -355,7 +405,7 @@ async fn check_order(
     // The first revision that holds an accepted cancel: no step starts after it.
     let mut cancelled_from: Option<Value> = None;
     let mut previous = Value::Null;
-    for (index, entry) in history(orders, id).await.into_iter().enumerate() {
+    for (index, entry) in revisions.into_iter().enumerate() {
         let written = entry.written;
         if let Ok(doc) = serde_json::from_slice::<Value>(&entry.value) {
             let state = doc["state"].as_str().unwrap_or_default().to_owned();
