@@ -118,6 +118,22 @@ fn nats_node(server: &NatsServer) -> NodeBuilder {
     Node::builder(&server.url).env("ORDERLY_STEPS", "nats")
 }
 
+/// The shop's records of `id` once a slow run has ended: it made `effect`, or found the rollback's
+/// tombstone and dropped it.
+async fn wait_slow_run(client: &async_nats::Client, id: Uuid, effect: &str) -> Value {
+    wait_until(
+        &format!("the slow run that makes {effect} has ended"),
+        Duration::from_secs(20),
+        || async {
+            let records = shop_records(client, id).await;
+            let ended =
+                !records["dropped"].is_null() || effects(&records).iter().any(|e| e == effect);
+            ended.then_some(records)
+        },
+    )
+    .await
+}
+
 /// The shop's records of `id`: `{fence, calls: [...], effects: [...]}`.
 async fn shop_records(client: &async_nats::Client, id: Uuid) -> Value {
     let reply = client
@@ -465,17 +481,7 @@ async fn a_handler_slower_than_the_step_timeout_fails_the_step_saying_so_and_its
         );
         // The node rolled Processing back while the shop still worked on it; the run, once done,
         // found the tombstone and made nothing: no order is left packed.
-        let records = wait_until(
-            "the slow run of Processing has ended",
-            Duration::from_secs(20),
-            || async {
-                let records = shop_records(&client, id).await;
-                let ended =
-                    !records["dropped"].is_null() || effects(&records).contains(&"pack".into());
-                ended.then_some(records)
-            },
-        )
-        .await;
+        let records = wait_slow_run(&client, id, "pack").await;
         assert_eq!(
             calls(&records),
             [
@@ -544,17 +550,7 @@ async fn a_cancel_during_a_slow_charge_ends_cancelled_with_the_charge_refunded()
         .await
         .remove(0);
     assert_eq!(doc["state"], "Cancelled", "{doc}");
-    let records = wait_until(
-        "the slow charge has ended",
-        Duration::from_secs(20),
-        || async {
-            let records = shop_records(&client, id).await;
-            let ended =
-                !records["dropped"].is_null() || effects(&records).contains(&"charge".into());
-            ended.then_some(records)
-        },
-    )
-    .await;
+    let records = wait_slow_run(&client, id, "charge").await;
     // The node waited for the charge before it sent its rollback: charged, then refunded.
     assert_eq!(
         calls(&records),

@@ -1406,22 +1406,16 @@ async fn step_handler(
 /// Writes the document of a queued order that has no work message: nobody changes it, so a watch of
 /// it stays open until the client goes.
 async fn put_unrun_order(kv: &jetstream::kv::Store, id: Uuid) {
-    let now = Utc::now();
-    let doc = json!({
-        "order_id": id,
-        "state": "Queued",
-        "current_step": "Scheduling",
-        "start_time": now,
-        "complete_time": null,
-        "steps": [],
-        "attempt": 0,
-        "owner": null,
-        "message_seq": null,
-        "submitted_via": "http",
-        "updated_at": now,
-        "payload": { "watched": true },
-    });
-    kv.create(id.to_string(), doc.to_string().into())
+    let payload = serde_json::value::RawValue::from_string(r#"{"watched":true}"#.to_owned())
+        .expect("a JSON object");
+    let order = orderly::Order::queued(
+        id,
+        payload,
+        orderly::domain::order::Interface::Http,
+        Utc::now(),
+    );
+    let doc = serde_json::to_string(&order).expect("an order serializes");
+    kv.create(id.to_string(), doc.into())
         .await
         .expect("the watched order is written");
 }
