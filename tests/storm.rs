@@ -47,8 +47,15 @@ const WINDOW: Duration = orderly::engine::window::MIN_REPLICATED_WINDOW;
 const EDITED_WINDOW: Duration = Duration::from_secs(5);
 /// The consumer metadata key that announces a shorter window before the consumer's is shortened.
 const ANNOUNCED: &str = orderly::engine::window::WINDOW_METADATA;
-/// Each server's JetStream file store: room for a long run's orders, small enough to fill quickly.
-const STORE_LIMIT: &str = "64MB";
+/// Each server's JetStream file store for a run of `run`: small enough to fill quickly, with room
+/// for what the run itself stores. Every order keeps its revisions and its index entry (about 90 KB
+/// a second at the storm's rate, side orders and index spam included), and a full store refuses the
+/// consumer edits the storm makes, so a longer run gets a larger store.
+fn store_limit(run: Duration) -> String {
+    const BASE_MB: u64 = 64;
+    const PER_SECOND_KB: u64 = 128;
+    format!("{}MB", BASE_MB + run.as_secs() * PER_SECOND_KB / 1024)
+}
 /// How long an edit of the consumer or the deletion of the filler stream may wait for a cluster in the
 /// middle of other faults (a stream leader killed while another server restarts can leave it without
 /// a meta leader for tens of seconds).
@@ -107,7 +114,7 @@ enum Fault {
     /// old id, the id of the sweep's copy of the next sequence, followed by a work message with a
     /// malformed header block), and work messages that claim to be retries of accepted orders.
     TakenIds,
-    /// The side orders cancelled (with the longest reason) and retried over and over while the
+    /// The side orders cancelled (one cancel in four with the longest reason) and retried over and over while the
     /// fault lasts.
     Retries,
     /// Watches of orders opened on every node until they are refused, kept open while the fault
@@ -798,7 +805,7 @@ async fn storm() {
         );
     }
 
-    let cluster = NatsCluster::start_with_store_limit(Some(STORE_LIMIT)).await;
+    let cluster = NatsCluster::start_with_store_limit(Some(&store_limit(run))).await;
     let mut proxies = Vec::new();
     for _ in NODES {
         let mut mine = Vec::new();
@@ -1120,6 +1127,10 @@ const SIDE_ORDERS: usize = 3;
 const TURNS_PER_ORDER: usize = 10;
 /// The longest reason a cancel may carry.
 const LONGEST_REASON: usize = 1000;
+/// One cancel in this many carries the longest reason, the others a short one: an order's kept
+/// history always holds some of the longest reasons, without every revision of every side order
+/// weighing near the most a document may (that bound is tested in `tests/edges.rs`).
+const LONG_REASON_EVERY: usize = 4;
 /// Each node's connection cap in the storm, so that watches can reach it.
 const STORM_MAX_CONNECTIONS: usize = 48;
 
@@ -1152,7 +1163,7 @@ async fn state_of(kv: &jetstream::kv::Store, id: Uuid) -> Option<String> {
     doc["state"].as_str().map(str::to_owned)
 }
 
-/// Cancels and retries the side orders until `stop`: a cancel with the longest reason, a wait for
+/// Cancels and retries the side orders until `stop`: a cancel (now and then with the longest reason), a wait for
 /// the order to end, a retry. An order that completed before its cancel is replaced by a new one.
 async fn cycle_side_orders(
     side: Arc<Mutex<Vec<Uuid>>>,
@@ -1174,7 +1185,7 @@ async fn cycle_side_orders(
         }
     };
     let http = reqwest::Client::new();
-    let reason = "\u{1}".repeat(LONGEST_REASON);
+    let longest = "\u{1}".repeat(LONGEST_REASON);
     let mut turn = 0usize;
     while !stop.is_cancelled() {
         turn += 1;
@@ -1191,6 +1202,11 @@ async fn cycle_side_orders(
         // The same order a few turns in a row: its next cancel follows its retry at once, before
         // the new attempt can run to its end.
         let id = active[(turn / TURNS_PER_ORDER) % active.len()];
+        let reason = if turn.is_multiple_of(LONG_REASON_EVERY) {
+            longest.as_str()
+        } else {
+            "storm: cancelled to be retried"
+        };
         match act(&http, node, id, "cancel", json!({ "reason": reason })).await {
             Some(200 | 202) => {}
             Some(409) => {
@@ -1495,8 +1511,12 @@ async fn poison_message(urls: &str, header: &[u8]) -> Option<Uuid> {
     matches!(stored, Ok(Some(_))).then_some(id)
 }
 
-/// Publishes 2 000 index entries of orders that do not exist, then asks `node` for a page of failed
-/// orders, counting its answer.
+/// Pages of failed orders a listing after an index spam walks: each page looks at up to 1 000
+/// entries and removes those with no order behind them, so a few pages clear a spam of 2 000.
+const SPAM_PAGES: usize = 8;
+
+/// Publishes 2 000 index entries of orders that do not exist, then walks `node`'s listing of failed
+/// orders a few pages down, counting each page's answer.
 async fn spam_index_and_list(
     client: async_nats::Client,
     node: Option<String>,
@@ -1504,19 +1524,35 @@ async fn spam_index_and_list(
 ) {
     let sent = spam_index(&client, 2_000).await;
     counts.index_entries.fetch_add(sent, Ordering::Relaxed);
-    let status = match node {
-        Some(node) => reqwest::Client::new()
-            .get(format!("{node}/orders?state=Failed&limit=10"))
+    let Some(node) = node else {
+        *counts.listings.lock().expect("lock").entry(0).or_default() += 1;
+        return;
+    };
+    let http = reqwest::Client::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..SPAM_PAGES {
+        let mut query = vec![("state", "Failed".to_owned()), ("limit", "10".to_owned())];
+        query.extend(cursor.take().map(|c| ("cursor", c)));
+        let answer = http
+            .get(format!("{node}/orders"))
+            .query(&query)
             .timeout(Duration::from_secs(10))
             .send()
-            .await
-            .map_or(0, |r| r.status().as_u16()),
-        None => 0,
-    };
-    *counts
-        .listings
-        .lock()
-        .expect("lock")
-        .entry(status)
-        .or_default() += 1;
+            .await;
+        let status = answer.as_ref().map_or(0, |r| r.status().as_u16());
+        *counts
+            .listings
+            .lock()
+            .expect("lock")
+            .entry(status)
+            .or_default() += 1;
+        let Ok(answer) = answer.and_then(reqwest::Response::error_for_status) else {
+            return;
+        };
+        let page: Value = answer.json().await.unwrap_or_default();
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return,
+        }
+    }
 }
