@@ -16,7 +16,7 @@ use crate::ops::stats::WorkerStats;
 use crate::queue::delivery::{message_exists, Delivery};
 use crate::queue::give_up::GiveUp;
 use crate::queue::settle::{NakReason, Outcome, Settlement, TermReason};
-use crate::queue::setup::{retry_message_id, RETRY_HEADER, SUBMIT_PREFIX, VIA_HEADER};
+use crate::queue::setup::{is_asked_retry, RETRY_HEADER, SUBMIT_PREFIX, VIA_HEADER};
 use crate::store::{OrderStore, StoreError, Versioned};
 use async_nats::jetstream;
 use chrono::SubsecRound;
@@ -382,13 +382,10 @@ impl Processor {
         else {
             return Ok(None);
         };
-        let asked = order.order.retry_request.as_ref().is_some_and(|asked| {
-            let id = retry_message_id(&order.order.order_id, asked.retry, &asked.key);
-            asked.retry == number
-                && headers
-                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-                    .is_some_and(|v| v.as_str() == id)
-        });
+        let message_id = headers
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|v| v.as_str());
+        let asked = is_asked_retry(&order.order, number, message_id);
         if !asked && order.order.retries < number {
             tracing::warn!(
                 retry = number,

@@ -45,6 +45,20 @@ pub fn retry_message_id(order_id: &uuid::Uuid, number: u32, key: &str) -> String
     format!("{order_id}.retry.{number}.{key}")
 }
 
+/// Whether a work message with the retry header `number` and the id `message_id` is the one of the
+/// retry `order` asks for (`retry_request`). The header alone proves nothing: anyone who may publish
+/// a work message can add it.
+pub fn is_asked_retry(
+    order: &crate::domain::order::Order,
+    number: u32,
+    message_id: Option<&str>,
+) -> bool {
+    order.retry_request.as_ref().is_some_and(|asked| {
+        asked.retry == number
+            && message_id == Some(&retry_message_id(&order.order_id, asked.retry, &asked.key))
+    })
+}
+
 pub fn submit_subject(order_id: &uuid::Uuid) -> String {
     format!("{SUBMIT_PREFIX}.{order_id}")
 }

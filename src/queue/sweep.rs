@@ -23,14 +23,15 @@
 //! costs one reconnect of one node's fetch connection, and no lease) and every [`EVERY`], one node of
 //! the cluster at a time.
 
-use crate::domain::order::parse_order_id;
+use crate::domain::order::{parse_order_id, Order};
 use crate::engine::connection::Connection;
 use crate::engine::window::Windows;
 use crate::ops::metrics as m;
 use crate::ops::rate::RateLimited;
-use crate::queue::setup::{CONSUMER, RETRY_HEADER, STREAM, SUBMIT_PREFIX};
+use crate::queue::setup::{is_asked_retry, CONSUMER, RETRY_HEADER, STREAM, SUBMIT_PREFIX};
 use crate::store::OrderStore;
 use crate::task::Task;
+use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::{self, kv, stream::Stream};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -137,14 +138,27 @@ pub struct Found {
     pub stored: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// The retry number a raw header block carries (`Orderly-Retry: <n>`), if any.
-fn retry_number(block: &[u8]) -> Option<u32> {
+/// The value of header `name` in a raw header block, if it has one.
+fn header<'a>(block: &'a [u8], name: &str) -> Option<&'a str> {
     let text = std::str::from_utf8(block).ok()?;
     text.lines().skip(1).find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case(RETRY_HEADER)
-            .then(|| value.trim().parse().ok())?
+        let (key, value) = line.split_once(':')?;
+        key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
+/// The retry number a raw header block carries (`Orderly-Retry: <n>`), if any.
+fn retry_number(block: &[u8]) -> Option<u32> {
+    header(block, RETRY_HEADER)?.parse().ok()
+}
+
+/// Whether a message with the raw header block `block` carries the next attempt of `order`: the work
+/// message of a retry the order asks for and has not recorded yet. A message with the retry header
+/// that the order does not ask for carries nothing, whatever number it claims.
+fn carries_awaited_retry(block: &[u8], order: &Order) -> bool {
+    retry_number(block).is_some_and(|number| {
+        number > order.retries
+            && is_asked_retry(order, number, header(block, NATS_MESSAGE_ID.as_ref()))
     })
 }
 
@@ -304,10 +318,8 @@ impl Sweep {
         if found
             .headers
             .as_deref()
-            .and_then(retry_number)
-            .is_some_and(|number| number > order.order.retries)
+            .is_some_and(|block| carries_awaited_retry(block, &order.order))
         {
-            // The work message of a retry not recorded yet: it carries the order's next attempt.
             return Ok(false);
         }
         let grace = self.windows.borrow().longest() * 2;
@@ -433,12 +445,41 @@ async fn wait_connected(client: &async_nats::Client) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::order::Interface;
+    use crate::queue::setup::retry_message_id;
 
     #[test]
     fn a_retry_message_is_recognised_by_its_header() {
         let block = b"NATS/1.0\r\nNats-Msg-Id: x.retry.2\r\nOrderly-Retry: 2\r\n\r\n";
         assert_eq!(retry_number(block), Some(2));
         assert_eq!(retry_number(b"NATS/1.0\r\nNats-Msg-Id: x\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn only_the_retry_an_ended_order_asks_for_keeps_its_message_from_removal() {
+        let now = chrono::Utc::now();
+        let payload = serde_json::value::RawValue::from_string("{}".into()).unwrap();
+        let mut order = Order::queued(uuid::Uuid::now_v7(), payload, Interface::Http, now);
+        order.state = crate::domain::order::State::Failed;
+        let block = |id: &str, number: u32| {
+            format!("NATS/1.0\r\nNats-Msg-Id: {id}\r\nOrderly-Retry: {number}\r\n\r\n")
+        };
+        let id = order.order_id;
+        // Anyone may publish a work message with the retry header: the order asks for nothing.
+        let forged = block(&format!("{id}.retry.1.forged"), 1);
+        assert!(!carries_awaited_retry(forged.as_bytes(), &order));
+
+        let number = order.request_retry("key".into(), now).unwrap();
+        let asked = block(&retry_message_id(&id, number, "key"), number);
+        assert!(carries_awaited_retry(asked.as_bytes(), &order));
+        assert!(!carries_awaited_retry(forged.as_bytes(), &order));
+        let other_number = block(&retry_message_id(&id, number + 1, "key"), number + 1);
+        assert!(!carries_awaited_retry(other_number.as_bytes(), &order));
+
+        // Once recorded, the retry's message carries nothing more than any other of the order.
+        order.retry(now).unwrap();
+        order.state = crate::domain::order::State::Completed;
+        assert!(!carries_awaited_retry(asked.as_bytes(), &order));
     }
 
     #[test]

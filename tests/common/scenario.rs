@@ -194,8 +194,14 @@ pub async fn queue_report(js: &jetstream::Context, kv: &jetstream::kv::Store) ->
             ));
         }
     }
-    for seq in state.first_sequence..=state.last_sequence.min(state.first_sequence + 20) {
+    // The first 20 messages still there, with the headers that mean something to a node.
+    let mut shown = 0;
+    for seq in state.first_sequence..=state.last_sequence {
+        if shown == 20 {
+            break;
+        }
         if let Ok(message) = stream.get_raw_message(seq).await {
+            shown += 1;
             let id = message
                 .subject
                 .trim_start_matches("orders.submit.")
@@ -204,9 +210,18 @@ pub async fn queue_report(js: &jetstream::Context, kv: &jetstream::kv::Store) ->
                 Ok(id) => document(kv, id).await.map(|d| d["state"].to_string()),
                 Err(_) => None,
             };
+            let header = |name: &str| {
+                message
+                    .headers
+                    .get(name)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            };
             report.push_str(&format!(
-                "message {seq} {}: order {doc:?}\n",
-                message.subject
+                "message {seq} {} (Nats-Msg-Id {:?}, Orderly-Retry {:?}): order {doc:?}\n",
+                message.subject,
+                header("Nats-Msg-Id"),
+                header("Orderly-Retry"),
             ));
         }
     }
