@@ -417,6 +417,27 @@ impl Storm {
         }
     }
 
+    /// Runs node `i` until it is ready. A node started while an edit of the consumer's windows was
+    /// under way (a cluster in trouble can take tens of seconds to answer one) was configured with
+    /// the windows of before or after it, and exits if they are not the consumer's: it is started
+    /// again with the windows the consumer has now that the last edit has ended.
+    async fn heal_node(&mut self, i: usize) {
+        const STARTS: usize = 3;
+        for _ in 0..STARTS {
+            if self.nodes[i].is_none() {
+                self.start_node(i);
+            }
+            self.revive(i);
+            let node = self.nodes[i].as_mut().expect("started");
+            if node.wait_ready_or_exit().await.is_none() {
+                self.say(&format!("{} is ready", NODES[i]));
+                return;
+            }
+        }
+        self.revive(i);
+        self.nodes[i].as_mut().expect("started").wait_ready().await;
+    }
+
     async fn begin(&mut self, index: usize, fault: Fault) {
         *self.injected.entry(fault.kind()).or_default() += 1;
         if let Some(i) = fault.node() {
@@ -912,13 +933,8 @@ async fn storm() {
         shrink.await.expect("the last edit's shrink does not panic");
     }
     storm.cluster.wait_all_up(Duration::from_secs(60)).await;
-    for (i, id) in NODES.iter().enumerate() {
-        if storm.nodes[i].is_none() {
-            storm.start_node(i);
-        }
-        storm.revive(i);
-        storm.nodes[i].as_mut().expect("started").wait_ready().await;
-        storm.say(&format!("{id} is ready"));
+    for i in 0..NODES.len() {
+        storm.heal_node(i).await;
     }
     storm.say("healed; waiting for every accepted order");
 

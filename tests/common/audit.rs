@@ -295,9 +295,10 @@ async fn check_order(
     for pair in intervals.windows(2) {
         assert!(
             pair[0].end <= pair[1].start,
-            "order {id}: lease intervals overlap: {:?} and {:?}",
+            "order {id}: lease intervals overlap: {:?} and {:?}\n{}",
             pair[0],
-            pair[1]
+            pair[1],
+            account(lines, &revisions)
         );
         report.handovers.push(Handover {
             order_id: id,
@@ -575,6 +576,32 @@ fn no_step_started_since(cancelling: &Value, doc: &Value) -> bool {
             .iter()
             .zip(&after)
             .all(|(b, a)| b["step_start_time"] == a["step_start_time"] && b["runs"] == a["runs"])
+}
+
+/// The order's audit lines and the revisions the bucket keeps (who held it, in what state), for a
+/// failed check to show what happened.
+fn account(lines: &[&Value], revisions: &[Revision]) -> String {
+    let mut text = String::from("audit lines:\n");
+    for line in lines {
+        text.push_str(&format!("  {line}\n"));
+    }
+    text.push_str("revisions:\n");
+    for r in revisions {
+        let doc: Value = serde_json::from_slice(&r.value).unwrap_or_default();
+        text.push_str(&format!(
+            "  {} at {}: state {} step {} retries {} owner {} message_seq {} intent {} retry_request {}\n",
+            r.revision,
+            r.written,
+            doc["state"],
+            doc["current_step"],
+            doc["retries"],
+            doc["owner"],
+            doc["message_seq"],
+            doc["intent"],
+            doc["retry_request"],
+        ));
+    }
+    text
 }
 
 /// One stored revision of an order's document.

@@ -282,20 +282,27 @@ impl Node {
     }
 
     pub async fn wait_ready(&mut self) {
+        if let Some(status) = self.wait_ready_or_exit().await {
+            panic!(
+                "node {} exited with {status} before it was ready:\n{}",
+                self.id,
+                self.logs()
+            );
+        }
+    }
+
+    /// Waits until the node is ready (`None`) or has exited (its exit status), for up to 30 s.
+    pub async fn wait_ready_or_exit(&mut self) -> Option<std::process::ExitStatus> {
         let url = format!("{}/readyz", self.http);
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "node {} exited with {status} before it was ready:\n{}",
-                    self.id,
-                    self.logs()
-                );
+                return Some(status);
             }
             if let Ok(response) = http.get(&url).send().await {
                 if response.status() == 200 {
-                    return;
+                    return None;
                 }
             }
             assert!(
