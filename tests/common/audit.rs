@@ -206,6 +206,7 @@ async fn check_order(
     // Intervals, from claims and their ends; those of claims that were never applied apart.
     let mut intervals: Vec<Interval> = Vec::new();
     let mut never_held: Vec<Interval> = Vec::new();
+    let mut claimed: Vec<(&Value, Interval)> = Vec::new();
     for (at, claim) in lines
         .iter()
         .enumerate()
@@ -255,7 +256,45 @@ async fn check_order(
             report.claims_never_applied += 1;
             never_held.push(interval);
         } else {
-            intervals.push(interval);
+            claimed.push((claim, interval));
+        }
+    }
+    // A retried order's history is cut to the bucket's last 32 revisions, so a claim whose answer
+    // never came can seldom be shown not applied. Applied or not, its node did no work on the order
+    // until one of its writes was confirmed: a worker runs no step after an unanswered write, and
+    // reads the order again before it goes on. Its interval of work starts at that write; without
+    // one, it did none. (A commit names no message: one made inside the interval of another of the
+    // node's messages at the same delivery is taken for that message's.)
+    for (at, (claim, interval)) in claimed.iter().enumerate() {
+        if attempts == Attempts::One || claim["revision"].as_u64() != Some(0) {
+            intervals.push(interval.clone());
+            continue;
+        }
+        let others: Vec<&Interval> = claimed
+            .iter()
+            .enumerate()
+            .filter(|(other, (_, i))| {
+                *other != at && i.node == interval.node && i.delivery == interval.delivery
+            })
+            .map(|(_, (_, i))| i)
+            .collect();
+        let first_confirmed = lines
+            .iter()
+            .filter(|l| {
+                l["event"] == "commit"
+                    && l["node"] == interval.node.as_str()
+                    && l["delivery"] == interval.delivery
+            })
+            .map(|l| stamp(l, "sent"))
+            .filter(|sent| *sent >= interval.start && *sent <= interval.end)
+            .filter(|sent| !others.iter().any(|o| o.start <= *sent && *sent <= o.end))
+            .min();
+        never_held.push(interval.clone());
+        if let Some(start) = first_confirmed {
+            intervals.push(Interval {
+                start,
+                ..interval.clone()
+            });
         }
     }
     // A node killed while its first write under a delivery (its claim) was in flight recorded no
