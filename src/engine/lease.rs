@@ -77,6 +77,10 @@ struct Inner {
     /// When the holder last knew the server had the delivery alive: before it asked for the message,
     /// then the sending of each confirmed in-progress ack. The lease ends at anchor + window - margin.
     anchor: Mutex<Instant>,
+    /// The last moment the lease was found held: the holder may have written, acked or nakked
+    /// up to then, so its interval in the audit does not end before it, even if a shorter window
+    /// learnt later moves the deadline back past it.
+    held_seen: Mutex<Option<Instant>>,
     /// The revision of the first write of this delivery the store confirmed (its claim): the fence
     /// step code is given. 0 until then.
     claim_revision: AtomicU64,
@@ -102,6 +106,7 @@ impl Lease {
                 interval: Mutex::new(Interval::Unclaimed),
                 ended: AtomicBool::new(false),
                 anchor: Mutex::new(anchor),
+                held_seen: Mutex::new(None),
                 claim_revision: AtomicU64::new(0),
                 lost: CancellationToken::new(),
             }),
@@ -163,7 +168,10 @@ impl Lease {
     }
 
     /// Closes the audit's interval, if it is open: at now while the lease is `held`, else at the
-    /// self-fence deadline (or now, if that is earlier).
+    /// self-fence deadline (or now, if that is earlier), but never before the last moment the lease
+    /// was found held. The deadline can move back: a node that learns of a shorter window late (it
+    /// was cut off from the servers when the window was announced) counts the lease by it from
+    /// then on, though it wrote under the longer one, which the server still kept.
     fn close(&self, why: LeaseEnd, held: bool) {
         let mut interval = self.interval();
         if *interval != Interval::Open {
@@ -173,7 +181,8 @@ impl Lease {
         let end = if held {
             Stamp::now()
         } else {
-            Stamp::of(self.deadline().min(Instant::now()))
+            let fenced = self.deadline().min(Instant::now());
+            Stamp::of(self.last_held().map_or(fenced, |seen| seen.max(fenced)))
         };
         let why = if held { why } else { LeaseEnd::Fenced };
         let holder = &self.inner.holder;
@@ -288,7 +297,25 @@ impl Lease {
 
     /// True while the holder may still write, ack or nak.
     pub fn is_held(&self) -> bool {
-        !self.inner.lost.is_cancelled() && Instant::now() < self.deadline()
+        let now = Instant::now();
+        let held = !self.inner.lost.is_cancelled() && now < self.deadline();
+        if held {
+            let mut seen = self.held_seen();
+            *seen = Some(seen.map_or(now, |seen| seen.max(now)));
+        }
+        held
+    }
+
+    /// The last moment [`Lease::is_held`] found the lease held.
+    fn last_held(&self) -> Option<Instant> {
+        *self.held_seen()
+    }
+
+    fn held_seen(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.inner
+            .held_seen
+            .lock()
+            .expect("lease lock is never poisoned")
     }
 
     /// Completes once the lease is lost.
@@ -564,5 +591,49 @@ mod connection_tests {
         // The worker's own end later changes nothing and may not settle the message.
         assert!(!lease.end(LeaseEnd::Released));
         assert_eq!(lines().len(), 2);
+    }
+
+    #[test]
+    fn a_window_learnt_late_does_not_end_the_interval_before_a_write_it_allowed() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("audit.jsonl");
+        let holder = Holder {
+            order_id: Uuid::now_v7(),
+            delivery: 1,
+            stream_seq: 9,
+            audit: Audit::open(&path, "node-a").expect("audit opens"),
+        };
+        let (edit, windows) = watch::channel(Windows::fixed(Duration::from_secs(5)));
+        // Under a 5 s window the lease runs until anchor + 4 s: a second from now.
+        let anchor = Instant::now() - Duration::from_secs(3);
+        let lease = Lease::new(windows, anchor, holder, Connection::default().current());
+        lease.claimed(12, Stamp::now());
+        // A write is answered, and the lease is still held: the write counts. (The audit keeps
+        // microseconds.)
+        let answered = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
+        assert!(lease.is_held());
+        // Only now does the node learn that a 3 s window was announced (it was cut off from the
+        // servers): the deadline moves back to anchor + 2.4 s, before the answer.
+        let mut announced = Windows::fixed(Duration::from_secs(5));
+        announced.announced = Some(Duration::from_secs(3));
+        edit.send_replace(announced);
+        assert!(lease.deadline() < Instant::now());
+        assert!(!lease.is_held());
+        lease.fence();
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .expect("audit readable")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(lines[1]["event"], "lease_end");
+        assert_eq!(lines[1]["why"], "fenced");
+        let end: chrono::DateTime<chrono::Utc> = lines[1]["end"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("an end time");
+        assert!(
+            end >= answered,
+            "the interval ends at {end}, before the write answered at {answered} that the lease allowed"
+        );
     }
 }

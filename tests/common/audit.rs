@@ -360,7 +360,12 @@ async fn check_order(
             .filter(|i| line["node"] == i.node.as_str() && line["delivery"] == i.delivery)
             .filter(|i| i.start <= at)
             .max_by_key(|i| i.start)
-            .unwrap_or_else(|| panic!("order {id}: a write outside any claim of its node: {line}"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "order {id}: a write outside any claim of its node: {line}\n{}",
+                    account(lines, &revisions)
+                )
+            })
     };
 
     // Writes, by revision; and the writes that were answered, by node and sending time.
@@ -381,7 +386,8 @@ async fn check_order(
             assert!(
                 stamp(line, "sent") >= interval.start
                     && stamp(line, "at") <= interval.end + CLOCK_SLACK,
-                "order {id}: a write outside its node's interval {interval:?}: {line}"
+                "order {id}: a write outside its node's interval {interval:?}: {line}\n{}",
+                account(lines, &revisions)
             );
         }
         if line["change"] == "give_up" {
@@ -396,13 +402,15 @@ async fn check_order(
         let interval = interval_of(settled);
         assert!(
             matches!(interval.why.as_str(), "finished" | "released" | "dropped"),
-            "order {id}: {} settled a message whose lease had ended as {}: {settled}",
+            "order {id}: {} settled a message whose lease had ended as {}: {settled}\n{}",
             interval.node,
-            interval.why
+            interval.why,
+            account(lines, &revisions)
         );
         assert!(
             stamp(settled, "at") >= interval.end,
-            "order {id}: settled before its interval ended: {settled}"
+            "order {id}: settled before its interval ended: {settled}\n{}",
+            account(lines, &revisions)
         );
     }
 
@@ -445,7 +453,7 @@ async fn check_order(
     // The first revision that holds an accepted cancel: no step starts after it.
     let mut cancelled_from: Option<Value> = None;
     let mut previous = Value::Null;
-    for (index, entry) in revisions.into_iter().enumerate() {
+    for (index, entry) in revisions.iter().enumerate() {
         let written = entry.written;
         if let Ok(doc) = serde_json::from_slice::<Value>(&entry.value) {
             let state = doc["state"].as_str().unwrap_or_default().to_owned();
