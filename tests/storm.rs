@@ -1042,13 +1042,14 @@ impl Storm {
         let leases =
             common::audit::check_leases(kv, &side, &self.audits.lines(), &self.outside).await;
         println!(
-            "[storm] seed {seed}: {} side orders, {retries} retries in all ({} cycles; {} cancels and {} retries answered 503, {} replaced), the largest document {largest} bytes, {} lease intervals, none overlapping",
+            "[storm] seed {seed}: {} side orders, {retries} retries in all ({} cycles; {} cancels and {} retries answered 503, {} replaced), the largest document {largest} bytes, {} lease intervals, none overlapping ({} taken over while the previous holder's last answer was on its way)",
             side.len(),
             counts.cycles.load(Ordering::Relaxed),
             counts.cancel_refused_503.load(Ordering::Relaxed),
             counts.retry_refused_503.load(Ordering::Relaxed),
             counts.replaced.load(Ordering::Relaxed),
-            leases.intervals
+            leases.intervals,
+            leases.handovers_by_revision
         );
         println!(
             "[storm] seed {seed}: watches {} opened, {} refused; /healthz answered {} times, {} of them crowded out",
