@@ -22,7 +22,7 @@ mod common;
 
 use async_nats::jetstream::context::DeleteStreamErrorKind;
 use async_nats::jetstream::{self, consumer::PullConsumer, ErrorCode};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use common::audit::Outside;
 use common::faults::{fill_store, NatsCluster, Proxy, FILLER};
 use common::hostile::{stored_in, Barrage, RawClient, Shots, MALFORMED};
@@ -333,6 +333,8 @@ struct Storm {
     audits: Audits,
     js: jetstream::Context,
     outside: Outside,
+    /// When each node that is stopped now was seen stopped.
+    stopped_since: Vec<Option<DateTime<Utc>>>,
     submitted: Arc<Submitted>,
     /// The windows the consumer has now: a node started now is configured with it.
     window: Arc<Mutex<Duration>>,
@@ -451,17 +453,22 @@ impl Storm {
                 node.wait_exit(Duration::from_secs(5))
                     .await
                     .expect("a killed node exits");
+                let died = Utc::now();
+                if let Some(since) = self.stopped_since[i].take() {
+                    self.outside.stopped(&node.id, since, died);
+                }
                 self.outside
                     .died
                     .entry(node.id.clone())
                     .or_default()
-                    .push(Utc::now());
+                    .push(died);
                 self.publish_addresses();
             }
             Fault::Stop(i) => {
                 self.say(&format!("begin {}: {}", fault.kind(), NODES[i]));
                 self.node(i).signal("STOP");
                 self.node(i).wait_stopped().await;
+                self.stopped_since[i] = Some(Utc::now());
             }
             Fault::Term(i) => {
                 self.say(&format!("begin {}: {}", fault.kind(), NODES[i]));
@@ -587,18 +594,22 @@ impl Storm {
                     "{}: stream sequences {first}..={last}",
                     fault.kind()
                 ));
+                // Beside the schedule: a client reconnecting to a restarted server holds its
+                // publishes back, which must not hold back the faults after this one.
                 let client = self.js.client();
-                for seq in first..=last {
-                    let advisory = json!({
-                        "type": "io.nats.jetstream.advisory.v1.max_deliver",
-                        "stream": "ORDERS",
-                        "consumer": "workers",
-                        "stream_seq": seq,
-                        "deliveries": 10,
-                    });
-                    let subject = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.ORDERS.workers";
-                    let _ = client.publish(subject, advisory.to_string().into()).await;
-                }
+                tokio::spawn(async move {
+                    for seq in first..=last {
+                        let advisory = json!({
+                            "type": "io.nats.jetstream.advisory.v1.max_deliver",
+                            "stream": "ORDERS",
+                            "consumer": "workers",
+                            "stream_seq": seq,
+                            "deliveries": 10,
+                        });
+                        let subject = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.ORDERS.workers";
+                        let _ = client.publish(subject, advisory.to_string().into()).await;
+                    }
+                });
             }
             Fault::Full => {
                 let stored = fill_store(&self.js, 3).await;
@@ -619,6 +630,10 @@ impl Storm {
             }
             Fault::Stop(i) => {
                 self.say(&format!("end {}: SIGCONT {}", fault.kind(), NODES[i]));
+                if let Some(since) = self.stopped_since[i].take() {
+                    let id = self.node(i).id.clone();
+                    self.outside.stopped(&id, since, Utc::now());
+                }
                 self.node(i).signal("CONT");
             }
             Fault::Term(i) => {
@@ -844,6 +859,7 @@ async fn storm() {
         audits: Audits::new(),
         js: js.clone(),
         outside: Outside::default(),
+        stopped_since: NODES.iter().map(|_| None).collect(),
         submitted: Arc::new(Submitted::default()),
         window: Arc::new(Mutex::new(WINDOW)),
         shrink: None,

@@ -100,15 +100,66 @@ impl Report {
     }
 }
 
+/// From one time to another.
+pub type Span = (DateTime<Utc>, DateTime<Utc>);
+
 /// What the test did outside the nodes: nodes it killed (and when: a node restarted under the same id
 /// can die more than once), and revisions it wrote itself.
 #[derive(Debug, Default)]
 pub struct Outside {
     pub died: HashMap<String, Vec<DateTime<Utc>>>,
+    /// When nodes were stopped (SIGSTOP): from when the test saw the node stopped until it sent
+    /// SIGCONT, or killed it.
+    pub stopped: HashMap<String, Vec<Span>>,
     pub revisions: HashSet<u64>,
 }
 
 impl Outside {
+    /// `node` was stopped from `from` to `to`.
+    pub fn stopped(&mut self, node: &str, from: DateTime<Utc>, to: DateTime<Utc>) {
+        self.stopped
+            .entry(node.to_owned())
+            .or_default()
+            .push((from, to));
+    }
+
+    /// The parts of `interval` in which its node ran: a node that died without recording the end
+    /// of its lease is taken to have held it until it died, but it did nothing while it was stopped.
+    /// A part cut short by a stop ends as `stopped`.
+    fn running_parts(&self, interval: &Interval) -> Vec<Interval> {
+        if !interval.why.starts_with("died") {
+            return vec![interval.clone()];
+        }
+        let mut stops: Vec<Span> = self
+            .stopped
+            .get(&interval.node)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|(from, to)| *from < interval.end && *to > interval.start)
+            .collect();
+        stops.sort();
+        let mut parts = Vec::new();
+        let mut start = interval.start;
+        for (from, to) in stops {
+            if from > start {
+                parts.push(Interval {
+                    start,
+                    end: from,
+                    why: "stopped".to_owned(),
+                    ..interval.clone()
+                });
+            }
+            start = start.max(to);
+        }
+        if start < interval.end {
+            parts.push(Interval {
+                start,
+                ..interval.clone()
+            });
+        }
+        parts
+    }
     /// The first time `node` was killed at or after `since`.
     fn death_after(&self, node: &str, since: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.died
@@ -334,7 +385,20 @@ async fn check_order(
         }
     }
     intervals.sort_by_key(|i| i.start);
-    for pair in intervals.windows(2) {
+    let mut running: Vec<Interval> = intervals
+        .iter()
+        .flat_map(|i| outside.running_parts(i))
+        .collect();
+    running.sort_by_key(|i| i.start);
+    for pair in running.windows(2) {
+        if pair[0].why == "stopped"
+            && pair[0].node == pair[1].node
+            && pair[0].delivery == pair[1].delivery
+            && pair[0].end <= pair[1].start
+        {
+            // The same holder, stopped and running again: no handover.
+            continue;
+        }
         if pair[0].end > pair[1].start
             && attempts == Attempts::Many
             && written_before(lines, &pair[0], &pair[1])
