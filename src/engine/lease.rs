@@ -554,16 +554,30 @@ mod connection_tests {
             .expect("the loss wakes it");
     }
 
+    /// A holder of delivery `delivery` of message `stream_seq` whose audit goes to `path`.
+    fn audited(path: &std::path::Path, delivery: u32, stream_seq: u64) -> Holder {
+        Holder {
+            order_id: Uuid::now_v7(),
+            delivery,
+            stream_seq,
+            audit: Audit::open(path, "node-a").expect("audit opens"),
+        }
+    }
+
+    /// The lines of the audit at `path`.
+    fn audit_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .expect("audit readable")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+
     #[test]
     fn a_fenced_lease_closes_its_interval_at_once() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let path = dir.path().join("audit.jsonl");
-        let holder = Holder {
-            order_id: Uuid::now_v7(),
-            delivery: 3,
-            stream_seq: 7,
-            audit: Audit::open(&path, "node-a").expect("audit opens"),
-        };
+        let holder = audited(&path, 3, 7);
         let connection = Connection::default();
         let lease = Lease::new(
             Windows::fixed(Duration::from_secs(30)).constant(),
@@ -577,13 +591,7 @@ mod connection_tests {
         // audit records the end now, not when the worker gets back (a node killed meanwhile never
         // would).
         lease.fence();
-        let lines = || -> Vec<serde_json::Value> {
-            std::fs::read_to_string(&path)
-                .expect("audit readable")
-                .lines()
-                .map(|l| serde_json::from_str(l).expect("a JSON line"))
-                .collect()
-        };
+        let lines = || audit_lines(&path);
         let after_fence = lines();
         assert_eq!(after_fence.len(), 2);
         assert_eq!(after_fence[1]["event"], "lease_end");
@@ -597,12 +605,7 @@ mod connection_tests {
     fn a_window_learnt_late_does_not_end_the_interval_before_a_write_it_allowed() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let path = dir.path().join("audit.jsonl");
-        let holder = Holder {
-            order_id: Uuid::now_v7(),
-            delivery: 1,
-            stream_seq: 9,
-            audit: Audit::open(&path, "node-a").expect("audit opens"),
-        };
+        let holder = audited(&path, 1, 9);
         let (edit, windows) = watch::channel(Windows::fixed(Duration::from_secs(5)));
         // Under a 5 s window the lease runs until anchor + 4 s: a second from now.
         let anchor = Instant::now() - Duration::from_secs(3);
@@ -620,11 +623,7 @@ mod connection_tests {
         assert!(lease.deadline() < Instant::now());
         assert!(!lease.is_held());
         lease.fence();
-        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
-            .expect("audit readable")
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("a JSON line"))
-            .collect();
+        let lines = audit_lines(&path);
         assert_eq!(lines[1]["event"], "lease_end");
         assert_eq!(lines[1]["why"], "fenced");
         let end: chrono::DateTime<chrono::Utc> = lines[1]["end"]

@@ -160,6 +160,7 @@ impl Outside {
         }
         parts
     }
+
     /// The first time `node` was killed at or after `since`.
     fn death_after(&self, node: &str, since: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.died
@@ -706,8 +707,6 @@ fn no_step_started_since(cancelling: &Value, doc: &Value) -> bool {
             .all(|(b, a)| b["step_start_time"] == a["step_start_time"] && b["runs"] == a["runs"])
 }
 
-/// The order's audit lines and the revisions the bucket keeps (who held it, in what state), for a
-/// failed check to show what happened.
 /// Whether `first` let the order go of its own accord, every write it sent was either refused or
 /// stored under a revision older than the write that opened `then`, and `then` opened with a
 /// confirmed write. A compare-and-set succeeds only on the revision its sender read last, so the
@@ -744,6 +743,8 @@ fn written_before(lines: &[&Value], first: &Interval, then: &Interval) -> bool {
         })
 }
 
+/// The order's audit lines and the revisions the bucket keeps (who held it, in what state), for a
+/// failed check to show what happened.
 fn account(lines: &[&Value], revisions: &[Revision]) -> String {
     let mut text = String::from("audit lines:\n");
     for line in lines {
